@@ -1,0 +1,289 @@
+"""Artifact storage: one interface, a local-filesystem and an S3 backend, manifest-last writes.
+
+`ArtifactStore` owns the protocol every asset uses: stage files in a scratch directory, then
+`commit` uploads each under a content-addressed key and writes `manifest.json` last, so a
+killed write leaves only unreferenced files that readers never see, and a rerun that fails
+part-way leaves the previous manifest and its files untouched. Reads go through the
+manifest and verify sizes and sha256 checksums. A `Backend` moves bytes: `LocalBackend`
+here, `S3Backend` in resources/s3.py. Contract tests for both: tests/test_storage.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+import urllib.parse
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resources import keys
+from resources.manifest import ArtifactMissingError, CorruptArtifactError, FileEntry, Manifest
+
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class StorageError(RuntimeError):
+    """The storage backend cannot be reached or refused an operation; the message says where."""
+
+
+class Backend(ABC):
+    """Moves bytes under keys relative to a root. Implementations must make each put atomic."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where keys live, for messages: '/abs/root' or 's3://bucket/prefix'."""
+
+    @abstractmethod
+    def scratch_dir(self) -> Path:
+        """A local directory for staging; on the same filesystem as the root where possible."""
+
+    @abstractmethod
+    def put_file(self, local_path: Path, key: str) -> None:
+        """Store a local file under key; may consume (move) it."""
+
+    @abstractmethod
+    def put_bytes(self, data: bytes, key: str) -> None: ...
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+
+    @abstractmethod
+    def local_copy(self, key: str, sha256: str) -> Path:
+        """A local path holding the object (the file itself, or a cached download)."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> list[str]: ...
+
+    @abstractmethod
+    def delete(self, keys_to_delete: list[str]) -> None: ...
+
+
+class LocalBackend(Backend):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise keys.InvalidKeyError(f"key {key!r} escapes the artifact root {self.root}")
+        return path
+
+    def scratch_dir(self) -> Path:
+        scratch = self.root / ".staging"
+        scratch.mkdir(parents=True, exist_ok=True)
+        return scratch
+
+    def put_file(self, local_path: Path, key: str) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            os.rename(local_path, tmp)  # same filesystem: no copy
+        except OSError:
+            shutil.copyfile(local_path, tmp)
+        os.replace(tmp, target)
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        path = self._path(key)
+        return path.read_bytes() if path.exists() else None
+
+    def local_copy(self, key: str, sha256: str) -> Path:
+        return self._path(key)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def list_keys(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.exists():
+            return []
+        found = (p.relative_to(self.root) for p in base.rglob("*") if p.is_file())
+        # Skip staging and temp files: any component starting with '.' (".staging/", ".x.tmp").
+        return sorted(str(rel) for rel in found if not any(part.startswith(".") for part in rel.parts))
+
+    def delete(self, keys_to_delete: list[str]) -> None:
+        for key in keys_to_delete:
+            self._path(key).unlink(missing_ok=True)
+
+
+@dataclass
+class PartitionWriter:
+    """Collects the files of one partition in a scratch directory until `commit`."""
+
+    asset: str
+    partition: str | None
+    scratch: Path
+    rows: dict[str, int] = field(default_factory=dict)
+    schemas: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Small JSON-able facts stored in the manifest (e.g. {'d_in': 128})."""
+    manifest: Manifest | None = None
+    """Set once the partition is committed."""
+
+    def path(self, name: str) -> Path:
+        """Where to write the file `name`; it becomes part of the partition on commit."""
+        return self.scratch / keys.file_component(name)
+
+    def describe_table(self, name: str, *, rows: int, schema: str | None = None) -> None:
+        self.rows[name] = rows
+        if schema is not None:
+            self.schemas[name] = schema
+
+
+class ArtifactStore:
+    """Manifest-last, checksum-verified partitions on any Backend."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self._verified: dict[tuple[str, int, int], str] = {}
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        return self.backend.describe()
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def writer(
+        self,
+        asset: str,
+        partition: str | None,
+        *,
+        config_hash: str = "",
+        code_version: str = "",
+        upstream: dict[str, str] | None = None,
+    ) -> Iterator[PartitionWriter]:
+        """Stage files; on a clean exit commit them and the manifest. Yields the writer.
+
+        After the block, `writer.manifest` holds the committed Manifest.
+        """
+        keys.partition_prefix(asset, partition)  # validate before any work is done
+        scratch = Path(tempfile.mkdtemp(prefix=f"{asset}-", dir=self.backend.scratch_dir()))
+        writer = PartitionWriter(asset=asset, partition=partition, scratch=scratch)
+        try:
+            yield writer
+            writer.manifest = self.commit(writer, config_hash, code_version, upstream or {})
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def commit(
+        self, writer: PartitionWriter, config_hash: str, code_version: str, upstream: dict[str, str]
+    ) -> Manifest:
+        names = sorted(p.name for p in writer.scratch.iterdir() if p.is_file())
+        where = keys.describe(writer.asset, writer.partition)
+        if not names:
+            raise StorageError(f"{where}: nothing was written; refusing to commit an empty partition")
+        files: dict[str, FileEntry] = {}
+        for name in names:
+            local = writer.scratch / name
+            sha, size = sha256_file(local), local.stat().st_size
+            key = keys.data_file_key(writer.asset, writer.partition, name, sha)
+            if not self.backend.exists(key):  # content-addressed: identical bytes are already there
+                self.backend.put_file(local, key)
+            files[name] = FileEntry(key, size, sha, writer.rows.get(name), writer.schemas.get(name))
+        manifest = Manifest(
+            asset=writer.asset, partition=writer.partition, files=files, config_hash=config_hash,
+            code_version=code_version, upstream=dict(sorted(upstream.items())), extra=writer.extra,
+        )
+        try:
+            previous = self.manifest(writer.asset, writer.partition)
+        except CorruptArtifactError:  # an unreadable manifest must not block its own repair
+            previous = None
+        self.backend.put_bytes(manifest.to_json(), keys.manifest_key(writer.asset, writer.partition))
+        if previous is not None:  # the old files are unreachable now; reclaim their space
+            live = {entry.key for entry in files.values()}
+            self.backend.delete([e.key for e in previous.files.values() if e.key not in live])
+        return manifest
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def manifest(self, asset: str, partition: str | None) -> Manifest | None:
+        key = keys.manifest_key(asset, partition)
+        data = self.backend.get_bytes(key)
+        if data is None:
+            return None
+        return Manifest.from_json(data, where=f"{self.describe()}/{key}")
+
+    def require(self, asset: str, partition: str | None) -> Manifest:
+        manifest = self.manifest(asset, partition)
+        if manifest is None:
+            raise ArtifactMissingError(
+                f"{keys.describe(asset, partition)} has not been materialized "
+                f"(no {keys.manifest_key(asset, partition)} under {self.describe()})"
+            )
+        return manifest
+
+    def fetch(self, manifest: Manifest, name: str) -> Path:
+        """A verified local path to one file of a partition."""
+        where = f"{keys.describe(manifest.asset, manifest.partition)} file {name!r}"
+        if name not in manifest.files:
+            raise ArtifactMissingError(f"{where} is not in its manifest (has: {sorted(manifest.files)})")
+        entry = manifest.files[name]
+        try:
+            path = self.backend.local_copy(entry.key, entry.sha256)
+        except FileNotFoundError as exc:
+            raise CorruptArtifactError(f"{where} is listed but missing at {entry.key}") from exc
+        self._verify(path, entry, where)
+        return path
+
+    def read_bytes(self, manifest: Manifest, name: str) -> bytes:
+        return self.fetch(manifest, name).read_bytes()
+
+    def _verify(self, path: Path, entry: FileEntry, where: str) -> None:
+        if not path.exists():
+            raise CorruptArtifactError(f"{where} is listed but missing at {path}")
+        stat = path.stat()
+        if stat.st_size != entry.size:
+            raise CorruptArtifactError(f"{where} at {path} has {stat.st_size} bytes, manifest says {entry.size}")
+        memo = (str(path), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if self._verified.get(memo) == entry.sha256:
+                return
+        actual = sha256_file(path)
+        if actual != entry.sha256:
+            raise CorruptArtifactError(f"{where} at {path} fails its checksum: {actual[:16]} != {entry.sha256[:16]}")
+        with self._lock:
+            self._verified[memo] = actual
+
+    def partitions(self, asset: str) -> list[str | None]:
+        """Partitions of `asset` that have a manifest (decoded keys)."""
+        found = []
+        for key in self.backend.list_keys(keys.asset_component(asset) + "/"):
+            parts = key.split("/")
+            if len(parts) == 3 and parts[2] == keys.MANIFEST_NAME:
+                found.append(None if parts[1] == keys.UNPARTITIONED else urllib.parse.unquote(parts[1]))
+        return found

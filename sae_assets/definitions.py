@@ -1,0 +1,37 @@
+"""The Dagster code location: every asset of the graph and the resources they use.
+
+`dagster dev` (workspace.yaml) and `dg.materialize` in tests both load `defs` from here. The
+run config is the YAML at $SAE_ASSETS_CONFIG, or the packaged default; the storage resource
+is built from its `storage` section.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from resources import ArtifactStorage, RunSettings
+from sae_assets.core.config import load_config
+from sae_assets.defs import corpus_assets, model_assets
+
+CONFIG_ENV_VAR = "SAE_ASSETS_CONFIG"
+
+ALL_ASSETS = [
+    corpus_assets.corpus_shards,
+    corpus_assets.tokenizer,
+    corpus_assets.token_shards,
+    model_assets.language_model,
+]
+
+
+def build_resources(config_path: str | None) -> dict[str, dg.ConfigurableResource]:
+    config = load_config(config_path)
+    return {"settings": RunSettings(config_path=config_path), "storage": ArtifactStorage.from_config(config.storage)}
+
+
+def build_definitions(config_path: str | None = None) -> dg.Definitions:
+    return dg.Definitions(assets=ALL_ASSETS, resources=build_resources(config_path))
+
+
+defs = build_definitions(os.environ.get(CONFIG_ENV_VAR) or None)

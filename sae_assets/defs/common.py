@@ -1,0 +1,39 @@
+"""Helpers every asset shares: reading upstream manifests and returning MaterializeResults.
+
+An asset records the data versions of the partitions it read in its own manifest, and
+returns the manifest's hash as its Dagster DataVersion, so identical inputs and config give
+an identical version and nothing downstream turns stale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from resources import keys
+from resources.manifest import Manifest
+from resources.storage import ArtifactStore
+
+
+def read_upstream(
+    store: ArtifactStore, asset: str, partitions: list[str | None]
+) -> tuple[list[Manifest], dict[str, str]]:
+    """Manifests of the given upstream partitions and their {'asset[partition]': version} map."""
+    manifests = [store.require(asset, p) for p in partitions]
+    versions = {keys.describe(asset, m.partition): m.data_version for m in manifests}
+    return manifests, versions
+
+
+def result(manifest: Manifest, store: ArtifactStore, metadata: dict[str, Any] | None = None) -> dg.MaterializeResult:
+    """The MaterializeResult of a committed partition: its data version plus facts to show."""
+    shown: dict[str, Any] = {
+        "data_version": manifest.data_version,
+        "bytes": dg.MetadataValue.int(manifest.total_bytes),
+        "files": dg.MetadataValue.json({n: {"size": f.size, "rows": f.rows} for n, f in manifest.files.items()}),
+        "location": f"{store.describe()}/{keys.partition_prefix(manifest.asset, manifest.partition)}",
+    }
+    if manifest.total_rows:
+        shown["rows"] = dg.MetadataValue.int(manifest.total_rows)
+    shown.update(metadata or {})
+    return dg.MaterializeResult(data_version=dg.DataVersion(manifest.data_version), metadata=shown)

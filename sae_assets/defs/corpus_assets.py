@@ -1,0 +1,115 @@
+"""Corpus group: corpus_shards [shard], tokenizer, token_shards [shard].
+
+Each asset reads its inputs through the storage resource, calls sae_assets.core, writes
+manifest-last and returns the manifest's hash as its data version.
+"""
+
+
+import time
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer
+
+from resources import ArtifactStorage, RunSettings
+from resources.arrow_files import write_ipc_file
+from sae_assets.core import corpus, schemas, tokenization
+from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.partitions import SHARDS, shard_index, shard_keys
+
+
+@dg.asset(
+    group_name="corpus",
+    partitions_def=SHARDS,
+    code_version="1",
+    description="Documents of the configured corpus, cut into contiguous shards of similar size.",
+)
+def corpus_shards(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    cfg = settings.load()
+    index = shard_index(context.partition_key)
+    if index >= cfg.corpus.num_shards:
+        raise ValueError(f"partition {context.partition_key} is beyond corpus.num_shards={cfg.corpus.num_shards}")
+    docs = corpus.load_documents(cfg.corpus)
+    bounds = corpus.shard_bounds(np.array([len(d.text) for d in docs]), cfg.corpus.num_shards)
+    mine = docs[bounds[index] : bounds[index + 1]]
+    table = pa.Table.from_pylist([d._asdict() for d in mine], schema=schemas.corpus_schema())
+    store = storage.store()
+    with store.writer("corpus_shards", context.partition_key, config_hash=cfg.section_hash("corpus")) as out:
+        pq.write_table(table, out.path("documents.parquet"))
+        out.describe_table("documents.parquet", rows=table.num_rows, schema=str(table.schema))
+    characters = sum(len(d.text) for d in mine)
+    return result(out.manifest, store, {"documents": len(mine), "characters": characters,
+                                        "corpus_documents_total": len(docs)})
+
+
+def _read_documents(store, manifest) -> list[str]:
+    return pl.read_parquet(store.fetch(manifest, "documents.parquet"))["text"].to_list()
+
+
+@dg.asset(
+    group_name="corpus",
+    deps=[corpus_shards],
+    code_version="1",
+    description="Byte-level BPE trained on every corpus shard (embedded model), or the named model's own.",
+)
+def tokenizer(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    cfg = settings.load()
+    store = storage.store()
+    started = time.perf_counter()
+    if cfg.tokenizer.kind == "bpe":
+        manifests, upstream = read_upstream(store, "corpus_shards", shard_keys(context.instance))
+        texts = [text for m in manifests for text in _read_documents(store, m)]
+        trained = tokenization.train_bpe(texts, cfg.tokenizer.vocab_size)
+        tokenizer_json, eos_id = trained.to_str(), tokenization.end_of_text_id(trained)
+    else:
+        upstream = {}
+        tokenizer_json, eos_id = tokenization.pretrained_tokenizer_json(cfg.model.name)
+    vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()
+    with store.writer("tokenizer", None, config_hash=cfg.section_hash("tokenizer", "model"),
+                      upstream=upstream) as out:
+        out.path("tokenizer.json").write_text(tokenizer_json)
+        out.extra.update(vocab_size=vocab_size, eos_id=eos_id)
+    return result(out.manifest, store, {"vocab_size": vocab_size, "eos_id": eos_id,
+                                        "seconds": round(time.perf_counter() - started, 2)})
+
+
+def load_tokenizer(store) -> tuple[Tokenizer, dict]:
+    """The tokenizer asset's Tokenizer and its manifest facts (vocab_size, eos_id)."""
+    manifest = store.require("tokenizer", None)
+    return Tokenizer.from_str(store.read_bytes(manifest, "tokenizer.json").decode()), manifest
+
+
+@dg.asset(
+    group_name="corpus",
+    partitions_def=SHARDS,
+    deps=[corpus_shards, tokenizer],
+    code_version="1",
+    description="Fixed-length token sequences with stable 64-bit global token indices (Arrow IPC).",
+)
+def token_shards(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    cfg = settings.load()
+    store = storage.store()
+    [doc_manifest], upstream = read_upstream(store, "corpus_shards", [context.partition_key])
+    tok, tok_manifest = load_tokenizer(store)
+    upstream["tokenizer"] = tok_manifest.data_version
+    texts = _read_documents(store, doc_manifest)
+    started = time.perf_counter()
+    sequences = tokenization.pack_sequences(
+        tokenization.encode_documents(tok, texts), tok_manifest.extra["eos_id"], cfg.tokenizer.context_length
+    )  # (S, T) int32
+    if len(sequences) == 0:
+        raise ValueError(f"token_shards[{context.partition_key}]: the shard has fewer than "
+                         f"tokenizer.context_length={cfg.tokenizer.context_length} tokens")
+    table = tokenization.sequences_table(sequences, shard_index(context.partition_key))
+    with store.writer("token_shards", context.partition_key, config_hash=cfg.section_hash("tokenizer"),
+                      upstream=upstream) as out:
+        write_ipc_file(out.path("sequences.arrow"), table.schema, table.to_batches(max_chunksize=4096))
+        out.describe_table("sequences.arrow", rows=table.num_rows, schema=str(table.schema))
+        out.extra.update(context_length=cfg.tokenizer.context_length, shard_index=shard_index(context.partition_key))
+    seconds = time.perf_counter() - started
+    return result(out.manifest, store, {"sequences": len(sequences), "tokens": int(sequences.size),
+                                        "tokens_per_second": round(sequences.size / max(seconds, 1e-9))})
+

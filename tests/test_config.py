@@ -1,0 +1,62 @@
+"""The run config: defaults load, overrides merge, and every bad value names its key."""
+
+import pytest
+
+from sae_assets.core.config import ConfigError, RunConfig, config_from_dict, load_config
+
+
+def test_packaged_default_loads_and_matches_dataclass_defaults():
+    config = load_config()
+    assert config.corpus.source == "embedded"
+    assert config.model.kind == "embedded"
+    assert config.storage.backend == "local"
+    # The YAML restates the dataclass defaults; a drift between the two would surprise users.
+    assert config == RunConfig()
+
+
+def test_yaml_file_overrides_defaults(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("corpus:\n  num_shards: 7\nactivations:\n  dtype: bfloat16\n")
+    config = load_config(path)
+    assert config.corpus.num_shards == 7
+    assert config.activations.dtype == "bfloat16"
+    assert config.tokenizer.vocab_size == RunConfig().tokenizer.vocab_size
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"corpus": {"num_shard": 3}}, "unknown config key 'corpus.num_shard'"),
+        ({"modle": {}}, "unknown config key 'modle'"),
+        ({"activations": {"dtype": "float64"}}, "'activations.dtype' is 'float64'; allowed values: 'float32', 'float16', 'bfloat16'"),
+        ({"storage": {"backend": "gcs"}}, "allowed values: 'local', 's3'"),
+        ({"corpus": {"num_shards": "four"}}, "'corpus.num_shards' must be an integer"),
+        ({"corpus": {"num_shards": 0}}, "'corpus.num_shards' must be >= 1"),
+        ({"storage": {"backend": "s3"}}, "'storage.bucket' must be set"),
+        ({"corpus": {"source": "local"}}, "'corpus.paths' must list files"),
+        ({"model": {"kind": "named", "name": "gpt2"}}, "'tokenizer.kind' must be 'pretrained'"),
+        ({"model": {"d_model": 130}}, "'model.d_model' must be divisible"),
+        ({"activations": {"hook_points": []}}, "'activations.hook_points' must name at least one hook"),
+        ({"corpus": "embedded"}, "'corpus' must be a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(data, needle):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data)
+    assert needle in str(info.value)
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("corpus: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_section_hash_tracks_only_its_sections():
+    base = RunConfig()
+    other = config_from_dict({"model": {"learning_rate": 0.001}})
+    assert base.section_hash("corpus") == other.section_hash("corpus")
+    assert base.section_hash("model") != other.section_hash("model")
