@@ -24,7 +24,8 @@ import pyarrow.ipc
 
 from sae_assets.core.activation_reader import to_numpy_matrix
 
-__all__ = ["CorruptArrowFileError", "LocalSpill", "open_ipc_table", "to_numpy_matrix", "write_ipc_file"]
+__all__ = ["CorruptArrowFileError", "LocalSpill", "open_ipc_table", "to_numpy_matrix", "write_ipc_file",
+           "write_ipc_files"]
 
 _UNCOMPRESSED = pa.ipc.IpcWriteOptions(compression=None)  # compressed buffers cannot be mapped
 
@@ -57,6 +58,27 @@ def write_ipc_file(path: Path | str, schema: pa.Schema, batches: Iterable[pa.Rec
         tmp.unlink(missing_ok=True)
         raise
     return rows, path.stat().st_size
+
+
+def write_ipc_files(
+    paths: dict[int, Path], schema: pa.Schema, keyed_batches: Iterable[tuple[int, pa.RecordBatch]]
+) -> dict[int, int]:
+    """Route (key, batch) pairs into one IPC file per key, all written; return rows per key.
+
+    Every file in `paths` is created, empty ones included, so a reader can rely on each.
+    """
+    sinks = {key: pa.OSFile(str(path), "wb") for key, path in paths.items()}
+    writers = {key: pa.ipc.new_file(sinks[key], schema, options=_UNCOMPRESSED) for key in paths}
+    rows = dict.fromkeys(paths, 0)
+    try:
+        for key, batch in keyed_batches:
+            writers[key].write_batch(batch)
+            rows[key] += batch.num_rows
+    finally:
+        for key in paths:
+            writers[key].close()
+            sinks[key].close()
+    return rows
 
 
 def open_ipc_table(path: Path | str) -> pa.Table:

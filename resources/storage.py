@@ -38,6 +38,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class StorageError(RuntimeError):
     """The storage backend cannot be reached or refused an operation; the message says where."""
 
@@ -67,6 +75,10 @@ class Backend(ABC):
     @abstractmethod
     def local_copy(self, key: str, sha256: str) -> Path:
         """A local path holding the object (the file itself, or a cached download)."""
+
+    def evict(self, key: str, sha256: str) -> bool:
+        """Drop a local cached copy so the next local_copy fetches again; False if none."""
+        return False
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -101,6 +113,7 @@ class LocalBackend(Backend):
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        _fsync(local_path)  # the manifest written next must never point at unflushed bytes
         try:
             os.rename(local_path, tmp)  # same filesystem: no copy
         except OSError:
@@ -212,8 +225,9 @@ class ArtifactStore:
             local = writer.scratch / name
             sha, size = sha256_file(local), local.stat().st_size
             key = keys.data_file_key(writer.asset, writer.partition, name, sha)
-            if not self.backend.exists(key):  # content-addressed: identical bytes are already there
-                self.backend.put_file(local, key)
+            # Always put, even when the key exists: identical bytes replace themselves atomically,
+            # and a stored copy damaged in place is repaired by the rerun.
+            self.backend.put_file(local, key)
             files[name] = FileEntry(key, size, sha, writer.rows.get(name), writer.schemas.get(name))
         manifest = Manifest(
             asset=writer.asset, partition=writer.partition, files=files, config_hash=config_hash,
@@ -255,9 +269,15 @@ class ArtifactStore:
         entry = manifest.files[name]
         try:
             path = self.backend.local_copy(entry.key, entry.sha256)
+            try:
+                self._verify(path, entry, where)
+            except CorruptArtifactError:
+                if not self.backend.evict(entry.key, entry.sha256):
+                    raise
+                path = self.backend.local_copy(entry.key, entry.sha256)  # a damaged cache: fetch once more
+                self._verify(path, entry, where)
         except FileNotFoundError as exc:
             raise CorruptArtifactError(f"{where} is listed but missing at {entry.key}") from exc
-        self._verify(path, entry, where)
         return path
 
     def read_bytes(self, manifest: Manifest, name: str) -> bytes:

@@ -13,7 +13,7 @@ import dagster as dg
 
 from resources import ArtifactStorage, RunSettings
 from sae_assets.core.config import load_config
-from sae_assets.defs import corpus_assets, model_assets
+from sae_assets.defs import activation_assets, corpus_assets, model_assets, shuffle_assets
 
 CONFIG_ENV_VAR = "SAE_ASSETS_CONFIG"
 
@@ -22,7 +22,11 @@ ALL_ASSETS = [
     corpus_assets.tokenizer,
     corpus_assets.token_shards,
     model_assets.language_model,
+    activation_assets.cached_activations,
+    shuffle_assets.shuffle_scatter,
+    shuffle_assets.shuffled_shards,
 ]
+ALL_CHECKS = [shuffle_assets.shuffle_is_permutation]
 
 
 def build_resources(config_path: str | None) -> dict[str, dg.ConfigurableResource]:
@@ -31,7 +35,7 @@ def build_resources(config_path: str | None) -> dict[str, dg.ConfigurableResourc
 
 
 def build_definitions(config_path: str | None = None) -> dg.Definitions:
-    return dg.Definitions(assets=ALL_ASSETS, resources=build_resources(config_path))
+    return dg.Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, resources=build_resources(config_path))
 
 
 defs = build_definitions(os.environ.get(CONFIG_ENV_VAR) or None)

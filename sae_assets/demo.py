@@ -14,26 +14,39 @@ import time
 import dagster as dg
 
 from sae_assets.core.config import load_config
-from sae_assets.defs.partitions import SHARDS, shard_keys, sync_shard_partitions
-from sae_assets.definitions import ALL_ASSETS, CONFIG_ENV_VAR, build_resources
+from sae_assets.defs.partitions import BUCKETS, SHARDS, bucket_keys, shard_keys, sync_partitions
+from sae_assets.definitions import ALL_ASSETS, ALL_CHECKS, CONFIG_ENV_VAR, build_resources
+
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def materialize_all(instance: dg.DagsterInstance, config_path: str | None, *, log=print) -> dict[str, float]:
-    """Materialize every asset (each partition in turn); returns seconds per asset."""
+    """Materialize every asset (each partition in turn), then run the asset checks.
+
+    Returns seconds per asset. Raises on the first failed step or failed check.
+    """
     config = load_config(config_path)
-    sync_shard_partitions(instance, config.corpus.num_shards)
+    sync_partitions(instance, config)
     resources = build_resources(config_path)
+    definitions = [*ALL_ASSETS, *ALL_CHECKS]
+    partition_keys = {SHARDS: shard_keys, BUCKETS: bucket_keys}
     seconds: dict[str, float] = {}
     for asset in ALL_ASSETS:
         name = asset.key.to_user_string()
         started = time.perf_counter()
-        keys = shard_keys(instance) if asset.partitions_def == SHARDS else [None]
+        keys = partition_keys[asset.partitions_def](instance) if asset.partitions_def else [None]
         for key in keys:
-            outcome = dg.materialize(ALL_ASSETS, selection=[asset], partition_key=key, instance=instance,
-                                     resources=resources, raise_on_error=True)
-            assert outcome.success
+            dg.materialize(definitions, selection=dg.AssetSelection.assets(asset).without_checks(),
+                           partition_key=key, instance=instance, resources=resources, run_config=QUIET)
         seconds[name] = time.perf_counter() - started
         log(f"  {name:<22} {len(keys)} partition(s) in {seconds[name]:6.1f} s")
+    for check in ALL_CHECKS:
+        outcome = dg.materialize(definitions, selection=dg.AssetSelection.checks(check), instance=instance,
+                                 resources=resources, run_config=QUIET)
+        for evaluation in outcome.get_asset_check_evaluations():
+            log(f"  check {evaluation.check_name}: {'passed' if evaluation.passed else 'FAILED'}")
+            if not evaluation.passed:
+                raise RuntimeError(f"asset check {evaluation.check_name} failed: {evaluation.metadata}")
     return seconds
 
 

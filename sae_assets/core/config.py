@@ -124,6 +124,22 @@ class ActivationsConfig:
 
 
 @dataclass(frozen=True)
+class ShuffleConfig:
+    num_buckets: int = 4
+    """Output buckets (partitions of shuffled_shards); each should fit the memory budget."""
+    seed: int = 0
+    memory_budget_mb: float = 256.0
+    """Largest bucket held in memory when gathering; a bigger one takes another pass."""
+    block_rows: int = 4096
+    """Rows labelled together when scattering; part of the shuffle's identity, like the seed."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.num_buckets <= 100_000, "shuffle.num_buckets", "must be in [1, 100000]")
+        _check(self.memory_budget_mb > 0, "shuffle.memory_budget_mb", "must be > 0")
+        _check(self.block_rows >= 1, "shuffle.block_rows", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     backend: StorageBackend = "local"
     root: str = ".data/artifacts"
@@ -147,6 +163,7 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:

@@ -1,26 +1,44 @@
-"""Partition definitions and the one mapping between partition keys and shard numbers.
+"""Partition definitions and the one mapping between partition keys and their numbers.
 
-Shards are dynamic partitions named `shard-0000`, `shard-0001`, ...: `sync_shard_partitions`
-adds the keys the config asks for, so growing the corpus adds partitions without touching
-the old ones.
+Shards (`shard-0000`, ...) and shuffle buckets (`bucket-0000`, ...) are dynamic partitions:
+`sync_partitions` makes them match the config, so growing the corpus adds partitions
+without touching the old ones.
 """
-
-from __future__ import annotations
 
 import dagster as dg
 
+from sae_assets.core.config import RunConfig
+
 SHARDS = dg.DynamicPartitionsDefinition(name="shards")
-_SHARD_PREFIX = "shard-"
+BUCKETS = dg.DynamicPartitionsDefinition(name="buckets")
+_PREFIX = {SHARDS.name: "shard-", BUCKETS.name: "bucket-"}
+
+
+def _key(kind: str, index: int) -> str:
+    return f"{_PREFIX[kind]}{index:04d}"
+
+
+def _index(kind: str, key: str) -> int:
+    prefix = _PREFIX[kind]
+    if not key.startswith(prefix) or not key[len(prefix):].isdigit():
+        raise ValueError(f"partition key {key!r} is not a {kind} key like {_key(kind, 0)!r}")
+    return int(key[len(prefix):])
 
 
 def shard_key(index: int) -> str:
-    return f"{_SHARD_PREFIX}{index:04d}"
+    return _key(SHARDS.name, index)
 
 
 def shard_index(key: str) -> int:
-    if not key.startswith(_SHARD_PREFIX) or not key[len(_SHARD_PREFIX):].isdigit():
-        raise ValueError(f"partition key {key!r} is not a shard key like {shard_key(0)!r}")
-    return int(key[len(_SHARD_PREFIX):])
+    return _index(SHARDS.name, key)
+
+
+def bucket_key(index: int) -> str:
+    return _key(BUCKETS.name, index)
+
+
+def bucket_index(key: str) -> int:
+    return _index(BUCKETS.name, key)
 
 
 def shard_keys(instance: dg.DagsterInstance) -> list[str]:
@@ -28,10 +46,24 @@ def shard_keys(instance: dg.DagsterInstance) -> list[str]:
     return sorted(instance.get_dynamic_partitions(SHARDS.name), key=shard_index)
 
 
-def sync_shard_partitions(instance: dg.DagsterInstance, num_shards: int) -> list[str]:
-    """Add any missing `shard-i` for i < num_shards; returns the keys added."""
-    existing = set(instance.get_dynamic_partitions(SHARDS.name))
-    missing = [shard_key(i) for i in range(num_shards) if shard_key(i) not in existing]
+def bucket_keys(instance: dg.DagsterInstance) -> list[str]:
+    return sorted(instance.get_dynamic_partitions(BUCKETS.name), key=bucket_index)
+
+
+def _sync(instance: dg.DagsterInstance, kind: str, count: int) -> list[str]:
+    existing = set(instance.get_dynamic_partitions(kind))
+    wanted = [_key(kind, i) for i in range(count)]
+    missing = [k for k in wanted if k not in existing]
     if missing:
-        instance.add_dynamic_partitions(SHARDS.name, missing)
+        instance.add_dynamic_partitions(kind, missing)
+    for extra in sorted(existing - set(wanted)):
+        instance.delete_dynamic_partition(kind, extra)
     return missing
+
+
+def sync_partitions(instance: dg.DagsterInstance, config: RunConfig) -> dict[str, list[str]]:
+    """Make the shard and bucket partitions match the config; returns the keys added."""
+    return {
+        SHARDS.name: _sync(instance, SHARDS.name, config.corpus.num_shards),
+        BUCKETS.name: _sync(instance, BUCKETS.name, config.shuffle.num_buckets),
+    }
