@@ -26,10 +26,18 @@ TokenizerKind = Literal["bpe", "pretrained"]
 ModelKind = Literal["embedded", "named"]
 ActivationDtype = Literal["float32", "float16", "bfloat16"]
 StorageBackend = Literal["local", "s3"]
+SaeArchitecture = Literal["relu", "topk"]
+SaeInit = Literal["anthropic", "orthogonal", "xavier", "data", "svd", "kmeans_rare", "outlier_rare"]
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range; the message names its key."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
+
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,89 @@ class ShuffleConfig:
 
 
 @dataclass(frozen=True)
+class DictionaryPoint:
+    """One point of the SAE sweep; its `key` names the sae_dictionary partition."""
+
+    architecture: SaeArchitecture = "relu"
+    width: int = 1024
+    """Dictionary size (number of features)."""
+    sparsity: float = 5.0
+    """The L1 coefficient for 'relu'; k (active features per token) for 'topk'."""
+
+    def __post_init__(self) -> None:
+        _check(self.width >= 1, "sae.sweep[].width", "must be >= 1")
+        _check(self.sparsity > 0, "sae.sweep[].sparsity", "must be > 0")
+        if self.architecture == "topk":
+            _check(float(self.sparsity).is_integer() and self.sparsity <= self.width, "sae.sweep[].sparsity",
+                   "must be a whole number k <= width for architecture 'topk'")
+
+    @property
+    def key(self) -> str:
+        """Readable partition key, e.g. relu-w1024-l1_5 or topk-w1024-k32."""
+        value = f"{self.sparsity:g}"
+        tag = f"l1_{value}" if self.architecture == "relu" else f"k{int(self.sparsity)}"
+        return f"{self.architecture}-w{self.width}-{tag}"
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    sweep: tuple[DictionaryPoint, ...] = (
+        DictionaryPoint("relu", 1024, 5.0),
+        DictionaryPoint("topk", 1024, 32.0),
+    )
+    """Dictionaries to train: each is one partition of sae_dictionary and sae_metrics."""
+    hook_point: str = ""
+    """Which cached hook to train on; empty = the first of activations.hook_points."""
+    train_tokens: int = 2_000_000
+    batch_size: int = 1024
+    learning_rate: float = 1e-3
+    lr_warmup_steps: int = 50
+    lr_decay_fraction: float = 0.2
+    """Linear decay to zero over this final fraction of training (Anthropic 2024)."""
+    l1_warmup_fraction: float = 0.05
+    """The L1 coefficient ramps from 0 over this first fraction of training (relu only)."""
+    init: SaeInit = "anthropic"
+    """anthropic: W_dec columns at norm 0.1, W_enc = W_dec^T; others per seed 003."""
+    resample: bool = True
+    """Anthropic's resampling of dead features at `resample_steps`."""
+    resample_steps: tuple[int, ...] = (500, 1000)
+    rewarm_after_resample: bool = True
+    """Re-warm the LR after each resample (seed 004)."""
+    rewarm_steps: int = 50
+    dead_after_tokens: int = 200_000
+    """A feature that has not fired on this many training tokens counts as dead."""
+    aux_k: int = 256
+    """TopK: the dead latents used by the AuxK loss."""
+    aux_coefficient: float = 0.03125
+    checkpoint_every: int = 200
+    seed: int = 0
+    device: str = "cpu"
+    eval_sequences: int = 64
+    """Held-out sequences (the LM's validation split) scored by sae_metrics."""
+    max_dead_fraction: float = 0.5
+    """Asset check threshold: fail when more features than this are dead."""
+    min_loss_recovered: float = 0.5
+    """Asset check threshold: fail when loss recovered (zero-ablation baseline) is lower."""
+
+    def __post_init__(self) -> None:
+        keys = [p.key for p in self.sweep]
+        _check(len(keys) >= 1, "sae.sweep", "must list at least one dictionary")
+        _check(len(set(keys)) == len(keys), "sae.sweep", f"has duplicate points: {keys}")
+        _check(self.batch_size >= 1, "sae.batch_size", "must be >= 1")
+        _check(self.train_tokens >= self.batch_size, "sae.train_tokens", "must be >= sae.batch_size")
+        _check(0 <= self.lr_decay_fraction < 1, "sae.lr_decay_fraction", "must be in [0, 1)")
+        _check(0 <= self.l1_warmup_fraction < 1, "sae.l1_warmup_fraction", "must be in [0, 1)")
+        _check(0 <= self.max_dead_fraction <= 1, "sae.max_dead_fraction", "must be in [0, 1]")
+        _check(self.checkpoint_every >= 1, "sae.checkpoint_every", "must be >= 1")
+
+    def point(self, key: str) -> DictionaryPoint:
+        for candidate in self.sweep:
+            if candidate.key == key:
+                return candidate
+        raise ConfigError(f"dictionary partition {key!r} is not in sae.sweep (have: {[p.key for p in self.sweep]})")
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     backend: StorageBackend = "local"
     root: str = ".data/artifacts"
@@ -164,6 +255,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
+    sae: SaeConfig = field(default_factory=SaeConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
@@ -173,6 +265,14 @@ class RunConfig:
         if self.model.kind == "embedded":
             _check(self.tokenizer.kind == "bpe", "tokenizer.kind",
                    "must be 'bpe' when model.kind is 'embedded'")
+        if self.sae.hook_point:
+            _check(self.sae.hook_point in self.activations.hook_points, "sae.hook_point",
+                   f"must be one of activations.hook_points {list(self.activations.hook_points)}")
+
+    @property
+    def sae_hook(self) -> str:
+        """The hook point the dictionaries are trained on."""
+        return self.sae.hook_point or self.activations.hook_points[0]
 
     def section_hash(self, *sections: str) -> str:
         """A short stable hash of the named config sections, e.g. ('corpus', 'tokenizer')."""
@@ -181,11 +281,6 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}' {message}")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
