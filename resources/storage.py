@@ -53,6 +53,8 @@ class StorageError(RuntimeError):
 class Backend(ABC):
     """Moves bytes under keys relative to a root. Implementations must make each put atomic."""
 
+    durable_scratch = False
+
     @abstractmethod
     def describe(self) -> str:
         """Where keys live, for messages: '/abs/root' or 's3://bucket/prefix'."""
@@ -91,6 +93,9 @@ class Backend(ABC):
 
 
 class LocalBackend(Backend):
+    durable_scratch = True
+    """Files under scratch_dir() survive the process: checkpoints need no mirror."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -220,15 +225,17 @@ class ArtifactStore:
         where = keys.describe(writer.asset, writer.partition)
         if not names:
             raise StorageError(f"{where}: nothing was written; refusing to commit an empty partition")
+        checksums = {name: sha256_file(writer.scratch / name) for name in names}
+        version = keys.version_hash(checksums)
         files: dict[str, FileEntry] = {}
         for name in names:
             local = writer.scratch / name
-            sha, size = sha256_file(local), local.stat().st_size
-            key = keys.data_file_key(writer.asset, writer.partition, name, sha)
+            key = keys.data_file_key(writer.asset, writer.partition, version, name)
+            size = local.stat().st_size
             # Always put, even when the key exists: identical bytes replace themselves atomically,
             # and a stored copy damaged in place is repaired by the rerun.
             self.backend.put_file(local, key)
-            files[name] = FileEntry(key, size, sha, writer.rows.get(name), writer.schemas.get(name))
+            files[name] = FileEntry(key, size, checksums[name], writer.rows.get(name), writer.schemas.get(name))
         manifest = Manifest(
             asset=writer.asset, partition=writer.partition, files=files, config_hash=config_hash,
             code_version=code_version, upstream=dict(sorted(upstream.items())), extra=writer.extra,
@@ -242,6 +249,37 @@ class ArtifactStore:
             live = {entry.key for entry in files.values()}
             self.backend.delete([e.key for e in previous.files.values() if e.key not in live])
         return manifest
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def checkpoint_dir(self, asset: str, partition: str | None, tag: str) -> Path:
+        """A local directory for a training run's checkpoints, restored from the backend if a
+        previous run (on any machine) mirrored one there."""
+        local = self._local_checkpoints(asset, partition, tag)
+        local.mkdir(parents=True, exist_ok=True)
+        if not self.backend.durable_scratch:
+            for key in self.backend.list_keys(keys.partition_prefix(asset, partition) + f"checkpoints/{tag}/"):
+                target = local / key.rsplit("/", 1)[-1]
+                if not target.exists():
+                    data = self.backend.get_bytes(key)
+                    if data is not None:
+                        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+                        tmp.write_bytes(data)
+                        os.replace(tmp, target)
+        return local
+
+    def _local_checkpoints(self, asset: str, partition: str | None, tag: str) -> Path:
+        return self.backend.scratch_dir().parent / ".checkpoints" / keys.partition_prefix(asset, partition) / tag
+
+    def mirror_checkpoint(self, asset: str, partition: str | None, tag: str, path: Path) -> None:
+        """Copy a checkpoint file to the backend so a run on another machine can resume it."""
+        if not self.backend.durable_scratch:
+            self.backend.put_bytes(Path(path).read_bytes(), keys.checkpoint_key(asset, partition, tag, Path(path).name))
+
+    def drop_checkpoints(self, asset: str, partition: str | None, tag: str) -> None:
+        """Remove a finished run's checkpoints, locally and mirrored."""
+        shutil.rmtree(self._local_checkpoints(asset, partition, tag), ignore_errors=True)
+        self.backend.delete(self.backend.list_keys(keys.partition_prefix(asset, partition) + f"checkpoints/{tag}/"))
 
     # ---- reading ---------------------------------------------------------------------------
 

@@ -13,7 +13,14 @@ import dagster as dg
 
 from resources import ArtifactStorage, RunSettings
 from sae_assets.core.config import load_config
-from sae_assets.defs import activation_assets, corpus_assets, model_assets, shuffle_assets
+from sae_assets.defs import (
+    activation_assets,
+    corpus_assets,
+    dictionary_assets,
+    metrics_assets,
+    model_assets,
+    shuffle_assets,
+)
 
 CONFIG_ENV_VAR = "SAE_ASSETS_CONFIG"
 
@@ -25,6 +32,8 @@ ALL_ASSETS = [
     activation_assets.cached_activations,
     shuffle_assets.shuffle_scatter,
     shuffle_assets.shuffled_shards,
+    dictionary_assets.sae_dictionary,
+    metrics_assets.sae_metrics_asset,
 ]
 ALL_CHECKS = [shuffle_assets.shuffle_is_permutation]
 

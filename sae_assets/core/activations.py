@@ -133,3 +133,15 @@ def check_same_format(expected: dict, found: dict, *, where_expected: str, where
             f"{where_found} has activation format {found} but {where_expected} has {expected}; "
             "refusing to mix them: rematerialize every shard with one config"
         )
+
+
+def hook_activations(model, tokens_ST: np.ndarray, hook: str, *, batch_size: int,
+                     device: str = "cpu") -> Iterator[torch.Tensor]:
+    """(B*T, D) float32 activations at one hook for each batch of sequences (for evaluation)."""
+    stop = stop_layer([hook])
+    for start in range(0, len(tokens_ST), batch_size):
+        batch_BT = torch.from_numpy(tokens_ST[start : start + batch_size].astype(np.int64)).to(device)
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(batch_BT, names_filter=[hook], stop_at_layer=stop,
+                                            return_cache_object=False)
+        yield cache[hook].reshape(-1, cache[hook].shape[-1]).float()

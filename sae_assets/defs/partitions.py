@@ -1,6 +1,7 @@
 """Partition definitions and the one mapping between partition keys and their numbers.
 
-Shards (`shard-0000`, ...) and shuffle buckets (`bucket-0000`, ...) are dynamic partitions:
+Shards (`shard-0000`, ...), shuffle buckets (`bucket-0000`, ...) and dictionaries (one per sweep
+point, `relu-w1024-l1_5`) are dynamic partitions:
 `sync_partitions` makes them match the config, so growing the corpus adds partitions
 without touching the old ones.
 """
@@ -11,6 +12,8 @@ from sae_assets.core.config import RunConfig
 
 SHARDS = dg.DynamicPartitionsDefinition(name="shards")
 BUCKETS = dg.DynamicPartitionsDefinition(name="buckets")
+DICTIONARIES = dg.DynamicPartitionsDefinition(name="dictionaries")
+"""One partition per sae.sweep point, keyed by DictionaryPoint.key (e.g. relu-w1024-l1_5)."""
 _PREFIX = {SHARDS.name: "shard-", BUCKETS.name: "bucket-"}
 
 
@@ -50,9 +53,12 @@ def bucket_keys(instance: dg.DagsterInstance) -> list[str]:
     return sorted(instance.get_dynamic_partitions(BUCKETS.name), key=bucket_index)
 
 
-def _sync(instance: dg.DagsterInstance, kind: str, count: int) -> list[str]:
+def dictionary_keys(instance: dg.DagsterInstance) -> list[str]:
+    return sorted(instance.get_dynamic_partitions(DICTIONARIES.name))
+
+
+def _sync(instance: dg.DagsterInstance, kind: str, wanted: list[str]) -> list[str]:
     existing = set(instance.get_dynamic_partitions(kind))
-    wanted = [_key(kind, i) for i in range(count)]
     missing = [k for k in wanted if k not in existing]
     if missing:
         instance.add_dynamic_partitions(kind, missing)
@@ -62,8 +68,9 @@ def _sync(instance: dg.DagsterInstance, kind: str, count: int) -> list[str]:
 
 
 def sync_partitions(instance: dg.DagsterInstance, config: RunConfig) -> dict[str, list[str]]:
-    """Make the shard and bucket partitions match the config; returns the keys added."""
+    """Make the shard, bucket and dictionary partitions match the config; returns the keys added."""
     return {
-        SHARDS.name: _sync(instance, SHARDS.name, config.corpus.num_shards),
-        BUCKETS.name: _sync(instance, BUCKETS.name, config.shuffle.num_buckets),
+        SHARDS.name: _sync(instance, SHARDS.name, [shard_key(i) for i in range(config.corpus.num_shards)]),
+        BUCKETS.name: _sync(instance, BUCKETS.name, [bucket_key(i) for i in range(config.shuffle.num_buckets)]),
+        DICTIONARIES.name: _sync(instance, DICTIONARIES.name, [p.key for p in config.sae.sweep]),
     }

@@ -19,12 +19,34 @@ def _png_markdown(figure) -> str:
     return f"![plot](data:image/png;base64,{encoded})"
 
 
-def line_chart_markdown(frame: pl.DataFrame, x: str, ys: list[str], *, log_y: bool = False) -> str:
-    """Markdown image of `ys` against `x`; null values (e.g. val_loss off eval steps) are skipped."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_chart_markdown(lefts, heights, *, xlabel: str, note: str = "") -> str:
+    """Markdown image of a histogram given bin left edges and counts (equal bin widths)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.2))
+    width = float(lefts[1] - lefts[0]) if len(lefts) > 1 else 1.0
+    axis.bar(lefts, heights, width=width, align="edge")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("features")
+    if note:
+        axis.set_title(note, fontsize=9)
+    try:
+        return _png_markdown(figure)
+    finally:
+        plt.close(figure)
+
+
+def line_chart_markdown(frame: pl.DataFrame, x: str, ys: list[str], *, log_y: bool = False) -> str:
+    """Markdown image of `ys` against `x`; null values (e.g. val_loss off eval steps) are skipped."""
+    plt = _pyplot()
 
     figure, axis = plt.subplots(figsize=(6, 3.2))
     for column in ys:

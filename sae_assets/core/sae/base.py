@@ -1,0 +1,154 @@
+"""The abstract sparse autoencoder: parameters, input scaling, encode/decode and the loss frame.
+
+`SparseAutoencoder` owns the four SAELens-layout parameters (W_enc (D, F), b_enc (F),
+W_dec (F, D), b_dec (D)) and a scalar buffer `input_scale`. Inputs are multiplied by
+`input_scale` before anything else, so that their mean norm is sqrt(D) (Anthropic, April 2024
+update; `set_input_scale_from`), and reconstructions are divided by it again: `encode`,
+`decode` and `forward` speak the caller's units, while the parameters and `loss` live in the
+scaled space. An architecture is one subclass that supplies `activate` (pre-activations to
+features), `penalties` (its sparsity and auxiliary losses) and, where its recipe needs them,
+the decoder constraints `constrain_gradients` / `constrain_weights`; JumpReLU or BatchTopK
+would be one more file. Tests: tests/test_sae_core.py.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+# Letter key: B batch rows, D input width, F features (dictionary width), N sample rows.
+
+
+class StepInfo(NamedTuple):
+    """What a loss may need to know about training progress; all optional."""
+
+    step: int = 0
+    """Optimizer steps taken so far (0-based index of the current step)."""
+    total_steps: int = 0
+    """Steps the whole run takes; 0 = unknown (warm-ups then count as finished)."""
+    dead_F: Tensor | None = None
+    """(F,) bool, features currently dead (TopK's AuxK loss uses it); None = none known."""
+
+
+class LossOutput(NamedTuple):
+    """One batch's loss; `total = mse + sparsity + aux` is what gets back-propagated."""
+
+    total: Tensor
+    """Scalar to back-propagate."""
+    mse: Tensor
+    """Scalar: ||x - x_hat||^2 summed over D, mean over the batch, in the scaled input space."""
+    sparsity: Tensor
+    """Scalar: the sparsity penalty as added to `total` (coefficient and warm-up applied)."""
+    aux: Tensor
+    """Scalar: the auxiliary loss as added to `total` (e.g. TopK's AuxK; 0 where none)."""
+    l0: Tensor
+    """Scalar: mean number of non-zero features per row."""
+    f: Tensor
+    """(B, F) feature activations of the batch (attached to the graph)."""
+
+
+class SparseAutoencoder(nn.Module, ABC):
+    """Base of every architecture: x_hat = (f(x * s) @ W_dec + b_dec) / s, s = input_scale."""
+
+    architecture: ClassVar[str]
+    """Our name for the architecture, as in DictionaryPoint.architecture ('relu', 'topk')."""
+    saelens_architecture: ClassVar[str]
+    """The SAELens cfg.json `architecture` this maps to ('standard', 'topk')."""
+    init_decoder_norm: ClassVar[float] = 1.0
+    """Norm given to decoder rows by `initialize` (the recipe's choice)."""
+
+    def __init__(self, d_in: int, width: int, *, apply_b_dec_to_input: bool) -> None:
+        super().__init__()
+        if d_in < 1 or width < 1:
+            raise ValueError(f"d_in and width must be >= 1, got {d_in} and {width}")
+        self.d_in, self.width = int(d_in), int(width)
+        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        self.W_enc = nn.Parameter(torch.zeros(d_in, width))
+        self.b_enc = nn.Parameter(torch.zeros(width))
+        self.W_dec = nn.Parameter(torch.zeros(width, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+
+    # --- what an architecture supplies -------------------------------------------------
+
+    @abstractmethod
+    def activate(self, pre_BF: Tensor) -> Tensor:
+        """Feature activations f (B, F) from encoder pre-activations (B, F)."""
+
+    @abstractmethod
+    def penalties(self, x_BD: Tensor, pre_BF: Tensor, f_BF: Tensor, x_hat_BD: Tensor,
+                  info: StepInfo) -> tuple[Tensor, Tensor]:
+        """(sparsity, aux) scalars for scaled inputs x and reconstructions x_hat."""
+
+    @abstractmethod
+    def hyperparameters(self) -> dict[str, Any]:
+        """Constructor keyword arguments beyond d_in and width (what io.py records)."""
+
+    def constrain_gradients(self) -> None:
+        """Called after backward, before the optimizer step. Default: no constraint."""
+
+    def constrain_weights(self) -> None:
+        """Called after the optimizer step. Default: no constraint."""
+
+    # --- shared machinery ---------------------------------------------------------------
+
+    def pre_activations(self, x_scaled_BD: Tensor) -> Tensor:
+        """(B, F) encoder pre-activations of inputs already in the scaled space."""
+        if self.apply_b_dec_to_input:
+            x_scaled_BD = x_scaled_BD - self.b_dec
+        return x_scaled_BD @ self.W_enc + self.b_enc
+
+    def decode_scaled(self, f_BF: Tensor) -> Tensor:
+        """(B, D) reconstruction in the scaled space."""
+        return f_BF @ self.W_dec + self.b_dec
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        """Feature activations (B, F) of inputs (B, D) in the caller's units."""
+        return self.activate(self.pre_activations(x_BD * self.input_scale))
+
+    def decode(self, f_BF: Tensor) -> Tensor:
+        """Reconstruction (B, D) in the caller's units."""
+        return self.decode_scaled(f_BF) / self.input_scale
+
+    def forward(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_hat (B, D) in the caller's units, f (B, F))."""
+        f_BF = self.encode(x_BD)
+        return self.decode(f_BF), f_BF
+
+    def loss(self, x_BD: Tensor, step_info: StepInfo | None = None) -> LossOutput:
+        """The training loss of a batch in the caller's units, computed in the scaled space."""
+        info = step_info if step_info is not None else StepInfo()
+        xs_BD = x_BD * self.input_scale
+        pre_BF = self.pre_activations(xs_BD)
+        f_BF = self.activate(pre_BF)
+        x_hat_BD = self.decode_scaled(f_BF)
+        mse = (x_hat_BD - xs_BD).pow(2).sum(-1).mean()
+        sparsity, aux = self.penalties(xs_BD, pre_BF, f_BF, x_hat_BD, info)
+        l0 = (f_BF != 0).sum(-1, dtype=f_BF.dtype).mean().detach()
+        return LossOutput(mse + sparsity + aux, mse, sparsity, aux, l0, f_BF)
+
+    @torch.no_grad()
+    def set_input_scale_from(self, sample_ND: Tensor) -> float:
+        """Set `input_scale` = sqrt(D) / mean ||x|| over a sample of inputs; returns it."""
+        if sample_ND.ndim != 2 or sample_ND.shape[1] != self.d_in:
+            raise ValueError(f"sample must be (N, {self.d_in}), got {tuple(sample_ND.shape)}")
+        mean_norm = sample_ND.float().norm(dim=-1).mean().item()
+        if not math.isfinite(mean_norm) or mean_norm <= 0:
+            raise ValueError(f"cannot scale inputs: their mean norm is {mean_norm}")
+        self.input_scale.fill_(math.sqrt(self.d_in) / mean_norm)
+        return float(self.input_scale)
+
+    @torch.no_grad()
+    def initialize(self, W_dec_FD: Tensor) -> None:
+        """Decoder rows = the given directions at `init_decoder_norm`, W_enc = W_dec^T, biases 0."""
+        if W_dec_FD.shape != (self.width, self.d_in):
+            raise ValueError(f"W_dec must be ({self.width}, {self.d_in}), got {tuple(W_dec_FD.shape)}")
+        rows_FD = W_dec_FD.to(self.W_dec) / W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-12).to(self.W_dec)
+        self.W_dec.copy_(rows_FD * self.init_decoder_norm)
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()

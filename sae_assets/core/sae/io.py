@@ -1,0 +1,138 @@
+"""SAEs on disk in the layout SAELens 6 loads: a directory with cfg.json + sae_weights.safetensors.
+
+`export_tensors(sae)` gives the four tensors SAELens expects (W_enc (d_in, d_sae), b_enc
+(d_sae), W_dec (d_sae, d_in), b_dec (d_in), float32) with our `input_scale` s folded in, so
+they act on activations in the model's own units: W_enc' = s W_enc, W_dec' = W_dec / s,
+b_dec' = b_dec / s, b_enc' = b_enc (SAELens' own `fold_activation_norm_scaling_factor`), and
+cfg.json says `normalize_activations: "none"`. `saelens_config` writes the SAELens 6 keys
+(architecture 'standard' | 'topk', d_in, d_sae, dtype, device, apply_b_dec_to_input,
+normalize_activations, reshape_activations, k for topk, and `metadata` with sae_lens_version
+>= 6 so no pre-6 conversion runs, hook_name, hook_layer) plus a `sae_assets` block SAELens
+ignores: our architecture name, hyperparameters, the folded scale and free-form extras.
+`load_sae` / `sae_from_saelens` rebuild our module (unfolding the scale when recorded) from our
+files or any SAELens 'standard'/'topk' SAE; outputs then match the original to float32
+rounding. `save_sae` writes weights, then cfg.json, each via a temp name + os.replace.
+Tests: tests/test_sae_core.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from sae_assets.core.sae.base import SparseAutoencoder
+from sae_assets.core.sae.relu import ReluSae
+from sae_assets.core.sae.topk import TopKSae
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SAELENS_VERSION = "6.0.0"
+"""Recorded as metadata.sae_lens_version: >= 6.0.0-rc.0 means SAELens reads the file as 6.x."""
+SAELENS_METADATA_KEYS = (
+    "model_name", "hook_name", "model_class_name", "hook_layer", "hook_head_index", "model_from_pretrained_kwargs",
+    "prepend_bos", "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice", "dataset_path",
+)
+"""Fields of SAELens' SAEMetadata; other `extra` keys go to the `sae_assets` block."""
+
+
+@torch.no_grad()
+def export_tensors(sae: SparseAutoencoder) -> dict[str, Tensor]:
+    """The SAELens state dict, input scale folded in, float32, contiguous, on the CPU."""
+    s = float(sae.input_scale)
+    folded = {"W_enc": sae.W_enc.double() * s, "b_enc": sae.b_enc.double(),
+              "W_dec": sae.W_dec.double() / s, "b_dec": sae.b_dec.double() / s}
+    return {name: t.float().cpu().contiguous() for name, t in folded.items()}
+
+
+def saelens_config(sae: SparseAutoencoder, *, hook_name: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """cfg.json contents for `export_tensors(sae)` (JSON-serialisable `extra` values only)."""
+    extra = dict(extra or {})
+    metadata: dict[str, Any] = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
+                                "hook_name": hook_name}
+    layer = re.match(r"blocks\.(\d+)\.", hook_name)
+    if layer:
+        metadata["hook_layer"] = int(layer.group(1))
+    metadata.update({k: extra.pop(k) for k in SAELENS_METADATA_KEYS if k in extra and k != "hook_name"})
+    cfg: dict[str, Any] = {
+        "architecture": sae.saelens_architecture, "d_in": sae.d_in, "d_sae": sae.width,
+        "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+        "normalize_activations": "none", "reshape_activations": "none", "metadata": metadata,
+    }
+    if isinstance(sae, TopKSae):
+        cfg["k"] = sae.k
+    cfg["sae_assets"] = {"architecture": sae.architecture, "hyperparameters": sae.hyperparameters(),
+                         "input_scale": float(sae.input_scale), "input_scale_folded": True, "extra": extra}
+    return cfg
+
+
+def _replace_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_sae(sae: SparseAutoencoder, directory: str | Path, *, hook_name: str,
+             extra: Mapping[str, Any] | None = None) -> Path:
+    """Write cfg.json + sae_weights.safetensors into `directory` (created); returns it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, cfg = export_tensors(sae), saelens_config(sae, hook_name=hook_name, extra=extra)
+    _replace_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _replace_atomically(directory / CFG_FILE, lambda p: p.write_text(json.dumps(cfg, indent=2, sort_keys=True)))
+    return directory
+
+
+def _module_for(cfg: Mapping[str, Any], where: str) -> SparseAutoencoder:
+    arch, hp = cfg.get("architecture", "standard"), dict(cfg.get("sae_assets", {}).get("hyperparameters", {}))
+    d_in, width = int(cfg["d_in"]), int(cfg["d_sae"])
+    hp["apply_b_dec_to_input"] = bool(cfg.get("apply_b_dec_to_input", True))
+    if arch == "standard":
+        return ReluSae(d_in, width, l1_coefficient=hp.get("l1_coefficient", 0.0),
+                       l1_warmup_fraction=hp.get("l1_warmup_fraction", 0.0),
+                       apply_b_dec_to_input=hp["apply_b_dec_to_input"])
+    if arch == "topk":
+        return TopKSae(d_in, width, k=int(cfg["k"]), aux_k=hp.get("aux_k", 256),
+                       aux_coefficient=hp.get("aux_coefficient", 1 / 32), apply_b_dec_to_input=hp["apply_b_dec_to_input"])
+    raise ValueError(f"{where}: key 'architecture' is {arch!r}; supported: 'standard', 'topk'")
+
+
+@torch.no_grad()
+def sae_from_saelens(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], *, where: str = CFG_FILE) -> SparseAutoencoder:
+    """Our module from a SAELens config dict and state dict (unfolding our recorded input scale)."""
+    if cfg.get("normalize_activations") not in (None, "none", False):
+        raise ValueError(f"{where}: key 'normalize_activations' is {cfg['normalize_activations']!r}; "
+                         "only 'none' (scale folded into the weights) is supported")
+    sae = _module_for(cfg, where)
+    for name, param in (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec), ("b_dec", sae.b_dec)):
+        if name not in tensors or tuple(tensors[name].shape) != tuple(param.shape):
+            got = tuple(tensors[name].shape) if name in tensors else "missing"
+            raise ValueError(f"{where}: tensor {name} is {got}, expected {tuple(param.shape)}")
+    s = float(cfg.get("sae_assets", {}).get("input_scale", 1.0))
+    sae.W_enc.copy_((tensors["W_enc"].double() / s).float())
+    sae.b_enc.copy_(tensors["b_enc"].float())
+    sae.W_dec.copy_((tensors["W_dec"].double() * s).float())
+    sae.b_dec.copy_((tensors["b_dec"].double() * s).float())
+    sae.input_scale.fill_(s)
+    return sae
+
+
+def load_sae(directory: str | Path, *, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Read an SAE directory written by `save_sae` (or by SAELens) as our module."""
+    directory = Path(directory)
+    cfg_path, weights_path = directory / CFG_FILE, directory / WEIGHTS_FILE
+    for path in (cfg_path, weights_path):
+        if not path.exists():
+            raise FileNotFoundError(f"SAE directory {directory} has no {path.name}")
+    cfg = json.loads(cfg_path.read_text())
+    return sae_from_saelens(cfg, load_file(str(weights_path)), where=str(cfg_path)).to(device)

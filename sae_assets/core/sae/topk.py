@@ -1,0 +1,82 @@
+"""TopK SAE with the AuxK loss (OpenAI, "Scaling and evaluating sparse autoencoders", 2024).
+
+f = ReLU(TopK_k((x - b_dec) W_enc + b_enc)): the k largest pre-activations of each row are
+kept (then ReLU'd, as SAELens' TopK does, so a loaded copy gives the same features) and every
+other one is zeroed. No sparsity penalty; L0 <= k by construction. Dead latents are revived by
+AuxK: the residual e = x - x_hat (detached) is reconstructed from the top `aux_k` dead
+latents alone, e_hat = f_aux W_dec, and `aux_coefficient * ||e - e_hat||^2` is added; it needs
+the dead mask (`StepInfo.dead_F`) and is exactly 0 when nothing is dead. Decoder rows are kept
+at unit norm: the gradient component parallel to each row is removed before the step and rows
+are renormalised after it. Exported to SAELens as architecture 'topk'. Tests:
+tests/test_sae_core.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from sae_assets.core.sae.base import SparseAutoencoder, StepInfo
+
+# Letter key: B batch rows, D input width, F features, K kept latents (k or aux_k).
+
+
+def topk_activation(pre_BF: Tensor, k: int) -> Tensor:
+    """(B, F) with the k largest entries of each row ReLU'd in place and zeros elsewhere."""
+    values_BK, indices_BK = pre_BF.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre_BF).scatter(-1, indices_BK, values_BK.relu())
+
+
+class TopKSae(SparseAutoencoder):
+    """TopK SAE; `aux_k` dead latents reconstruct the residual, weighted by `aux_coefficient`."""
+
+    architecture: ClassVar[str] = "topk"
+    saelens_architecture: ClassVar[str] = "topk"
+    init_decoder_norm: ClassVar[float] = 1.0
+
+    def __init__(self, d_in: int, width: int, *, k: int, aux_k: int = 256, aux_coefficient: float = 1 / 32,
+                 apply_b_dec_to_input: bool = True) -> None:
+        super().__init__(d_in, width, apply_b_dec_to_input=apply_b_dec_to_input)
+        if not 1 <= k <= width or aux_k < 0 or aux_coefficient < 0:
+            raise ValueError(f"need 1 <= k <= width ({width}), aux_k >= 0, aux_coefficient >= 0; got "
+                             f"{k}, {aux_k}, {aux_coefficient}")
+        self.k, self.aux_k, self.aux_coefficient = int(k), int(aux_k), float(aux_coefficient)
+
+    def activate(self, pre_BF: Tensor) -> Tensor:
+        return topk_activation(pre_BF, self.k)
+
+    def auxk_loss(self, x_BD: Tensor, pre_BF: Tensor, x_hat_BD: Tensor, dead_F: Tensor | None) -> Tensor:
+        """||e - e_hat||^2 (sum over D, mean over B) from the top aux_k dead latents; no coefficient."""
+        n_dead = 0 if dead_F is None else int(dead_F.sum())
+        k_aux = min(self.aux_k, n_dead)
+        if k_aux == 0:
+            return x_hat_BD.new_zeros(())
+        residual_BD = (x_BD - x_hat_BD).detach()
+        dead_pre_BF = pre_BF.masked_fill(~dead_F.to(pre_BF.device), float("-inf"))
+        f_aux_BF = topk_activation(dead_pre_BF, k_aux)
+        return (f_aux_BF @ self.W_dec - residual_BD).pow(2).sum(-1).mean()
+
+    def penalties(self, x_BD: Tensor, pre_BF: Tensor, f_BF: Tensor, x_hat_BD: Tensor,
+                  info: StepInfo) -> tuple[Tensor, Tensor]:
+        aux = self.aux_coefficient * self.auxk_loss(x_BD, pre_BF, x_hat_BD, info.dead_F)
+        return x_hat_BD.new_zeros(()), aux
+
+    @torch.no_grad()
+    def constrain_gradients(self) -> None:
+        """Remove from each decoder row's gradient its component along the row."""
+        grad_FD = self.W_dec.grad
+        if grad_FD is None:
+            return
+        unit_FD = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        grad_FD -= (grad_FD * unit_FD).sum(-1, keepdim=True) * unit_FD
+
+    @torch.no_grad()
+    def constrain_weights(self) -> None:
+        """Renormalise decoder rows to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"k": self.k, "aux_k": self.aux_k, "aux_coefficient": self.aux_coefficient,
+                "apply_b_dec_to_input": self.apply_b_dec_to_input}

@@ -1,0 +1,202 @@
+"""The SAE training loop, assembled from a step, a scheduler, a tracker, resampling and checkpoints.
+
+`train_sae(sae, batches, cfg, point, checkpoint_dir=...)` trains for
+`cfg.train_tokens // cfg.batch_size` Adam steps. `batches(start_step)` must return an
+iterator whose i-th batch is the batch of step `start_step + i`, the same batch whatever
+`start_step` the iteration began at (seed or index the data by step, never by how many
+batches this process has drawn): that is what makes a resumed run bit-identical to an
+uninterrupted one. Each step: optional Anthropic resampling of dead features at
+`cfg.resample_steps` (with an LR re-warm-up), the LR from `LrScheduler`, `train_step` (loss,
+backward, the architecture's decoder constraints, gradient clipping at norm 1, Adam), the
+dead-feature tracker, a curve row every `log_every` steps, and a checkpoint every
+`cfg.checkpoint_every` steps and at the end. When `checkpoint_dir` holds a checkpoint, the run
+continues from it. Non-finite inputs, loss or gradients raise `SaeTrainingError` naming the
+step before anything is changed, so the checkpoint on disk stays the last good state.
+Tests: tests/test_sae_core.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from sae_assets.core.config import DictionaryPoint, SaeConfig
+from sae_assets.core.sae.base import LossOutput, SparseAutoencoder, StepInfo
+from sae_assets.core.sae.build import RESAMPLE_STREAM, seeded_generator
+from sae_assets.core.sae.checkpoint import CHECKPOINT_FILE, Checkpointer, Progress
+from sae_assets.core.sae.resample import resample_dead_features
+from sae_assets.core.sae.schedule import LrScheduler
+from sae_assets.core.sae.tracker import DeadFeatureTracker
+
+# Letter key: B batch rows, D input width, F features.
+
+Batches = Callable[[int], Iterator[Tensor]]
+"""batches(start_step) -> iterator of (B, D) batches for steps start_step, start_step + 1, ..."""
+OnCheckpoint = Callable[[Path, int], None]
+"""on_checkpoint(path, step), called after each checkpoint file is in place."""
+MAX_GRAD_NORM = 1.0
+ADAM_BETAS = (0.9, 0.999)
+
+
+class SaeTrainingError(RuntimeError):
+    """Training cannot go on (non-finite data or numbers, data ran out); `step` says where."""
+
+    def __init__(self, message: str, *, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class TrainOutcome(NamedTuple):
+    """What a finished run reports (the weights are in the SAE passed in)."""
+
+    curve: list[dict[str, float]]
+    """Rows {step, tokens, loss, mse, l0, dead_fraction, lr} every `log_every` steps and at the end."""
+    tokens_per_second: float
+    """Training throughput of this call (0.0 if it ran no step, e.g. resumed a finished run)."""
+    steps: int
+    resamples: int
+    """Resampling events in the whole run (each revived at least one feature)."""
+
+
+def total_steps(cfg: SaeConfig) -> int:
+    return max(1, cfg.train_tokens // cfg.batch_size)
+
+
+def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.Adam:
+    return torch.optim.Adam(sae.parameters(), lr=lr, betas=ADAM_BETAS)
+
+
+def config_fingerprint(cfg: SaeConfig, point: DictionaryPoint, d_in: int) -> str:
+    """Hash of everything that shapes the trained weights (not device, cadence or eval knobs)."""
+    ignored = {"sweep", "device", "checkpoint_every", "eval_sequences", "max_dead_fraction", "min_loss_recovered"}
+    payload = {k: v for k, v in asdict(cfg).items() if k not in ignored}
+    payload.update(point=asdict(point), d_in=d_in)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x_BD: Tensor, info: StepInfo,
+               lr: float, *, max_grad_norm: float | None = MAX_GRAD_NORM) -> LossOutput:
+    """One optimizer step on a batch; raises SaeTrainingError (nothing changed) if not finite."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    out = sae.loss(x_BD, info)
+    if not bool(torch.isfinite(out.total)):
+        what = ("the input batch holds NaN/inf values" if not bool(torch.isfinite(x_BD).all())
+                else f"the loss is {out.total.item()}")
+        raise SaeTrainingError(f"SAE training stopped at step {info.step}: {what}", step=info.step)
+    out.total.backward()
+    sae.constrain_gradients()
+    if max_grad_norm:
+        grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), max_grad_norm)
+        if not bool(torch.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            raise SaeTrainingError(f"SAE training stopped at step {info.step}: the gradient norm is "
+                                   f"{grad_norm.item()}", step=info.step)
+    optimizer.step()
+    sae.constrain_weights()
+    return out
+
+
+@dataclass
+class _Run:
+    sae: SparseAutoencoder
+    optimizer: torch.optim.Optimizer
+    scheduler: LrScheduler
+    tracker: DeadFeatureTracker
+    cfg: SaeConfig
+    total: int
+    progress: Progress
+    checkpointer: Checkpointer
+
+
+def _start(sae: SparseAutoencoder, cfg: SaeConfig, point: DictionaryPoint, path: Path | None) -> _Run:
+    if sae.architecture != point.architecture or sae.width != point.width:
+        raise ValueError(f"the SAE ({sae.architecture}, width {sae.width}) does not match sweep point {point.key}")
+    device = torch.device(cfg.device)
+    sae.to(device)
+    total = total_steps(cfg)
+    optimizer = make_optimizer(sae, cfg.learning_rate)
+    scheduler = LrScheduler.from_config(cfg, total)
+    tracker = DeadFeatureTracker(sae.width, cfg.dead_after_tokens, device)
+    generator = seeded_generator(cfg.seed, RESAMPLE_STREAM)
+    checkpointer = Checkpointer(sae, optimizer, scheduler, tracker, generator,
+                                fingerprint=config_fingerprint(cfg, point, sae.d_in))
+    progress = checkpointer.load(path) if path is not None and path.exists() else Progress()
+    return _Run(sae, optimizer, scheduler, tracker, cfg, total, progress, checkpointer)
+
+
+def _maybe_resample(run: _Run, x_BD: Tensor, step: int) -> None:
+    cfg = run.cfg
+    if not (cfg.resample and step in cfg.resample_steps and 0 < step < run.total):
+        return
+    dead_F = run.tracker.dead_mask()
+    if not bool(dead_F.any()):
+        return
+    if not bool(torch.isfinite(x_BD).all()):  # checked here too: resampling would copy NaNs into W_dec
+        raise SaeTrainingError(f"SAE training stopped at step {step}: the input batch holds NaN/inf values",
+                               step=step)
+    revived = resample_dead_features(run.sae, run.optimizer, x_BD, dead_F, run.checkpointer.generator)
+    run.tracker.reset(revived)
+    run.scheduler.on_resample(step)
+    run.progress.resamples += 1
+
+
+def _one_step(run: _Run, x_BD: Tensor, log_every: int) -> None:
+    step = run.progress.step
+    if x_BD.ndim != 2 or x_BD.shape[1] != run.sae.d_in:
+        raise SaeTrainingError(f"SAE training stopped at step {step}: batch has shape {tuple(x_BD.shape)}, "
+                               f"expected (B, {run.sae.d_in})", step=step)
+    x_BD = x_BD.to(run.sae.W_dec.device, torch.float32)
+    _maybe_resample(run, x_BD, step)
+    lr = run.scheduler.lr(step)
+    info = StepInfo(step, run.total, run.tracker.dead_mask())
+    out = train_step(run.sae, run.optimizer, x_BD, info, lr)
+    run.tracker.update(out.f.detach())
+    run.progress.step += 1
+    run.progress.tokens += x_BD.shape[0]
+    if run.progress.step % log_every == 0 or run.progress.step == run.total:
+        run.progress.curve.append({
+            "step": run.progress.step, "tokens": run.progress.tokens, "loss": out.total.item(),
+            "mse": out.mse.item(), "l0": out.l0.item(), "dead_fraction": run.tracker.dead_fraction(), "lr": lr,
+        })
+
+
+def _checkpoint(run: _Run, path: Path, on_checkpoint: OnCheckpoint | None) -> None:
+    try:
+        run.checkpointer.save(path, run.progress)
+    except ValueError as exc:  # non-finite parameters: keep the last good checkpoint
+        raise SaeTrainingError(str(exc), step=run.progress.step) from exc
+    if on_checkpoint is not None:
+        on_checkpoint(path, run.progress.step)
+
+
+def train_sae(sae: SparseAutoencoder, batches: Batches, cfg: SaeConfig, point: DictionaryPoint, *,
+              checkpoint_dir: Path | None = None, on_checkpoint: OnCheckpoint | None = None,
+              log_every: int = 50) -> TrainOutcome:
+    """Train `sae` in place (resuming from `checkpoint_dir` if it holds a checkpoint)."""
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    run = _start(sae, cfg, point, path)
+    started, start_tokens = time.perf_counter(), run.progress.tokens
+    if run.progress.step < run.total:
+        for x_BD in batches(run.progress.step):
+            _one_step(run, x_BD, max(1, log_every))
+            done = run.progress.step == run.total
+            if path is not None and (done or run.progress.step % cfg.checkpoint_every == 0):
+                _checkpoint(run, path, on_checkpoint)
+            if done:
+                break
+        else:
+            raise SaeTrainingError(f"the batches ran out at step {run.progress.step} of {run.total}",
+                                   step=run.progress.step)
+    elapsed, tokens = time.perf_counter() - started, run.progress.tokens - start_tokens
+    return TrainOutcome(list(run.progress.curve), tokens / elapsed if tokens else 0.0, run.progress.step,
+                        run.progress.resamples)

@@ -1,0 +1,272 @@
+"""Tests for sae_assets.core.sae_metrics: reconstruction stats, density summaries and loss
+recovered, against hand-made dictionaries whose answers are known (identity = perfect,
+zeros = zero ablation, a gate that keeps some tokens and zeroes the rest) on a 1-layer
+embedded model trained for a few steps. Runs in seconds on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sae_assets.core.config import ModelConfig
+from sae_assets.core.lm import build_embedded_model, evaluate_loss, forward_logits, next_token_loss
+from sae_assets.core.lm_train import train_language_model
+from sae_assets.core.sae_metrics import (
+    _replace_once,
+    dead_fraction,
+    dense_fraction,
+    density_histogram,
+    feature_density,
+    loss_recovered,
+    reconstruction_stats,
+)
+
+VOCAB, CTX, D = 50, 16, 32
+CFG = ModelConfig(n_layers=1, d_model=D, n_heads=2, d_mlp=64, batch_size=16, train_tokens=16 * CTX * 40,
+                  learning_rate=1e-2, warmup_steps=5, seed=0)
+RESID = "blocks.0.hook_resid_post"  # after the last block: only ln_final + unembed follow, per position
+
+
+class Linear:
+    """encode = relu?(x @ W_enc), decode = f @ W_dec (+ bias): enough for identity-like cases."""
+
+    def __init__(self, W_enc, W_dec, b_dec=None, relu=False):
+        self.W_enc, self.W_dec, self.relu = W_enc, W_dec, relu
+        self.b_dec = torch.zeros(W_dec.shape[1]) if b_dec is None else b_dec
+
+    def encode(self, x_ND):
+        f_NF = x_ND @ self.W_enc
+        return f_NF.relu() if self.relu else f_NF
+
+    def decode(self, f_NF):
+        return f_NF @ self.W_dec + self.b_dec
+
+
+class Gate:
+    """Passes a token's activation through where its first coordinate is > 0, else zeros."""
+
+    W_dec = torch.eye(D)
+
+    def encode(self, x_ND):
+        return x_ND * (x_ND[:, :1] > 0)
+
+    def decode(self, f_NF):
+        return f_NF
+
+
+def identity(width=D):
+    return Linear(torch.eye(width), torch.eye(width))
+
+
+def zeros(width=D, features=8):
+    return Linear(torch.zeros(width, features), torch.zeros(features, width))
+
+
+def successor_corpus(n, seed):
+    starts = torch.randint(0, VOCAB, (n, 1), generator=torch.Generator().manual_seed(seed))
+    return (starts + torch.arange(CTX)) % VOCAB  # (n, CTX)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_embedded_model(CFG, vocab_size=VOCAB, context_length=CTX)
+    train_language_model(m, successor_corpus(64, 0), successor_corpus(8, 1), CFG, eval_every=1000)
+    return m
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    noisy = torch.randint(0, VOCAB, (7, CTX), generator=torch.Generator().manual_seed(3))
+    return torch.where(torch.rand(7, CTX, generator=torch.Generator().manual_seed(4)) < 0.05, noisy,
+                       successor_corpus(7, 2))  # (7, CTX): predictable but for a few random tokens
+
+
+def hook_acts(model, tokens, hook):
+    _, cache = model.run_with_cache(tokens, names_filter=hook)
+    return cache[hook]  # (M, T, D)
+
+
+def per_token_loss(logits_MTV, tokens):
+    return next_token_loss(logits_MTV, tokens, reduction="none").reshape(tokens.shape[0], -1).double()
+
+
+# --- loss recovered ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hook", [RESID, "blocks.0.hook_mlp_out"])
+def test_perfect_dictionary_recovers_everything_and_zero_dictionary_nothing(model, tokens, hook):
+    perfect = loss_recovered(model, identity(), tokens, hook, batch_size=3)
+    assert perfect.clean_loss == pytest.approx(evaluate_loss(model, tokens, batch_size=7), abs=1e-6)
+    assert perfect.sae_loss == perfect.clean_loss
+    assert perfect.recovered_vs_zero == 1.0 and perfect.recovered_vs_mean == 1.0
+    assert perfect.kl_divergence == 0.0
+    assert perfect.n_tokens == 7 * (CTX - 1)
+    # the splice is real: ablating the hook changes the forward pass, and makes it worse
+    assert perfect.zero_ablation_loss > perfect.clean_loss + 0.1
+    assert perfect.mean_ablation_loss > perfect.clean_loss + 0.1
+
+    empty = loss_recovered(model, zeros(), tokens, hook, batch_size=3)
+    assert empty.sae_loss == empty.zero_ablation_loss == perfect.zero_ablation_loss
+    assert empty.recovered_vs_zero == 0.0
+    assert empty.kl_divergence > 0.1
+    assert empty.clean_loss == perfect.clean_loss and empty.mean_ablation_loss == perfect.mean_ablation_loss
+
+
+def test_partial_dictionary_matches_per_token_mixture(model, tokens):
+    """At the last resid_post each position's logits depend only on its own activation, so a
+    dictionary that keeps some tokens and zeroes the rest has a predictable loss."""
+    keep_MT = hook_acts(model, tokens, RESID)[..., 0] > 0  # (M, T)
+    assert 0.2 < keep_MT.float().mean() < 0.8
+    with torch.no_grad():
+        clean_MT = per_token_loss(forward_logits(model, tokens), tokens)
+        zeroed = model.run_with_hooks(tokens, fwd_hooks=[(RESID, lambda a, hook: torch.zeros_like(a))])
+    zero_MT = per_token_loss(zeroed, tokens)
+    expected = torch.where(keep_MT[:, :-1], clean_MT, zero_MT).mean().item()
+
+    result = loss_recovered(model, Gate(), tokens, RESID, batch_size=3)
+    assert result.clean_loss == pytest.approx(clean_MT.mean().item(), abs=1e-6)
+    assert result.zero_ablation_loss == pytest.approx(zero_MT.mean().item(), abs=1e-6)
+    assert result.sae_loss == pytest.approx(expected, abs=1e-6)
+    want = (result.zero_ablation_loss - expected) / (result.zero_ablation_loss - result.clean_loss)
+    assert 0.05 < want < 0.95 and result.recovered_vs_zero == pytest.approx(want, abs=1e-5)
+    assert result.kl_divergence > 0
+    # batching does not change exact token averages
+    one_batch = loss_recovered(model, Gate(), tokens, RESID, batch_size=7)
+    assert one_batch == pytest.approx(result, abs=1e-6)
+
+
+def test_mean_ablation_uses_the_eval_mean_or_the_given_one(model, tokens):
+    mean_D = hook_acts(model, tokens, RESID).double().mean(dim=(0, 1))
+    implied = loss_recovered(model, identity(), tokens, RESID, batch_size=4)
+    given = loss_recovered(model, identity(), tokens, RESID, batch_size=4, mean_activation=mean_D)
+    assert implied.mean_ablation_loss == pytest.approx(given.mean_ablation_loss, abs=1e-6)
+    assert implied.mean_ablation_loss != implied.zero_ablation_loss
+    at_zero = loss_recovered(model, identity(), tokens, RESID, batch_size=4, mean_activation=torch.zeros(D))
+    assert at_zero.mean_ablation_loss == at_zero.zero_ablation_loss
+    # a dictionary that always predicts the mean is exactly mean ablation
+    mean_predictor = Linear(torch.zeros(D, 4), torch.zeros(4, D), b_dec=mean_D.float())
+    flat = loss_recovered(model, mean_predictor, tokens, RESID, batch_size=4, mean_activation=mean_D.float())
+    assert flat.recovered_vs_mean == 0.0
+
+
+def test_loss_recovered_is_deterministic_and_restores_train_mode(model, tokens):
+    model.train()
+    try:
+        a = loss_recovered(model, Gate(), tokens, "blocks.0.hook_mlp_out", batch_size=2)
+        assert model.training
+    finally:
+        model.eval()
+    b = loss_recovered(model, Gate(), tokens, "blocks.0.hook_mlp_out", batch_size=2)
+    assert a == b and not model.training
+
+
+def test_loss_recovered_errors_name_the_problem(model, tokens):
+    with pytest.raises(ValueError, match=r"D=32.*D=16"):
+        loss_recovered(model, identity(16), tokens, RESID, batch_size=4)
+    with pytest.raises(ValueError, match=r"mean_activation.*D=31.*D=32"):
+        loss_recovered(model, identity(), tokens, RESID, batch_size=4, mean_activation=torch.zeros(31))
+    with pytest.raises(ValueError, match=r"did you mean 'blocks.0.hook_resid_post'"):
+        loss_recovered(model, identity(), tokens, "blocks.0.hook_resid_pots", batch_size=4)
+    with pytest.raises(ValueError, match=r"\(M>=1, T>=2\)"):
+        loss_recovered(model, identity(), tokens[:, :1], RESID, batch_size=4)
+
+    poisoned = build_embedded_model(CFG, vocab_size=VOCAB, context_length=CTX)
+    with torch.no_grad():
+        poisoned.state_dict()["embed.weight"][VOCAB - 1] = float("nan")
+    bad = tokens % (VOCAB - 1)
+    bad[4, 3] = VOCAB - 1
+    # attention spreads the NaN over its sequence (0 * NaN at masked positions), and only there
+    with pytest.raises(ValueError, match=r"hook 'blocks.0.hook_resid_post': 16 activation rows contain NaN "
+                                         r"or inf \(first at token sequence 4, position 0\)"):
+        loss_recovered(poisoned, identity(), bad, RESID, batch_size=3)
+
+
+def test_replacement_hook_applies_once_under_aliases():
+    calls = []
+    hook_fn = _replace_once(lambda a: calls.append(1) or a * 2)
+    x = torch.ones(2, 3)
+    out = hook_fn(x, None)
+    assert hook_fn(out, None) is out and len(calls) == 1  # second alias call sees the first's output
+    assert torch.equal(hook_fn(x.clone(), None), x * 2) and len(calls) == 2  # a new forward pass
+
+
+# --- reconstruction stats ---------------------------------------------------------------------
+
+
+def offset_data(n=1000, width=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, width, generator=g, dtype=torch.float64) * 0.5 + 100.0  # large mean, small spread
+
+
+def test_perfect_and_mean_predictor_fvu():
+    x = offset_data().float()
+    perfect = reconstruction_stats(identity(8), [x[:300], x[300:]])
+    assert perfect.fvu == 0.0 and perfect.mse == 0.0 and perfect.n_tokens == 1000
+    mean_D = x.double().mean(dim=0)
+    predictor = Linear(torch.zeros(8, 3), torch.zeros(3, 8), b_dec=mean_D.float())
+    stats = reconstruction_stats(predictor, [x[:123], x[123:700], x[700:]])
+    assert stats.fvu == pytest.approx(1.0, abs=1e-5)
+    assert stats.l0 == 0.0 and dead_fraction(stats.feature_counts) == 1.0
+    np.testing.assert_allclose(stats.activation_mean, mean_D.numpy(), rtol=1e-12)
+
+
+def test_streaming_equals_one_shot_and_direct_formulas():
+    x = offset_data(seed=1)
+    g = torch.Generator().manual_seed(2)
+    W_enc = torch.randn(8, 12, generator=g, dtype=torch.float64)
+    sae = Linear(W_enc, torch.randn(12, 8, generator=g, dtype=torch.float64) * 0.1, relu=True)
+    one = reconstruction_stats(sae, [x])
+    cuts = [0, 1, 17, 17, 400, 999, 1000]  # includes an empty and a one-row batch
+    streamed = reconstruction_stats(sae, (x[a:b] for a, b in zip(cuts, cuts[1:])))
+    f = (x @ sae.W_enc).relu()
+    err = (x - f @ sae.W_dec).square().sum(dim=1)
+    assert np.array_equal(streamed.feature_counts, one.feature_counts)
+    assert np.array_equal(one.feature_counts, (f != 0).sum(dim=0).numpy())
+    assert streamed.n_tokens == one.n_tokens == 1000
+    assert streamed.l0 == one.l0 == pytest.approx((f != 0).sum(dim=1).double().mean().item(), abs=0)
+    for got in (one, streamed):
+        assert got.mse == pytest.approx(err.mean().item(), rel=1e-12)
+        assert got.mse_per_element == pytest.approx(err.mean().item() / 8, rel=1e-12)
+        assert got.fvu == pytest.approx((err.sum() / (x - x.mean(dim=0)).square().sum()).item(), rel=1e-9)
+    assert 0.5 < one.l0 < 11.5
+
+
+def test_reconstruction_errors_name_the_problem():
+    x = offset_data(n=10, width=8).float()
+    with pytest.raises(ValueError, match=r"activation batch 0.*D=8.*D=6"):
+        reconstruction_stats(identity(6), [x])
+    bad = x.clone()
+    bad[5, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"activation batch 1: 1 activation rows contain NaN.*row 5 \(row 15 of"):
+        reconstruction_stats(identity(8), [x, bad])
+    with pytest.raises(ValueError, match="no activation rows"):
+        reconstruction_stats(identity(8), [])
+
+
+# --- density ----------------------------------------------------------------------------------
+
+
+def test_density_summaries_and_histogram():
+    tokens = 10**9
+    density = np.array([0.0, 0.0, 1.0, 0.5, 0.1, 0.2, 10**-2.9, 1e-9, 10**-7.9])
+    counts = np.round(density * tokens).astype(np.int64)
+    np.testing.assert_allclose(feature_density(counts, tokens), density, rtol=0.05)
+    assert feature_density(counts, tokens)[3] == 0.5
+    assert dead_fraction(counts) == pytest.approx(2 / 9)
+    assert dense_fraction(counts, tokens) == pytest.approx(3 / 9)  # 0.1 itself is not > 0.1
+    assert dense_fraction(counts, tokens, threshold=0.05) == pytest.approx(4 / 9)
+
+    hist = density_histogram(counts, tokens)
+    assert hist.edges.shape == (33,) and hist.edges[0] == -8.0 and hist.edges[-1] == 0.0
+    assert hist.counts.sum() + hist.never_fired == len(counts) and hist.never_fired == 2
+    assert hist.counts[0] == 2  # 1e-9 clipped into the first bin, with 10^-7.9
+    # density 1 (log10 = 0, the right edge), 0.5 (-0.30), 0.2 (-0.70), 0.1 (-1, a left edge)
+    assert hist.counts[-4:].tolist() == [1, 1, 1, 1]
+    assert hist.counts[20] == 1  # 10^-2.9 in [-3, -2.75)
+    with pytest.raises(ValueError, match="tokens > 0"):
+        feature_density(counts, 0)
+    with pytest.raises(ValueError, match="whole number of steps"):
+        density_histogram(counts, tokens, step=0.3)
