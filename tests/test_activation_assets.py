@@ -12,8 +12,7 @@ import dagster as dg
 import numpy as np
 import pytest
 import torch
-import yaml
-
+from run_configs import write_run_config
 from resources.arrow_files import open_ipc_table
 from sae_assets.core import activations, schemas, tokenization
 from sae_assets.core.activation_reader import ShuffledActivationReader, bf16_bits_to_float32, to_numpy_matrix
@@ -34,13 +33,8 @@ TINY = {
 }
 
 
-def config_file(directory, storage, **overrides):
-    data = {**TINY, "storage": storage}
-    for section, values in overrides.items():
-        data[section] = {**data.get(section, {}), **values}
-    path = directory / f"config-{uuid.uuid4().hex[:8]}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+def config_file(directory, storage, **sections):
+    return write_run_config(directory, TINY, storage, **sections)
 
 
 @pytest.fixture(scope="module")

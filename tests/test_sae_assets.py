@@ -2,14 +2,13 @@
 checks that fail visibly, and refusal of bad input."""
 
 import json
-import uuid
 
 import dagster as dg
 import numpy as np
 import pytest
 import torch
-import yaml
 from dagster._core.errors import DagsterAssetCheckFailedError
+from run_configs import write_run_config
 
 from sae_assets.core import sae_data
 from sae_assets.core.config import load_config
@@ -35,12 +34,7 @@ TINY = {
 
 
 def config_file(directory, root, **sections):
-    data = {**TINY, "storage": {"root": str(root)}}
-    for name, values in sections.items():
-        data[name] = {**data[name], **values}
-    path = directory / f"config-{uuid.uuid4().hex[:8]}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+    return write_run_config(directory, TINY, {"root": str(root)}, **sections)
 
 
 @pytest.fixture(scope="module")
