@@ -93,7 +93,7 @@ def sae_dictionary(context: dg.AssetExecutionContext, settings: RunSettings, sto
         **{f"final_{name}": dg.MetadataValue.float(float(last[name]))
            for name in ("loss", "mse", "l0", "dead_fraction") if name in last},
         "training_curve": dg.MetadataValue.md(
-            line_chart_markdown(curve, "step", ["mse", "l0", "dead_fraction"], log_y=True)),
+            line_chart_markdown(curve, "step", ["loss", "mse", "l0", "dead_fraction", "lr"], log_y=True)),
     })
 
 

@@ -1,0 +1,290 @@
+"""Per-feature example tables for the feature browser: exact top-K, a uniform sample, statistics.
+
+`FeatureRangeSampler(lo, hi, top_k=..., seed=...)` streams batches of SAE feature activations
+for the features [lo, hi) (`update(f_BW, token_index_B)`) and keeps, per feature: the top_k
+activations, ordered by value descending then global token index ascending; a uniform sample
+of sample_k (default 10·top_k) activating tokens, namely the sample_k smallest
+`feature_token_hash(seed, feature, token)` among the tokens where the feature is > 0
+(bottom-k sampling); and the count, sum and max of its positive activations with a histogram
+over fixed edges. Both selections depend only on the set of (token, activation) pairs, so
+shards processed in any batches and merged by `merge_feature_samples` (features_merge.py,
+which also defines the tables) give the tables one pass would (DESIGN.md, "Top-K per feature",
+"10·K random activating tokens"). Memory is O(B·W) per batch plus O(W·(top_k + sample_k))
+state: a batch's active entries are first compared with each feature's current worst kept
+entry, and only the survivors are sorted together with their feature's row. Every token must
+be offered once; after a ValueError from `update` start again with a new sampler. Pure
+torch/numpy; tests: tests/test_features_core.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sae_assets.core.features_merge import FeatureSamples, build_feature_samples, merge_feature_samples
+
+__all__ = ["DEFAULT_HIST_EDGES", "FeatureRangeSampler", "FeatureSamples", "feature_keys", "feature_token_hash",
+           "merge_feature_samples"]
+
+# Letter key: B tokens in a batch, W features in the range [lo, hi), K kept entries per
+# feature (top_k or sample_k), H histogram bins, N active entries / candidates of a batch,
+# R rows (features) being merged, C candidates per row after padding, M = K + C.
+
+DEFAULT_HIST_EDGES: tuple[float, ...] = tuple(np.logspace(-4, 3, 57).tolist())
+"""Log-spaced histogram edges 1e-4 .. 1e3 (56 bins, 8 per decade); values outside go to the end bins."""
+
+_INT64_MAX = torch.iinfo(torch.int64).max
+_INT64_MIN = torch.iinfo(torch.int64).min
+_U64 = 1 << 64
+_M1, _M2, _GAMMA = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
+
+
+# --- the hash ---------------------------------------------------------------------------------
+# mix64 is the splitmix64 finaliser (a bijection of 64-bit words); all arithmetic is mod 2**64:
+#   mix64(z)               = z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27;
+#                            z *= 0x94D049BB133111EB; z ^= z >> 31
+#   feature_key(seed, f)   = mix64(mix64(seed) + (f + 1) * 0x9E3779B97F4A7C15)
+#   hash(seed, f, token)   = mix64(mix64(token) + feature_key(seed, f))        (uint64)
+# For fixed (seed, f) the hash is a bijection of the token index, so no two tokens of a feature
+# share a hash and "smallest hashes" is a total order (the token tie-break never fires).
+# Tables store the hash as uint64; torch, which lacks uint64 arithmetic, orders by the int64
+# `order key` = hash ^ 2**63, whose signed order is the hash's unsigned order.
+
+def _mix64_np(z: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # wrap-around is the point (numpy warns only on 0-d values)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_M1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_M2)
+        return z ^ (z >> np.uint64(31))
+
+
+def feature_keys(seed: int, features: np.ndarray) -> np.ndarray:
+    """uint64 per-feature keys `feature_key(seed, f)` of global feature ids (any shape)."""
+    if not 0 <= int(seed) < _U64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    f = np.asarray(features, dtype=np.int64).astype(np.uint64)
+    base = _mix64_np(np.array([int(seed)], dtype=np.uint64))[0]
+    with np.errstate(over="ignore"):
+        return _mix64_np(base + (f + np.uint64(1)) * np.uint64(_GAMMA))
+
+
+def feature_token_hash(seed: int, features: np.ndarray, token_index: np.ndarray) -> np.ndarray:
+    """uint64 hash(seed, feature, token) of global feature ids and token indices (broadcast).
+
+    The reference implementation in numpy; the sampler computes the same values in torch.
+    """
+    tok = np.asarray(token_index, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        return _mix64_np(_mix64_np(tok) + feature_keys(seed, features))
+
+
+def _signed(u: int) -> int:
+    return u - _U64 if u >= 1 << 63 else u
+
+
+def _srl(z: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64_t(z: Tensor) -> Tensor:
+    z = (z ^ _srl(z, 30)) * _signed(_M1)
+    z = (z ^ _srl(z, 27)) * _signed(_M2)
+    return z ^ _srl(z, 31)
+
+
+def order_key_to_hash(k: np.ndarray) -> np.ndarray:
+    """uint64 hashes of the int64 order keys the sampler sorts by (hash ^ 2**63)."""
+    return np.asarray(k, dtype=np.int64).view(np.uint64) ^ np.uint64(1 << 63)
+
+
+# --- the per-feature selections ---------------------------------------------------------------
+
+class _BestK:
+    """Per-feature k best entries in the order (key, token), one sorted row per feature.
+
+    Empty slots hold value 0 (real entries are activations > 0) and sort last. With
+    `unique_keys` (the sample: the hash is a bijection of the token for each feature) one sort
+    per row suffices; otherwise (the top-K: equal activations) rows are sorted by token first.
+    """
+
+    def __init__(self, width: int, k: int, key_dtype: torch.dtype, device: torch.device, *, unique_keys: bool):
+        self.k, self.unique_keys = k, unique_keys
+        self._empty_key = float("inf") if key_dtype.is_floating_point else _INT64_MAX
+        self.key_WK = torch.full((width, k), self._empty_key, dtype=key_dtype, device=device)
+        self.tok_WK = torch.full((width, k), _INT64_MAX, dtype=torch.int64, device=device)
+        self.val_WK = torch.zeros((width, k), dtype=torch.float32, device=device)
+
+    def offer(self, w_N: Tensor, key_N: Tensor, tok_N: Tensor, val_N: Tensor) -> None:
+        """Merge candidates into the rows; exact whatever order and batching they come in."""
+        # A candidate worse than its row's k-th entry can never be kept; ties go through.
+        keep_N = (key_N <= self.key_WK[:, -1][w_N]).nonzero()[:, 0]
+        if not len(keep_N):
+            return
+        keep_N = keep_N[torch.argsort(w_N[keep_N], stable=True)]  # grouped by row
+        w_N, key_N, tok_N, val_N = (x[keep_N] for x in (w_N, key_N, tok_N, val_N))
+        W, dev = self.key_WK.shape[0], w_N.device
+        counts_W = torch.bincount(w_N, minlength=W)
+        col_N = torch.arange(len(w_N), device=dev) - (counts_W.cumsum(0) - counts_W)[w_N]  # rank within row
+        rows_R = counts_W.nonzero()[:, 0]
+        if int(counts_W.max()) * len(rows_R) <= 4 * len(w_N) + 4 * len(rows_R):
+            self._merge_rows(rows_R, w_N, col_N, key_N, tok_N, val_N)
+            return
+        # Skewed counts (a dense feature among sparse ones): pad each size class separately.
+        size_W = torch.full((W,), -1, dtype=torch.int64, device=dev)
+        size_W[rows_R] = torch.log2(counts_W[rows_R].double()).ceil().long() // 2  # classes of x4
+        for size in torch.unique(size_W[rows_R]).tolist():
+            sel_N = (size_W[w_N] == size).nonzero()[:, 0]
+            self._merge_rows((size_W == size).nonzero()[:, 0], *(x[sel_N] for x in (w_N, col_N, key_N, tok_N, val_N)))
+
+    def _merge_rows(self, rows_R: Tensor, w_N: Tensor, col_N: Tensor, key_N: Tensor, tok_N: Tensor,
+                    val_N: Tensor) -> None:
+        """Re-select rows `rows_R` from their state (R, K) and their candidates padded to (R, C)."""
+        slot_W = torch.zeros(self.key_WK.shape[0], dtype=torch.int64, device=w_N.device)
+        slot_W[rows_R] = torch.arange(len(rows_R), device=w_N.device)
+        R, C = len(rows_R), int(col_N.max()) + 1
+        merged = []
+        for state, fill, new in ((self.key_WK, self._empty_key, key_N), (self.tok_WK, _INT64_MAX, tok_N),
+                                 (self.val_WK, 0.0, val_N)):
+            pad_RC = torch.full((R, C), fill, dtype=state.dtype, device=state.device)
+            pad_RC[slot_W[w_N], col_N] = new
+            merged.append(torch.cat([state[rows_R], pad_RC], dim=1))  # (R, K + C)
+        key_RM, tok_RM, val_RM = merged
+        if self.unique_keys:
+            order = torch.argsort(key_RM, dim=1)
+        else:
+            order = torch.argsort(tok_RM, dim=1)
+            order = order.gather(1, torch.argsort(key_RM.gather(1, order), dim=1, stable=True))
+        key_RM, tok_RM, val_RM = (x.gather(1, order) for x in merged)
+        dup = (key_RM[:, 1:] == key_RM[:, :-1]) & (tok_RM[:, 1:] == tok_RM[:, :-1]) & (val_RM[:, 1:] > 0)
+        if bool(dup.any()):
+            r, c = dup.nonzero()[0].tolist()
+            raise ValueError(f"token {int(tok_RM[r, c])} was offered twice for feature offset {int(rows_R[r])}: "
+                             "each token must be seen once (a repeated batch?)")
+        self.key_WK[rows_R] = key_RM[:, :self.k]
+        self.tok_WK[rows_R] = tok_RM[:, :self.k]
+        self.val_WK[rows_R] = val_RM[:, :self.k]
+
+    def columns(self, lo: int) -> dict[str, np.ndarray]:
+        w, rank = (self.val_WK > 0).nonzero(as_tuple=True)  # row-major: sorted by (feature, rank)
+        return {"feature": (w + lo).cpu().numpy().astype(np.int32), "rank": rank.cpu().numpy().astype(np.int32),
+                "key": self.key_WK[w, rank].cpu().numpy(), "token_index": self.tok_WK[w, rank].cpu().numpy(),
+                "activation": self.val_WK[w, rank].cpu().numpy()}
+
+
+def check_hist_edges(edges) -> np.ndarray:
+    e = np.asarray(edges, dtype=np.float64)
+    if e.ndim != 1 or len(e) < 2 or not np.all(np.isfinite(e)) or not np.all(np.diff(e) > 0):
+        raise ValueError("hist_edges must be a 1-D, finite, strictly increasing sequence of >= 2 edges")
+    return e
+
+
+# --- the sampler ------------------------------------------------------------------------------
+
+class FeatureRangeSampler:
+    """Streams (B, W) activations of the features [lo, hi) into per-feature top-K, sample and stats.
+
+    Parameters
+    ----------
+    lo, hi
+        The global feature ids covered; `update` takes activations of exactly hi - lo features.
+    top_k
+        Largest activations kept per feature (value descending, then token index ascending).
+    seed
+        Seed of the sample's hash, in [0, 2**64); the same seed gives the same sample anywhere.
+    sample_k
+        Size of the uniform sample of activating tokens per feature; default 10 * top_k.
+    hist_edges
+        Histogram bin edges of the positive activations (values outside go to the end bins).
+
+    State lives on the device of the first batch; `result()` may be called at any time.
+    """
+
+    def __init__(self, lo: int, hi: int, *, top_k: int, seed: int, sample_k: int | None = None,
+                 hist_edges=DEFAULT_HIST_EDGES) -> None:
+        if not 0 <= lo < hi or hi > 2**31:
+            raise ValueError(f"feature range must satisfy 0 <= lo < hi <= 2**31, got [{lo}, {hi})")
+        sample_k = 10 * top_k if sample_k is None else sample_k
+        if top_k < 1 or sample_k < 1:
+            raise ValueError(f"top_k and sample_k must be >= 1, got {top_k} and {sample_k}")
+        self.lo, self.hi, self.width = int(lo), int(hi), int(hi - lo)
+        self.top_k, self.sample_k = int(top_k), int(sample_k)
+        self.seed = int(seed)
+        self.hist_edges = check_hist_edges(hist_edges)
+        self._keys_W = feature_keys(self.seed, np.arange(self.lo, self.hi)).view(np.int64)  # validates seed
+        self.n_tokens = 0
+        self._device: torch.device | None = None
+
+    def _init_state(self, device: torch.device) -> None:
+        W, H = self.width, len(self.hist_edges) - 1
+        self._device = device
+        self._top = _BestK(W, self.top_k, torch.float32, device, unique_keys=False)  # key = -activation
+        self._sample = _BestK(W, self.sample_k, torch.int64, device, unique_keys=True)  # key = hash order key
+        self._key_W = torch.from_numpy(self._keys_W).to(device)
+        self._inner_edges = torch.from_numpy(self.hist_edges[1:-1]).to(device)
+        self._count_W = torch.zeros(W, dtype=torch.int64, device=device)
+        self._sum_W = torch.zeros(W, dtype=torch.float64, device=device)
+        self._max_W = torch.zeros(W, dtype=torch.float32, device=device)
+        self._hist_WH = torch.zeros(W, H, dtype=torch.int64, device=device)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Every tensor the sampler keeps between batches (their sizes never grow)."""
+        if self._device is None:
+            return {}
+        return {"top_key": self._top.key_WK, "top_tok": self._top.tok_WK, "top_val": self._top.val_WK,
+                "sample_key": self._sample.key_WK, "sample_tok": self._sample.tok_WK,
+                "sample_val": self._sample.val_WK, "count": self._count_W, "sum": self._sum_W,
+                "max": self._max_W, "hist": self._hist_WH}
+
+    @torch.no_grad()
+    def update(self, f_BW: Tensor, token_index_B) -> None:
+        """Offer B tokens: activations (B, W) of features lo..hi and their global token indices (B,)."""
+        f_BW = torch.as_tensor(f_BW)
+        if f_BW.ndim != 2 or f_BW.shape[1] != self.width:
+            raise ValueError(f"activations must be (B, {self.width}) for features [{self.lo}, {self.hi}), "
+                             f"got {tuple(f_BW.shape)}")
+        if self._device is None:
+            self._init_state(f_BW.device)
+        f_BW = f_BW.to(self._device, torch.float32).contiguous()
+        tok_B = torch.as_tensor(token_index_B, device=self._device)
+        if tok_B.shape != (f_BW.shape[0],) or tok_B.dtype.is_floating_point or tok_B.dtype == torch.bool:
+            raise ValueError(f"token_index must be ({f_BW.shape[0]},) integers, got {tuple(tok_B.shape)} {tok_B.dtype}")
+        tok_B = tok_B.to(torch.int64)
+        if f_BW.shape[0] == 0:
+            return
+        max_W = f_BW.amax(0)  # dense, so that NaN anywhere is seen
+        if bool(torch.isnan(max_W).any()):
+            bad = (torch.isnan(max_W).nonzero()[:, 0] + self.lo).tolist()
+            raise ValueError(f"NaN activations for feature(s) {bad[:5]} (range [{self.lo}, {self.hi}))")
+        self._max_W = torch.maximum(self._max_W, max_W)
+        idx_N = (f_BW > 0).view(-1).nonzero()[:, 0]  # active entries, row-major
+        b_N, w_N = idx_N // self.width, idx_N % self.width
+        v_N, t_N = f_BW.view(-1)[idx_N], tok_B[b_N]
+        if f_BW.is_cuda:  # atomics would make a sparse float sum irreproducible there
+            self._sum_W += f_BW.clamp_min(0).sum(0, dtype=torch.float64)
+        else:
+            self._sum_W += torch.bincount(w_N, weights=v_N.double(), minlength=self.width)
+        self._count_W += torch.bincount(w_N, minlength=self.width)
+        H = self._hist_WH.shape[1]
+        bin_N = torch.bucketize(v_N.double(), self._inner_edges, right=True)
+        self._hist_WH += torch.bincount(w_N * H + bin_N, minlength=self.width * H).view(self.width, H)
+        self._top.offer(w_N, -v_N, t_N, v_N)
+        order_N = _mix64_t(_mix64_t(tok_B)[b_N] + self._key_W[w_N]) ^ _INT64_MIN  # hash ^ 2**63
+        self._sample.offer(w_N, order_N, t_N, v_N)
+        self.n_tokens += int(f_BW.shape[0])
+
+    def result(self) -> FeatureSamples:
+        """The tables for every token offered so far (the sampler can go on afterwards)."""
+        if self._device is None:
+            self._init_state(torch.device("cpu"))
+        top = self._top.columns(self.lo)
+        del top["key"]
+        sample = self._sample.columns(self.lo)
+        sample = {"feature": sample["feature"], "rank": sample["rank"], "hash": order_key_to_hash(sample["key"]),
+                  "token_index": sample["token_index"], "activation": sample["activation"]}
+        stats = {"feature": np.arange(self.lo, self.hi, dtype=np.int32), "count": self._count_W.cpu().numpy(),
+                 "sum": self._sum_W.cpu().numpy(), "max": self._max_W.cpu().numpy(),
+                 "hist": self._hist_WH.cpu().numpy()}
+        return build_feature_samples(top, sample, stats, lo=self.lo, hi=self.hi, top_k=self.top_k,
+                                     sample_k=self.sample_k, seed=self.seed, n_tokens=self.n_tokens,
+                                     hist_edges=self.hist_edges)
