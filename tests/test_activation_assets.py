@@ -150,10 +150,23 @@ def test_nan_activations_name_the_hook_and_shard():
         stats.update("blocks.0.hook_x", acts, "cached_activations[shard-0004]")
 
 
-def test_stop_layer_skips_only_unneeded_blocks():
-    assert activations.stop_layer(["blocks.0.hook_resid_post"]) == 1
-    assert activations.stop_layer(["blocks.0.hook_mlp_out", "blocks.3.attn.hook_z"]) == 4
-    assert activations.stop_layer(["blocks.1.hook_resid_post", "ln_final.hook_normalized"]) is None
+def test_capture_stops_after_the_last_requested_hook(graph):
+    _, _, store, _ = graph
+    model, _ = load_language_model(store)
+    tokens = torch.zeros((2, 8), dtype=torch.int64)
+    unembed_calls = []
+    handle = model.unembed.register_forward_hook(lambda *args: unembed_calls.append(1))
+    try:
+        captured = activations.capture_hooks(model, tokens, HOOKS)
+        assert not unembed_calls, "caching ran the unembedding it does not need"
+        model(tokens)
+        assert unembed_calls, "the probe would not notice an unembedding call"
+    finally:
+        handle.remove()
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, names_filter=HOOKS)
+    for hook in HOOKS:
+        assert torch.equal(captured[hook], cache[hook])
 
 
 @pytest.mark.s3

@@ -2,14 +2,14 @@
 
 `cache_activations` yields one Arrow record batch per forward batch (rows = tokens, one
 fixed-size-list column per hook point, plus `token_index` and `token_id`), so peak memory is
-bounded by the batch, not the shard. The forward pass stops after the last block a hook
-needs, which skips the unembedding entirely for residual and MLP hooks. `ActivationStats`
+bounded by the batch, not the shard. `capture_hooks` stops the forward pass as soon as every
+requested hook has fired, so a hook in the last block skips ln_final and the unembedding
+(TransformerLens' own stop_at_layer only stops *before* a block, never after the last one). `ActivationStats`
 accumulates per-hook norm statistics and refuses NaN/inf. Tests: tests/test_activations.py.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -19,7 +19,6 @@ import torch
 
 from sae_assets.core import schemas
 
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -27,15 +26,26 @@ class ActivationError(ValueError):
     """Activations cannot be cached as configured (bad hook, NaN, width mismatch)."""
 
 
-def stop_layer(hook_points: Sequence[str]) -> int | None:
-    """The `stop_at_layer` that still runs every block the hooks sit in; None = full forward."""
-    layers = []
-    for name in hook_points:
-        match = _BLOCK_RE.match(name)
-        if match is None:
-            return None  # embeddings, ln_final or unembed hooks need the whole model
-        layers.append(int(match.group(1)))
-    return max(layers) + 1
+def capture_hooks(model, tokens_BT: torch.Tensor, hook_points: Sequence[str]) -> dict[str, torch.Tensor]:
+    """{hook: activation} for one batch, ending the forward pass once the last of them fired."""
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException  # bridge's own early exit
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str):
+        def keep(tensor: torch.Tensor, hook) -> None:
+            captured[name] = tensor.detach()  # keyed by the requested name: aliases resolve differently
+            if len(captured) == len(hook_points):
+                raise StopAtLayerException(tensor)
+
+        return keep
+
+    with torch.inference_mode():
+        model.run_with_hooks(tokens_BT, fwd_hooks=[(name, keeper(name)) for name in hook_points])
+    missing = [name for name in hook_points if name not in captured]
+    if missing:
+        raise ActivationError(f"hooks {missing} never fired in the forward pass")
+    return captured
 
 
 @dataclass
@@ -48,10 +58,11 @@ class ActivationStats:
     value_sum: dict[str, float] = field(default_factory=dict)
 
     def update(self, hook: str, acts_ND: torch.Tensor, where: str) -> None:
-        if not torch.isfinite(acts_ND).all():
+        norms_N = acts_ND.float().norm(dim=1)
+        # A NaN or inf anywhere in a row makes its norm non-finite; scan elementwise only then.
+        if not torch.isfinite(norms_N).all() and not torch.isfinite(acts_ND).all():
             bad = int((~torch.isfinite(acts_ND)).any(dim=1).sum())
             raise ActivationError(f"{where}: {bad} activation rows at hook {hook} contain NaN or inf")
-        norms_N = acts_ND.float().norm(dim=1)
         self.norm_sum[hook] = self.norm_sum.get(hook, 0.0) + float(norms_N.sum())
         self.norm_max[hook] = max(self.norm_max.get(hook, 0.0), float(norms_N.max()))
         self.value_sum[hook] = self.value_sum.get(hook, 0.0) + float(acts_ND.float().mean(dim=1).sum())
@@ -93,14 +104,11 @@ def cache_activations(
     first_token_index_S[s] + t, the stable global index of that token.
     """
     num_sequences, context_length = tokens_ST.shape
-    stop = stop_layer(hook_points)
     offsets_T = np.arange(context_length, dtype=np.int64)
     schema = None
     for start in range(0, num_sequences, batch_size):
         batch_BT = torch.from_numpy(tokens_ST[start : start + batch_size].astype(np.int64)).to(device)
-        with torch.inference_mode():
-            _, cache = model.run_with_cache(batch_BT, names_filter=list(hook_points), stop_at_layer=stop,
-                                            return_cache_object=False)
+        cache = capture_hooks(model, batch_BT, hook_points)
         index_N = (first_token_index_S[start : start + batch_size, None] + offsets_T[None, :]).ravel()
         columns = [pa.array(index_N, pa.int64()), pa.array(tokens_ST[start : start + batch_size].ravel(), pa.int32())]
         widths = {}
@@ -120,9 +128,7 @@ def cache_activations(
 def hook_widths(model, hook_points: Sequence[str], context_length: int, device: str = "cpu") -> dict[str, int]:
     """{hook: D} from one tiny forward pass (the model decides the width, not the config)."""
     probe = torch.zeros((1, min(context_length, 4)), dtype=torch.int64, device=device)
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(probe, names_filter=list(hook_points), stop_at_layer=stop_layer(hook_points),
-                                        return_cache_object=False)
+    cache = capture_hooks(model, probe, hook_points)
     return {hook: int(cache[hook].shape[-1]) for hook in hook_points}
 
 
@@ -138,10 +144,7 @@ def check_same_format(expected: dict, found: dict, *, where_expected: str, where
 def hook_activations(model, tokens_ST: np.ndarray, hook: str, *, batch_size: int,
                      device: str = "cpu") -> Iterator[torch.Tensor]:
     """(B*T, D) float32 activations at one hook for each batch of sequences (for evaluation)."""
-    stop = stop_layer([hook])
     for start in range(0, len(tokens_ST), batch_size):
         batch_BT = torch.from_numpy(tokens_ST[start : start + batch_size].astype(np.int64)).to(device)
-        with torch.inference_mode():
-            _, cache = model.run_with_cache(batch_BT, names_filter=[hook], stop_at_layer=stop,
-                                            return_cache_object=False)
+        cache = capture_hooks(model, batch_BT, [hook])
         yield cache[hook].reshape(-1, cache[hook].shape[-1]).float()
