@@ -30,6 +30,9 @@ TINY = {
     "activations": {"hook_points": HOOKS, "dtype": "bfloat16", "batch_size": 7},
     # A budget below one bucket's bytes forces gather_bucket through its extra pass.
     "shuffle": {"num_buckets": 3, "memory_budget_mb": 0.05, "block_rows": 64},
+    "sae": {"sweep": [{"architecture": "topk", "width": 32, "sparsity": 4}], "train_tokens": 2048,
+            "batch_size": 128, "resample_steps": [], "eval_sequences": 4, "min_loss_recovered": -100.0,
+            "max_dead_fraction": 1.0},
 }
 
 

@@ -27,6 +27,9 @@ TINY = {
     "model": {"n_layers": 1, "d_model": 64, "n_heads": 2, "d_mlp": 128, "train_tokens": 60000,
               "batch_size": 16, "learning_rate": 0.01, "warmup_steps": 5, "val_fraction": 0.1},
     "activations": {"hook_points": ["blocks.0.hook_resid_post"]},
+    "sae": {"sweep": [{"architecture": "topk", "width": 64, "sparsity": 4}], "train_tokens": 4096,
+            "batch_size": 256, "resample_steps": [], "eval_sequences": 4, "min_loss_recovered": -100.0,
+            "max_dead_fraction": 1.0},
 }
 
 
