@@ -90,7 +90,8 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.4f} s ({min(values):.4f}-{max(values):.4f}, n={len(values)})"
 
 
-def interleave_results(subjects: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleave_results(subjects: dict[str, Callable[[], float]], repeats: int,
+                       warmup: int = 1) -> dict[str, list[float]]:
     """Like `interleave`, but keep what each call returns (e.g. a rate it measured itself, when
     set-up must stay out of the timing) instead of its wall time."""
     names = list(subjects)

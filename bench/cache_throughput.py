@@ -58,7 +58,7 @@ def variants(model, tokens_ST, first_S, *, device: str, batch_size: int, tmp: Pa
     from sae_assets.core import activations, schemas
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    stop = activations.stop_layer([HOOK])
+    stop = int(HOOK.split('.')[1]) + 1  # TransformerLens' stop_at_layer: stops before that block only
     width = activations.hook_widths(model, [HOOK], tokens_ST.shape[1], device=device)
 
     def batches():

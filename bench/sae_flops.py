@@ -130,7 +130,8 @@ def main() -> int:
             fractions.append(fraction)
             print(f"{arch + '-w' + str(F):<12} {1e3 / _common.median(steps):9.1f} "
                   f"{flops * _common.median(steps) / 1e9:9.2f} {1e3 / _common.median(mm):10.1f} "
-                  f"{flops * _common.median(mm) / 1e9:15.2f} {fraction:9.3f}   {', '.join(f'{r:.3f}' for r in per_round)}")
+                  f"{flops * _common.median(mm) / 1e9:15.2f} {fraction:9.3f}   "
+                  f"{', '.join(f'{r:.3f}' for r in per_round)}")
     headline = math.exp(sum(math.log(f) for f in fractions) / len(fractions))
     print(f"\nheadline: geometric mean over {len(fractions)} (architecture, width) of step FLOP/s / matmul FLOP/s")
     print(f"sae_flops_fraction: {headline:.3f}")

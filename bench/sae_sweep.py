@@ -82,7 +82,9 @@ def upstream(instance, config_path: str, log) -> None:
     import dagster as dg
 
     from sae_assets.core.config import load_config
-    from sae_assets.defs.partitions import BUCKETS, DICTIONARIES, SHARDS, bucket_keys, dictionary_keys, shard_keys, sync_partitions
+    from sae_assets.defs.partitions import (
+        BUCKETS, DICTIONARIES, SHARDS, bucket_keys, dictionary_keys, shard_keys, sync_partitions,
+    )
     from sae_assets.defs.shuffle_assets import shuffled_shards
     from sae_assets.definitions import ALL_ASSETS, ALL_CHECKS, build_resources
     from sae_assets.demo import QUIET
@@ -176,7 +178,8 @@ def print_table(rows: list[dict]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-tokens", type=int, default=0, help="sae.train_tokens (0 = the config's)")
-    parser.add_argument("--sparsity", default="", help="replace sweep sparsities by architecture, e.g. relu=1/0.3,topk=16")
+    parser.add_argument("--sparsity", default="",
+                        help="replace sweep sparsities by architecture, e.g. relu=1/0.3,topk=16")
     parser.add_argument("--model-train-tokens", type=int, default=0,
                         help="model.train_tokens (0 = the config's; smaller only for quick trials)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the resample-off config")
@@ -191,8 +194,8 @@ def main() -> int:
         from sae_assets.core.config import load_config
 
         base = load_config(None)
-        overrides = _common.merge(sweep_overrides(args, base),
-                                  {"model": {"train_tokens": args.model_train_tokens}} if args.model_train_tokens else {})
+        model = {"model": {"train_tokens": args.model_train_tokens}} if args.model_train_tokens else {}
+        overrides = _common.merge(sweep_overrides(args, base), model)
         on_path = _common.write_config(tmp, overrides, name="resample_on.yaml")
         off_path = _common.write_config(tmp, _common.merge(
             overrides, {"sae": {"resample": False, "rewarm_after_resample": False}}), name="resample_off.yaml")

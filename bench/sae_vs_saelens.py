@@ -3,11 +3,11 @@
 Both train on one fixed activation tensor (`--rows` rows of width `--d`, "random but
 structured": toy data with G = 4 x D sparse ground-truth directions, Zipf firing, plus a
 constant offset like a residual stream's) for the same number of steps, batch, width, LR,
-warm-up/decay and sparsity, on the CPU with the same torch thread count; only the training
-loop is timed on each side, step by step (every optimizer step of ours is `training._one_step`,
-every one of SAELens is `SAETrainer.step`, each wrapped in a timer), and a run's rate is batch /
-its median step time, which a burst of load from other processes on a shared machine moves
-far less than the whole loop's time (also printed):
+warm-up/decay and sparsity, on the CPU with the same torch thread count; only the training loop is
+timed on each side, step by step (every optimizer step of ours is `training._one_step`, every
+one of SAELens is `SAETrainer.step`, each wrapped in a timer), and a run's rate is batch / its
+median step time, which a burst of load from other processes on a shared machine moves far less
+than the whole loop's time (also printed):
 
 - ours: `build_sae` (untimed) then `train_sae` without checkpoints or resampling (SAELens has
   none); a step is loss, backward, decoder constraints, clipping, Adam, dead-feature tracker,
@@ -19,31 +19,33 @@ far less than the whole loop's time (also printed):
   checkpoints, tqdm disabled) over the same batches, pre-multiplied by our input scale so
   the numbers trained on are the same (`normalize_activations: none`).
 
-Matched on both sides: LR 1e-3 with linear warm-up over min(50, steps/4) steps and linear
-decay over the last 20 %, L1 warm-up over the first 5 % (ReLU), Adam (0.9, 0.999), gradient
-clipping at 1, b_dec started at the data mean, a feature dead after `--dead-after-steps`
-silent steps (short, so AuxK actually runs in short runs), AuxK over d/2 dead latents (SAELens'
-fixed heuristic; our default aux_k is 256) with coefficient 1/32; ReLU L1 coefficient 1 (5,
-the config default, kills every feature of this toy data within 60 steps in both libraries),
-TopK k = 32. Held-out FVU and L0 of both are printed as a check that both learn alike.
+Matched on both sides: LR 1e-3 with linear warm-up over min(50, steps/4) steps and linear decay
+over the last 20 %, L1 warm-up over the first 5 % (ReLU), Adam (0.9, 0.999), gradient clipping
+at 1, b_dec started at the data mean, a feature dead after `--dead-after-steps` silent steps
+(both count per batch), AuxK over d/2 dead latents (SAELens' fixed
+heuristic; our default aux_k is 256) with coefficient 1/32; ReLU L1 coefficient 1 (5, the config
+default, kills every feature of this toy data within 60 steps in both libraries), TopK k = 32.
+Held-out FVU and L0 of both are printed as a check that both learn alike. (With k = 32 of 1024
+every TopK latent fires somewhere in each 1024-row batch of this data, so no latent is ever dead
+and AuxK adds no work on either side.)
 
 SAELens is not a dependency of the project: it lives in its own virtual environment, made on
 first use under ~/.cache/sae_assets_bench/saelens-venv (`python -m venv`, `pip install
 torch==2.13.0` first, then `pip install sae-lens` constrained to that torch) and reused
-afterwards. A long-lived worker process in that venv receives one JSON command per line, so
-the runs of the two libraries are interleaved and only one runs at a time: each round runs, per
+afterwards. A long-lived worker process in that venv receives one JSON command per line, so the
+runs of the two libraries are interleaved and only one runs at a time: each round runs, per
 architecture, ours and SAELens back to back (which goes first alternates), and the ratio is
-taken within the pair, because on a shared machine load comes and goes over minutes. Without network (or if the install fails) the script prints why and
-`sae_train_vs_saelens: unavailable`.
+taken within the pair, because on a shared machine load comes and goes over minutes. Without
+network (or if the install fails) the script prints why and `sae_train_vs_saelens: unavailable`.
 
-Cross-check: the last SAE we trained of each architecture is written with `save_sae` and
-loaded by SAELens' `SAE.load_from_disk`; encode/decode outputs on held-out rows are compared
-(max abs difference printed; ideal: float32 rounding).
+Cross-check: the last SAE we trained of each architecture is written with `save_sae` and loaded
+by SAELens' `SAE.load_from_disk`; encode/decode outputs on held-out rows are compared (max abs
+difference printed; ideal: float32 rounding).
 
 Headline: geometric mean over the architectures of the median over rounds of (our tokens/s) /
-(SAELens tokens/s), both from median step times. Defaults (200k rows, 60 steps per run, so runs read the first 60 batches;
-1 warm-up + 5 rounds) take 1-2 minutes on 2 idle cores, several when they are busy;
-`--steps 0` trains one full pass.
+(SAELens tokens/s), both from median step times. Defaults (200k rows, 60 steps per run, so runs
+read the first 60 batches; 1 warm-up + 5 rounds) take 1-2 minutes on 2 idle cores, several when
+they are busy; `--steps 0` trains one full pass.
 
     .venv/bin/python bench/sae_vs_saelens.py [--steps 60] [--repeats 5] [--threads N] [--archs relu,topk]
 """
@@ -175,7 +177,8 @@ def _run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> 
         handle.write(f"$ {' '.join(cmd)}\n")
         handle.flush()
         try:
-            return subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout, env=env).returncode == 0
+            done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+            return done.returncode == 0
         except subprocess.TimeoutExpired:
             handle.write(f"timed out after {timeout} s\n")
             return False
@@ -293,7 +296,8 @@ def train_ours(args, arch: str, x_ND: torch.Tensor, eval_rows: int) -> dict:
         held = x_ND[-eval_rows:]
         recon, f = sae(held)
         fvu = float((recon - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
-    return {"tokens_per_second": outcome.tokens_per_second, "step_seconds": step_seconds, "fvu": fvu, "l0": float((f != 0).float().sum(-1).mean()),
+    return {"tokens_per_second": outcome.tokens_per_second, "step_seconds": step_seconds, "fvu": fvu,
+            "l0": float((f != 0).float().sum(-1).mean()),
             "sae": sae}
 
 
