@@ -210,7 +210,7 @@ class SaeConfig:
     max_dead_fraction: float = 0.5
     """Asset check threshold: fail when more features than this are dead."""
     min_loss_recovered: float = 0.5
-    """Asset check threshold: fail when loss recovered (zero-ablation baseline) is lower."""
+    """Asset check threshold: fail when loss recovered against mean ablation is lower."""
 
     def __post_init__(self) -> None:
         keys = [p.key for p in self.sweep]
