@@ -50,14 +50,10 @@ def write_config(tmp: Path, overrides: dict[str, Any], base_path: str | None = N
 
 
 def merge(base: dict, override: dict) -> dict:
-    """`override` laid over `base`, nested mappings merged key by key (as load_config does)."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    """`override` laid over `base`, as load_config merges a config file over the defaults."""
+    from sae_assets.core.config import merge_mappings
+
+    return merge_mappings(base, override)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

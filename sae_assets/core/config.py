@@ -334,11 +334,12 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict, override: dict) -> dict:
+def merge_mappings(base: dict, override: dict) -> dict:
+    """`override` laid over `base`, nested mappings merged key by key."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_mappings(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -353,9 +354,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Read the packaged defaults, then `path` (if given), then `overrides`, and validate."""
     data = _read_yaml(DEFAULT_CONFIG_PATH)
     if path is not None:
-        data = _merge(data, _read_yaml(Path(path)))
+        data = merge_mappings(data, _read_yaml(Path(path)))
     if overrides:
-        data = _merge(data, overrides)
+        data = merge_mappings(data, overrides)
     return config_from_dict(data)
 
 
