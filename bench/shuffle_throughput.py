@@ -143,11 +143,9 @@ def shuffle_pass(inputs: list[Path], buckets: int, work: Path, budget: int = DEF
 
 
 def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    from resources.storage import fsync_path
+
+    fsync_path(path)
 
 
 def raw_copy(inputs: list[Path], work: Path) -> float:

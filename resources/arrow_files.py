@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc
 
+from resources.storage import fsync_path
 from sae_assets.core.activation_reader import to_numpy_matrix
 
 __all__ = ["CorruptArrowFileError", "LocalSpill", "open_ipc_table", "to_numpy_matrix", "write_ipc_file",
@@ -48,11 +49,7 @@ def write_ipc_file(path: Path | str, schema: pa.Schema, batches: Iterable[pa.Rec
             for batch in batches:
                 writer.write_batch(batch)
                 rows += batch.num_rows
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

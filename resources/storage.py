@@ -38,7 +38,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path | str) -> None:
+    """Flush one file's bytes to disk (before a manifest or rename may point at it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -118,7 +119,7 @@ class LocalBackend(Backend):
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        _fsync(local_path)  # the manifest written next must never point at unflushed bytes
+        fsync_path(local_path)  # the manifest written next must never point at unflushed bytes
         try:
             os.rename(local_path, tmp)  # same filesystem: no copy
         except OSError:

@@ -68,3 +68,11 @@ def training_batches(
         if not produced:
             raise ValueError("the shuffled activations hold no training rows (all held out or empty)")
         epoch += 1
+
+
+def heldout_sequences(tokens_ST: np.ndarray, first_S: np.ndarray, *, val_fraction: float, seed: int,
+                      limit: int) -> np.ndarray:
+    """(M, T): the first `limit` sequences the language model held out, in global index order."""
+    held_S = split_is_validation(first_S, val_fraction, seed)
+    order = np.argsort(first_S[held_S], kind="stable")
+    return tokens_ST[held_S][order][:limit]

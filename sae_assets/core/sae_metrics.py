@@ -367,3 +367,16 @@ def loss_recovered(
         recovered_vs_zero=_recovered(zero, spliced, clean), recovered_vs_mean=_recovered(mean, spliced, clean),
         kl_divergence=totals["kl"] / n, n_tokens=n,
     )
+
+
+def summary(stats: ReconstructionStats, recovered: LossRecovered, *, dense_threshold: float = 0.1) -> dict[str, float]:
+    """The flat {name: value} record of one evaluation, as stored and shown."""
+    return {
+        "l0": stats.l0, "mse": stats.mse, "mse_per_element": stats.mse_per_element, "fvu": stats.fvu,
+        "loss_recovered": recovered.recovered_vs_zero, "loss_recovered_vs_mean": recovered.recovered_vs_mean,
+        "clean_loss": recovered.clean_loss, "sae_loss": recovered.sae_loss,
+        "zero_ablation_loss": recovered.zero_ablation_loss, "mean_ablation_loss": recovered.mean_ablation_loss,
+        "kl_divergence": recovered.kl_divergence, "dead_fraction": dead_fraction(stats.feature_counts),
+        "dense_fraction": dense_fraction(stats.feature_counts, stats.n_tokens, dense_threshold),
+        "eval_tokens": float(stats.n_tokens),
+    }

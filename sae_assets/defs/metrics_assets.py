@@ -16,7 +16,7 @@ import polars as pl
 import torch
 
 from resources import ArtifactStorage, RunSettings
-from sae_assets.core import activations, lm, sae_metrics
+from sae_assets.core import activations, sae_data, sae_metrics
 from sae_assets.defs.common import result
 from sae_assets.defs.corpus_assets import token_shards
 from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary
@@ -26,14 +26,6 @@ from sae_assets.defs.plots import bar_chart_markdown
 
 DEAD_CHECK = "dead_fraction_below_threshold"
 LOSS_CHECK = "loss_recovered_above_threshold"
-
-
-def heldout_sequences(store, instance, cfg) -> tuple[np.ndarray, dict[str, str]]:
-    """(M, T) int32: the first sae.eval_sequences held-out sequences, in global index order."""
-    tokens_ST, first_S, upstream = load_all_sequences(store, shard_keys(instance))
-    held = lm.split_is_validation(first_S, cfg.model.val_fraction, cfg.model.seed)
-    order = np.argsort(first_S[held], kind="stable")
-    return tokens_ST[held][order][: cfg.sae.eval_sequences], upstream
 
 
 @dg.asset(
@@ -60,7 +52,9 @@ def sae_metrics_asset(context: dg.AssetExecutionContext, settings: RunSettings, 
     sae, sae_manifest = load_dictionary(store, key, device=device)
     model, model_manifest = load_language_model(store, device=device)
     hook = sae_manifest.extra["hook"]
-    eval_ST, upstream = heldout_sequences(store, context.instance, cfg)
+    tokens_ST, first_S, upstream = load_all_sequences(store, shard_keys(context.instance))
+    eval_ST = sae_data.heldout_sequences(tokens_ST, first_S, val_fraction=cfg.model.val_fraction,
+                                         seed=cfg.model.seed, limit=cfg.sae.eval_sequences)
     upstream.update({f"sae_dictionary[{key}]": sae_manifest.data_version, "language_model": model_manifest.data_version})
     batch = max(1, cfg.activations.batch_size)
     with torch.no_grad():
@@ -69,7 +63,7 @@ def sae_metrics_asset(context: dg.AssetExecutionContext, settings: RunSettings, 
         recovered = sae_metrics.loss_recovered(model, sae, torch.from_numpy(eval_ST.astype(np.int64)).to(device),
                                                hook, batch_size=batch,
                                                mean_activation=torch.from_numpy(stats.activation_mean).float())
-    metrics = summarize(stats, recovered)
+    metrics = sae_metrics.summary(stats, recovered)
     checks = {DEAD_CHECK: (metrics["dead_fraction"] <= cfg.sae.max_dead_fraction, cfg.sae.max_dead_fraction,
                            "dead_fraction"),
               # Against mean ablation: zeroing a residual stream is so poor a baseline that a
@@ -85,18 +79,6 @@ def sae_metrics_asset(context: dg.AssetExecutionContext, settings: RunSettings, 
         out.describe_table("feature_density.parquet", rows=density.height)
         out.extra.update(metrics=metrics, checks={name: bool(ok) for name, (ok, _, _) in checks.items()})
     return _with_checks(out.manifest, store, metrics, histogram, checks)
-
-
-def summarize(stats, recovered) -> dict[str, float]:
-    return {
-        "l0": stats.l0, "mse": stats.mse, "mse_per_element": stats.mse_per_element, "fvu": stats.fvu,
-        "loss_recovered": recovered.recovered_vs_zero, "loss_recovered_vs_mean": recovered.recovered_vs_mean,
-        "clean_loss": recovered.clean_loss, "sae_loss": recovered.sae_loss,
-        "zero_ablation_loss": recovered.zero_ablation_loss, "mean_ablation_loss": recovered.mean_ablation_loss,
-        "kl_divergence": recovered.kl_divergence, "dead_fraction": sae_metrics.dead_fraction(stats.feature_counts),
-        "dense_fraction": sae_metrics.dense_fraction(stats.feature_counts, stats.n_tokens),
-        "eval_tokens": float(stats.n_tokens),
-    }
 
 
 def _with_checks(manifest, store, metrics, histogram, checks) -> dg.MaterializeResult:
