@@ -82,9 +82,7 @@ def upstream(instance, config_path: str, log) -> None:
     import dagster as dg
 
     from sae_assets.core.config import load_config
-    from sae_assets.defs.partitions import (
-        BUCKETS, DICTIONARIES, SHARDS, bucket_keys, dictionary_keys, shard_keys, sync_partitions,
-    )
+    from sae_assets.defs.partitions import partition_keys, sync_partitions
     from sae_assets.defs.shuffle_assets import shuffled_shards
     from sae_assets.definitions import ALL_ASSETS, ALL_CHECKS, build_resources
     from sae_assets.demo import QUIET
@@ -92,10 +90,9 @@ def upstream(instance, config_path: str, log) -> None:
     sync_partitions(instance, load_config(config_path))
     resources = build_resources(config_path)
     definitions = [*ALL_ASSETS, *ALL_CHECKS]
-    partition_keys = {SHARDS: shard_keys, BUCKETS: bucket_keys, DICTIONARIES: dictionary_keys}
     for asset in ALL_ASSETS[: ALL_ASSETS.index(shuffled_shards) + 1]:
         started = time.perf_counter()
-        keys = partition_keys[asset.partitions_def](instance) if asset.partitions_def else [None]
+        keys = partition_keys(asset.partitions_def, instance)
         for key in keys:
             _, status = materialize(dg, definitions, asset, key, instance, resources, QUIET, log)
             if status != "ok":

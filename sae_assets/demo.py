@@ -15,15 +15,7 @@ import dagster as dg
 from dagster._core.errors import DagsterAssetCheckFailedError  # not re-exported at the top level
 
 from sae_assets.core.config import load_config
-from sae_assets.defs.partitions import (
-    BUCKETS,
-    DICTIONARIES,
-    SHARDS,
-    bucket_keys,
-    dictionary_keys,
-    shard_keys,
-    sync_partitions,
-)
+from sae_assets.defs.partitions import partition_keys, sync_partitions
 from sae_assets.definitions import ALL_ASSETS, ALL_CHECKS, CONFIG_ENV_VAR, build_resources
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -38,12 +30,11 @@ def materialize_all(instance: dg.DagsterInstance, config_path: str | None, *, lo
     sync_partitions(instance, config)
     resources = build_resources(config_path)
     definitions = [*ALL_ASSETS, *ALL_CHECKS]
-    partition_keys = {SHARDS: shard_keys, BUCKETS: bucket_keys, DICTIONARIES: dictionary_keys}
     seconds: dict[str, float] = {}
     for asset in ALL_ASSETS:
         name = asset.key.to_user_string()
         started = time.perf_counter()
-        keys = partition_keys[asset.partitions_def](instance) if asset.partitions_def else [None]
+        keys = partition_keys(asset.partitions_def, instance)
         for key in keys:
             try:
                 dg.materialize(definitions, selection=dg.AssetSelection.assets(asset) - dg.AssetSelection.checks(*ALL_CHECKS),

@@ -57,6 +57,16 @@ def dictionary_keys(instance: dg.DagsterInstance) -> list[str]:
     return sorted(instance.get_dynamic_partitions(DICTIONARIES.name))
 
 
+def partition_keys(partitions_def: dg.PartitionsDefinition | None, instance: dg.DagsterInstance) -> list[str | None]:
+    """Every partition key of an asset's partitions definition, in order ([None] if unpartitioned)."""
+    if partitions_def is None:
+        return [None]
+    if isinstance(partitions_def, dg.DynamicPartitionsDefinition):
+        listing = {SHARDS.name: shard_keys, BUCKETS.name: bucket_keys}.get(partitions_def.name)
+        return listing(instance) if listing else sorted(instance.get_dynamic_partitions(partitions_def.name))
+    return list(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
+
+
 def _sync(instance: dg.DagsterInstance, kind: str, wanted: list[str]) -> list[str]:
     existing = set(instance.get_dynamic_partitions(kind))
     missing = [k for k in wanted if k not in existing]
