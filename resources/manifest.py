@@ -48,6 +48,18 @@ class Manifest:
         return hashlib.sha256(self.to_json()).hexdigest()[:24]
 
     @property
+    def content_version(self) -> str:
+        """A hash of what the partition holds (files, config, code, facts), not of its inputs.
+
+        For merges over many partitions: Dagster stops tracking staleness past 100 upstream
+        partitions, and an input that changed without changing the merge must not make
+        anything downstream stale.
+        """
+        content = {"files": {name: entry.sha256 for name, entry in self.files.items()}, "config_hash": self.config_hash,
+                   "code_version": self.code_version, "extra": self.extra, "format": self.format}
+        return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:24]
+
+    @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
 

@@ -12,11 +12,12 @@ import os
 import dagster as dg
 
 from resources import ArtifactStorage, RunSettings
-from sae_assets.core.config import load_config
+from sae_assets.core.config import RunConfig, load_config
 from sae_assets.defs import (
     activation_assets,
     corpus_assets,
     dictionary_assets,
+    feature_assets,
     metrics_assets,
     model_assets,
     shuffle_assets,
@@ -35,7 +36,14 @@ ALL_ASSETS = [
     dictionary_assets.sae_dictionary,
     metrics_assets.sae_metrics_asset,
 ]
+"""The assets every run has, in an order that materializes each after its inputs."""
 ALL_CHECKS = [shuffle_assets.shuffle_is_permutation]
+
+
+def graph_assets(config: RunConfig) -> list[dg.AssetsDefinition]:
+    """Every asset of a run: ALL_ASSETS, then the feature browser of features.dictionary."""
+    return [*ALL_ASSETS, *feature_assets.build_feature_assets(config.feature_dictionary.key,
+                                                               neuronpedia=config.features.neuronpedia_export)]
 
 
 def build_resources(config_path: str | None) -> dict[str, dg.ConfigurableResource]:
@@ -44,7 +52,8 @@ def build_resources(config_path: str | None) -> dict[str, dg.ConfigurableResourc
 
 
 def build_definitions(config_path: str | None = None) -> dg.Definitions:
-    return dg.Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, resources=build_resources(config_path))
+    return dg.Definitions(assets=graph_assets(load_config(config_path)), asset_checks=ALL_CHECKS,
+                          resources=build_resources(config_path))
 
 
 defs = build_definitions(os.environ.get(CONFIG_ENV_VAR) or None)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import dagster as dg
 from dagster._core.errors import DagsterAssetCheckFailedError  # not re-exported at the top level
 
 from sae_assets.core.config import load_config
 from sae_assets.defs.partitions import partition_keys, sync_partitions
-from sae_assets.definitions import ALL_ASSETS, ALL_CHECKS, CONFIG_ENV_VAR, build_resources
+from sae_assets.definitions import ALL_CHECKS, CONFIG_ENV_VAR, build_resources, graph_assets
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -29,9 +30,10 @@ def materialize_all(instance: dg.DagsterInstance, config_path: str | None, *, lo
     config = load_config(config_path)
     sync_partitions(instance, config)
     resources = build_resources(config_path)
-    definitions = [*ALL_ASSETS, *ALL_CHECKS]
+    assets = graph_assets(config)
+    definitions = [*assets, *ALL_CHECKS]
     seconds: dict[str, float] = {}
-    for asset in ALL_ASSETS:
+    for asset in assets:
         name = asset.key.to_user_string()
         started = time.perf_counter()
         keys = partition_keys(asset.partitions_def, instance)
@@ -55,6 +57,24 @@ def materialize_all(instance: dg.DagsterInstance, config_path: str | None, *, lo
     return seconds
 
 
+def site_instructions(config) -> str:
+    """How to open the feature browser that feature_site wrote."""
+    from resources import ArtifactStorage
+
+    store = ArtifactStorage.from_config(config.storage).store()
+    manifest = store.manifest("feature_site", None)
+    if manifest is None:
+        return "feature browser: not built (materialize feature_site)"
+    key = manifest.files["index.html"].key
+    if config.storage.backend == "local":
+        index = (Path(config.storage.root) / key).resolve()
+        return (f"feature browser: open file://{index}\n"
+                f"  or serve it: python -m http.server -b 127.0.0.1 -d {index.parent} 8000")
+    folder = key.rsplit("/", 1)[0]
+    return (f"feature browser: {store.describe()}/{key}\n"
+            f"  copy the folder {folder}/ to any static host (or download it) and open index.html")
+
+
 def main() -> int:
     config_path = os.environ.get(CONFIG_ENV_VAR) or None
     config = load_config(config_path)
@@ -67,6 +87,7 @@ def main() -> int:
     if config.storage.backend == "local":
         print(f"outputs: {os.path.abspath(config.storage.root)}/<asset>/<partition>/manifest.json")
     print(f"Dagster history: {os.environ.get('DAGSTER_HOME')}  (browse it with `make ui`)")
+    print(site_instructions(config))
     return 0
 
 

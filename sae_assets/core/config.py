@@ -231,6 +231,62 @@ class SaeConfig:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    """The feature browser: example tables, context windows and the static site of one dictionary."""
+
+    dictionary: str = ""
+    """The sae.sweep point (sae_dictionary partition key) the browser serves; empty = the first."""
+    range_width: int = 256
+    """Features per feature-range partition; memory per step is batch_size x range_width."""
+    top_k: int = 16
+    """Largest activations kept per feature (ties ordered by global token index)."""
+    sample_k: int = 0
+    """Uniform sample of activating tokens kept per feature; 0 = 10 x top_k."""
+    seed: int = 0
+    """Seed of the sample's hash: the same seed gives the same sample under any sharding."""
+    batch_size: int = 4096
+    """Tokens encoded per step by feature_samples and context_windows."""
+    window_before: int = 24
+    """Context tokens shown before each example (clipped at the sequence start)."""
+    window_after: int = 8
+    """Context tokens shown after each example (clipped at the sequence end)."""
+    random_examples: int = 8
+    """Examples from the uniform sample shown per feature (the first by hash, so a fixed choice)."""
+    activation_levels: int = 4
+    """Evenly spaced activation levels (0, max] at which examples are shown..."""
+    examples_per_level: int = 2
+    """...and how many from the uniform sample at each level."""
+    logit_effects: int = 10
+    """Top and bottom tokens of each decoder direction through the unembedding."""
+    neuronpedia_export: bool = False
+    """Also write feature JSON in Neuronpedia's upload layout (feature_site/neuronpedia/)."""
+    require_passing_checks: bool = True
+    """Refuse a dictionary whose sae_metrics checks failed."""
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.range_width <= 1 << 20, "features.range_width", "must be in [1, 1048576]")
+        _check(self.top_k >= 1, "features.top_k", "must be >= 1")
+        _check(self.sample_k >= 0, "features.sample_k", "must be >= 0")
+        _check(0 <= self.seed < 1 << 63, "features.seed", "must be in [0, 2**63)")
+        _check(self.batch_size >= 1, "features.batch_size", "must be >= 1")
+        _check(self.window_before >= 0 and self.window_after >= 0, "features.window_before",
+               "and features.window_after must be >= 0")
+        _check(self.random_examples >= 0, "features.random_examples", "must be >= 0")
+        _check(self.activation_levels >= 0 and self.examples_per_level >= 0, "features.activation_levels",
+               "and features.examples_per_level must be >= 0")
+        _check(self.logit_effects >= 0, "features.logit_effects", "must be >= 0")
+        _check(self.random_examples + self.activation_levels * self.examples_per_level <= self.samples_kept,
+               "features.random_examples", "plus activation_levels x examples_per_level must not exceed the "
+               "uniform sample (features.sample_k)")
+
+    @property
+    def samples_kept(self) -> int:
+        """The uniform sample's size per feature (sample_k, or 10 x top_k)."""
+        return self.sample_k or 10 * self.top_k
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     backend: StorageBackend = "local"
     root: str = ".data/artifacts"
@@ -256,6 +312,7 @@ class RunConfig:
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
     sae: SaeConfig = field(default_factory=SaeConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
@@ -265,9 +322,17 @@ class RunConfig:
         if self.model.kind == "embedded":
             _check(self.tokenizer.kind == "bpe", "tokenizer.kind",
                    "must be 'bpe' when model.kind is 'embedded'")
+        if self.features.dictionary:
+            _check(self.features.dictionary in [p.key for p in self.sae.sweep], "features.dictionary",
+                   f"must be one of the sae.sweep keys {[p.key for p in self.sae.sweep]}")
         if self.sae.hook_point:
             _check(self.sae.hook_point in self.activations.hook_points, "sae.hook_point",
                    f"must be one of activations.hook_points {list(self.activations.hook_points)}")
+
+    @property
+    def feature_dictionary(self) -> DictionaryPoint:
+        """The sweep point the feature browser serves (features.dictionary, or the first)."""
+        return self.sae.point(self.features.dictionary) if self.features.dictionary else self.sae.sweep[0]
 
     @property
     def sae_hook(self) -> str:

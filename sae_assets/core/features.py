@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sae_assets.core.activation_reader import bf16_bits_to_float32, to_numpy_matrix
 from sae_assets.core.features_merge import FeatureSamples, build_feature_samples, merge_feature_samples
 
 __all__ = ["DEFAULT_HIST_EDGES", "FeatureRangeSampler", "FeatureSamples", "feature_keys", "feature_token_hash",
-           "merge_feature_samples"]
+           "merge_feature_samples", "sample_activation_table"]
 
 # Letter key: B tokens in a batch, W features in the range [lo, hi), K kept entries per
 # feature (top_k or sample_k), H histogram bins, N active entries / candidates of a batch,
@@ -288,3 +289,23 @@ class FeatureRangeSampler:
         return build_feature_samples(top, sample, stats, lo=self.lo, hi=self.hi, top_k=self.top_k,
                                      sample_k=self.sample_k, seed=self.seed, n_tokens=self.n_tokens,
                                      hist_edges=self.hist_edges)
+
+
+def sample_activation_table(table, *, hook: str, encode_range, lo: int, hi: int, top_k: int, sample_k: int,
+                            seed: int, batch_size: int, device: str = "cpu") -> FeatureSamples:
+    """Run a `FeatureRangeSampler` over a cached_activations table, `batch_size` tokens at a time.
+
+    `encode_range(x_BD)` gives the (B, hi - lo) feature activations of float32 inputs; memory
+    is O(batch_size x (D + hi - lo)) on top of the sampler's fixed state.
+    """
+    if hook not in table.column_names:
+        raise ValueError(f"activations have no column {hook!r} (have {table.column_names})")
+    sampler = FeatureRangeSampler(lo, hi, top_k=top_k, sample_k=sample_k, seed=seed)
+    for batch in table.select(["token_index", hook]).to_batches(max_chunksize=batch_size):
+        x_BD = to_numpy_matrix(batch.column(1))
+        # A copy: the file is memory-mapped read-only, and torch wants writable arrays.
+        x_BD = bf16_bits_to_float32(x_BD) if x_BD.dtype == np.uint16 else x_BD.astype(np.float32, copy=True)
+        with torch.no_grad():
+            f_BW = encode_range(torch.from_numpy(x_BD).to(device))
+        sampler.update(f_BW, torch.tensor(batch.column(0).to_numpy(), device=f_BW.device))
+    return sampler.result()

@@ -8,8 +8,8 @@ one per shard; `merge_feature_samples` combines shards (disjoint token sets) int
 one sampler would have produced over their union: the top-K of the union in the same order
 (activation descending, token index ascending), the bottom-k of the union by hash (token index
 breaking ties), counts and histograms added, max of maxima, float64 sums added (the only column
-whose last bits depend on how tokens were split). It is exact and associative. Schemas live
-here until the feature assets move them to schemas.py. Tests: tests/test_features_core.py.
+whose last bits depend on how tokens were split). It is exact and associative. The schemas live in
+schemas.py. Tests: tests/test_features_core.py.
 """
 
 from __future__ import annotations
@@ -21,40 +21,10 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from sae_assets.core.schemas import feature_sample_schema, feature_stats_schema, feature_top_schema
+
 META_KEY = b"feature_samples"
 """Schema-metadata key of every table: JSON with lo, hi, top_k, sample_k, seed, n_tokens, hist_edges."""
-
-
-def feature_top_schema() -> pa.Schema:
-    """Top-K table: one row per (feature, rank); rank 0 is the largest activation."""
-    return pa.schema([
-        pa.field("feature", pa.int32(), nullable=False),
-        pa.field("rank", pa.int32(), nullable=False),
-        pa.field("token_index", pa.int64(), nullable=False),
-        pa.field("activation", pa.float32(), nullable=False),
-    ])
-
-
-def feature_sample_schema() -> pa.Schema:
-    """Sample table: one row per (feature, rank); rank 0 has the smallest hash."""
-    return pa.schema([
-        pa.field("feature", pa.int32(), nullable=False),
-        pa.field("rank", pa.int32(), nullable=False),
-        pa.field("hash", pa.uint64(), nullable=False),
-        pa.field("token_index", pa.int64(), nullable=False),
-        pa.field("activation", pa.float32(), nullable=False),
-    ])
-
-
-def feature_stats_schema(n_bins: int) -> pa.Schema:
-    """Stats table: one row per feature of the range, also for features that never fired."""
-    return pa.schema([
-        pa.field("feature", pa.int32(), nullable=False),
-        pa.field("count", pa.int64(), nullable=False),  # tokens with activation > 0
-        pa.field("sum", pa.float64(), nullable=False),  # sum of positive activations
-        pa.field("max", pa.float32(), nullable=False),  # 0 where count == 0
-        pa.field("hist", pa.list_(pa.int64(), n_bins), nullable=False),  # counts per bin of hist_edges
-    ])
 
 
 class FeatureSamples(NamedTuple):

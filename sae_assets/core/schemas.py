@@ -69,3 +69,186 @@ def training_curve_schema() -> pa.Schema:
         pa.field("lr", pa.float64()),
         pa.field("val_loss", pa.float64()),  # null except at evaluation steps
     ])
+
+
+# --- the feature browser ----------------------------------------------------------------------
+
+def feature_top_schema() -> pa.Schema:
+    """Top-K table: one row per (feature, rank); rank 0 is the largest activation."""
+    return pa.schema([
+        pa.field("feature", pa.int32(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("token_index", pa.int64(), nullable=False),
+        pa.field("activation", pa.float32(), nullable=False),
+    ])
+
+
+def feature_sample_schema() -> pa.Schema:
+    """Sample table: one row per (feature, rank); rank 0 has the smallest hash."""
+    return pa.schema([
+        pa.field("feature", pa.int32(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("hash", pa.uint64(), nullable=False),
+        pa.field("token_index", pa.int64(), nullable=False),
+        pa.field("activation", pa.float32(), nullable=False),
+    ])
+
+
+def feature_stats_schema(n_bins: int) -> pa.Schema:
+    """Stats table: one row per feature of the range, also for features that never fired."""
+    return pa.schema([
+        pa.field("feature", pa.int32(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),  # tokens with activation > 0
+        pa.field("sum", pa.float64(), nullable=False),  # sum of positive activations
+        pa.field("max", pa.float32(), nullable=False),  # 0 where count == 0
+        pa.field("hist", pa.list_(pa.int64(), n_bins), nullable=False),  # counts per bin of hist_edges
+    ])
+
+
+def shown_examples_schema() -> pa.Schema:
+    """The examples the browser shows for a range (features.select_shown_examples): one row per
+    (feature, token); `role` is 'top', 'random' or 'level' and `rank` orders examples of a role."""
+    return pa.schema([
+        pa.field("feature", pa.int32(), nullable=False),
+        pa.field("token_index", pa.int64(), nullable=False),  # the example's (centre) token
+        pa.field("activation", pa.float32(), nullable=False),
+        pa.field("role", pa.string(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("level", pa.int32(), nullable=False),  # 1..activation_levels for 'level', else 0
+    ])
+
+
+def window_spans_schema() -> pa.Schema:
+    """context_gather: the token span [first, last] of each shown example found in the shard."""
+    return pa.schema([
+        pa.field("feature", pa.int32(), nullable=False),
+        pa.field("token_index", pa.int64(), nullable=False),
+        pa.field("first_token_index", pa.int64(), nullable=False),
+        pa.field("last_token_index", pa.int64(), nullable=False),
+    ])
+
+
+def window_tokens_schema(width: int, dtype: str) -> pa.Schema:
+    """context_gather: each token of any window once, with its hook activation as cached."""
+    return pa.schema([
+        pa.field(TOKEN_INDEX, pa.int64(), nullable=False),
+        pa.field(TOKEN_ID, pa.int32(), nullable=False),
+        pa.field("activation", pa.list_(_STORAGE_TYPES[dtype], width), nullable=False),
+    ], metadata={"dtype": dtype})
+
+
+def context_windows_schema() -> pa.Schema:
+    """context_windows: the feature's activation on every token of each shown example's window."""
+    return pa.schema([
+        pa.field("feature", pa.int32(), nullable=False),
+        pa.field("token_index", pa.int64(), nullable=False),  # the example's token
+        pa.field("first_token_index", pa.int64(), nullable=False),  # of the window
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("activations", pa.list_(pa.float32()), nullable=False),
+    ])
+
+
+# --- training-data attribution (sae_assets.core.attribution) ------------------------------------
+
+def raw_shift_schema() -> pa.Schema:
+    """language_model's capture files: the top-k shifts of each datum at each step, as captured."""
+    return pa.schema([
+        pa.field("step", pa.int32(), nullable=False),  # 1-based optimizer step
+        pa.field("datum_id", pa.int64(), nullable=False),  # global token index of the sequence's first token
+        pa.field("flat_index", pa.int64(), nullable=False),  # into the tracked space (TensorLayout.decode)
+        pa.field("value", pa.float32(), nullable=False),
+    ])
+
+
+def capture_step_schema() -> pa.Schema:
+    """One row per captured step: its settings, the sum check and the split of its update."""
+    return pa.schema([
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("lr", pa.float64(), nullable=False),
+        pa.field("clip_coefficient", pa.float64(), nullable=False),  # min(1, max_norm / (grad_norm + 1e-6))
+        pa.field("grad_norm", pa.float64(), nullable=False),  # of all parameters, before clipping
+        pa.field("loss", pa.float64(), nullable=False),
+        pa.field("sum_check_error", pa.float64(), nullable=False),  # max |sum of shifts - attributable| / max |attributable|
+        pa.field("sum_check_abs_error", pa.float64(), nullable=False),
+        pa.field("update_norm", pa.float64(), nullable=False),  # L2 over tracked weights: applied update
+        pa.field("attributable_norm", pa.float64(), nullable=False),  # ...its part shared out among the data
+        pa.field("carried_norm", pa.float64(), nullable=False),  # ...momentum from earlier steps (Adam)
+        pa.field("decay_norm", pa.float64(), nullable=False),  # ...weight decay
+        pa.field("topk_mass", pa.float64(), nullable=False),  # mean over data of sum(top-k^2) / sum(all^2)
+    ])
+
+
+def parameter_shift_schema() -> pa.Schema:
+    """parameter_shifts: one row per (step, datum, rank); (row, column) index the stored weight."""
+    return pa.schema([
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("datum_id", pa.int64(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),  # 0 = the datum's largest |shift| at this step
+        pa.field("tensor", pa.string(), nullable=False),  # state-dict key, e.g. blocks.0.mlp.in.weight
+        pa.field("row", pa.int32(), nullable=False),
+        pa.field("column", pa.int32(), nullable=False),
+        pa.field("value", pa.float32(), nullable=False),
+    ])
+
+
+def _unit_fields() -> list[pa.Field]:
+    return [
+        pa.field("unit_kind", pa.string(), nullable=False),  # mlp_neuron | attention_head | ..._token
+        pa.field("layer", pa.int32()),  # null for embed / unembed
+        pa.field("unit", pa.int32(), nullable=False),  # neuron, head or token index
+    ]
+
+
+def parameter_count_schema() -> pa.Schema:
+    """attribution_tables: how often each parameter lands in a datum's top-k."""
+    return pa.schema([
+        pa.field("tensor", pa.string(), nullable=False), pa.field("row", pa.int32(), nullable=False),
+        pa.field("column", pa.int32(), nullable=False), *_unit_fields(),
+        pa.field("count", pa.int64(), nullable=False), pa.field("abs_shift_sum", pa.float64(), nullable=False),
+    ])
+
+
+def unit_attribution_schema() -> pa.Schema:
+    """attribution_tables: per unit, the top-k entries and (step, datum) pairs attributed to it."""
+    return pa.schema([
+        *_unit_fields(), pa.field("parameters", pa.int64(), nullable=False),
+        pa.field("entries", pa.int64(), nullable=False), pa.field("data", pa.int64(), nullable=False),
+        pa.field("distinct_data", pa.int64(), nullable=False), pa.field("abs_shift_sum", pa.float64(), nullable=False),
+    ])
+
+
+def notable_token_schema() -> pa.Schema:
+    """attribution_tables: seed 001's univariate heuristic, per unit."""
+    return pa.schema([
+        *_unit_fields(), pa.field("rank", pa.int32(), nullable=False),
+        pa.field("token_id", pa.int32(), nullable=False), pa.field("token", pa.string(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),  # occurrences in the unit's attributed data
+        pa.field("freq_attributed", pa.float64(), nullable=False), pa.field("freq_train", pa.float64(), nullable=False),
+        pa.field("relative_freq", pa.float64(), nullable=False),
+    ])
+
+
+def ablation_flip_schema() -> pa.Schema:
+    """attribution_tables: prediction flips per token when one unit is zero-weight ablated."""
+    return pa.schema([
+        pa.field("arm", pa.string(), nullable=False),  # 'attributed' or 'control' (a random unit)
+        *_unit_fields(),  # the unit ablated
+        pa.field("for_unit", pa.int32(), nullable=False),  # the attributed unit whose windows were used
+        pa.field("token_id", pa.int32(), nullable=False), pa.field("token", pa.string(), nullable=False),
+        pa.field("instances", pa.int64(), nullable=False),  # positions predicting the token clean or ablated
+        pa.field("flips", pa.int64(), nullable=False),  # ...of which the prediction changed
+        pa.field("proportion_flipped", pa.float64(), nullable=False),
+        pa.field("notable", pa.bool_(), nullable=False),  # a notable token of for_unit
+    ])
+
+
+def ablation_summary_schema() -> pa.Schema:
+    """attribution_tables: one row per ablated unit against its random control unit."""
+    return pa.schema([
+        *_unit_fields(), pa.field("control_unit", pa.int32(), nullable=False),
+        pa.field("windows", pa.int64(), nullable=False), pa.field("positions", pa.int64(), nullable=False),
+        pa.field("flip_rate", pa.float64(), nullable=False), pa.field("control_flip_rate", pa.float64(), nullable=False),
+        pa.field("notable_tokens", pa.int64(), nullable=False),
+        pa.field("notable_flip_proportion", pa.float64()),  # null when no notable token was predicted
+        pa.field("control_notable_flip_proportion", pa.float64()),
+    ])

@@ -7,6 +7,8 @@ an identical version and nothing downstream turns stale.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import dagster as dg
@@ -14,6 +16,11 @@ import dagster as dg
 from resources import keys
 from resources.manifest import Manifest
 from resources.storage import ArtifactStore
+
+
+def config_digest(values: dict[str, Any]) -> str:
+    """A short stable hash of the config values that decide an asset's output."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_upstream(
@@ -25,10 +32,16 @@ def read_upstream(
     return manifests, versions
 
 
-def result(manifest: Manifest, store: ArtifactStore, metadata: dict[str, Any] | None = None) -> dg.MaterializeResult:
-    """The MaterializeResult of a committed partition: its data version plus facts to show."""
+def result(manifest: Manifest, store: ArtifactStore, metadata: dict[str, Any] | None = None, *,
+           content_version: bool = False) -> dg.MaterializeResult:
+    """The MaterializeResult of a committed partition: its data version plus facts to show.
+
+    The version is the manifest's hash (inputs included), or with `content_version` a hash of
+    the content alone (`Manifest.content_version`, for merges of many partitions).
+    """
+    version = manifest.content_version if content_version else manifest.data_version
     shown: dict[str, Any] = {
-        "data_version": manifest.data_version,
+        "data_version": version,
         "bytes": dg.MetadataValue.int(manifest.total_bytes),
         "files": dg.MetadataValue.json({n: {"size": f.size, "rows": f.rows} for n, f in manifest.files.items()}),
         "location": f"{store.describe()}/{keys.partition_prefix(manifest.asset, manifest.partition)}",
@@ -36,4 +49,4 @@ def result(manifest: Manifest, store: ArtifactStore, metadata: dict[str, Any] | 
     if manifest.total_rows:
         shown["rows"] = dg.MetadataValue.int(manifest.total_rows)
     shown.update(metadata or {})
-    return dg.MaterializeResult(data_version=dg.DataVersion(manifest.data_version), metadata=shown)
+    return dg.MaterializeResult(data_version=dg.DataVersion(version), metadata=shown)

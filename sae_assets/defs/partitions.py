@@ -1,9 +1,10 @@
 """Partition definitions and the one mapping between partition keys and their numbers.
 
-Shards (`shard-0000`, ...), shuffle buckets (`bucket-0000`, ...) and dictionaries (one per sweep
-point, `relu-w1024-l1_5`) are dynamic partitions:
-`sync_partitions` makes them match the config, so growing the corpus adds partitions
-without touching the old ones.
+Shards (`shard-0000`, ...), shuffle buckets (`bucket-0000`, ...), dictionaries (one per sweep
+point, `relu-w1024-l1_5`) and feature ranges of the browsed dictionary (`features-00000-00255`,
+inclusive bounds) are dynamic partitions: `sync_partitions` makes them match the config, so
+growing the corpus adds partitions without touching the old ones. SHARD_FEATURES crosses
+shards with feature ranges (keys like `features-00000-00255|shard-0000`).
 """
 
 import dagster as dg
@@ -14,7 +15,11 @@ SHARDS = dg.DynamicPartitionsDefinition(name="shards")
 BUCKETS = dg.DynamicPartitionsDefinition(name="buckets")
 DICTIONARIES = dg.DynamicPartitionsDefinition(name="dictionaries")
 """One partition per sae.sweep point, keyed by DictionaryPoint.key (e.g. relu-w1024-l1_5)."""
+FEATURE_RANGES = dg.DynamicPartitionsDefinition(name="feature_ranges")
+"""Consecutive ranges of features.range_width features of the dictionary the browser serves."""
+SHARD_FEATURES = dg.MultiPartitionsDefinition({"shard": SHARDS, "features": FEATURE_RANGES})
 _PREFIX = {SHARDS.name: "shard-", BUCKETS.name: "bucket-"}
+_RANGE_PREFIX = "features-"
 
 
 def _key(kind: str, index: int) -> str:
@@ -44,6 +49,28 @@ def bucket_index(key: str) -> int:
     return _index(BUCKETS.name, key)
 
 
+def feature_range_key(lo: int, hi: int) -> str:
+    """The partition key of features [lo, hi): `features-<lo>-<hi - 1>` (inclusive bounds)."""
+    return f"{_RANGE_PREFIX}{lo:05d}-{hi - 1:05d}"
+
+
+def feature_range_bounds(key: str) -> tuple[int, int]:
+    """(lo, hi) of a feature-range partition key."""
+    parts = key[len(_RANGE_PREFIX):].split("-") if key.startswith(_RANGE_PREFIX) else []
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[1]) < int(parts[0]):
+        raise ValueError(f"partition key {key!r} is not a feature range like {feature_range_key(0, 256)!r}")
+    return int(parts[0]), int(parts[1]) + 1
+
+
+def feature_range_keys_for(width: int, range_width: int) -> list[str]:
+    """The ranges covering a dictionary of `width` features, range_width at a time."""
+    return [feature_range_key(lo, min(lo + range_width, width)) for lo in range(0, width, range_width)]
+
+
+def feature_range_keys(instance: dg.DagsterInstance) -> list[str]:
+    return sorted(instance.get_dynamic_partitions(FEATURE_RANGES.name), key=feature_range_bounds)
+
+
 def shard_keys(instance: dg.DagsterInstance) -> list[str]:
     """The shard partitions that exist, in order."""
     return sorted(instance.get_dynamic_partitions(SHARDS.name), key=shard_index)
@@ -62,8 +89,12 @@ def partition_keys(partitions_def: dg.PartitionsDefinition | None, instance: dg.
     if partitions_def is None:
         return [None]
     if isinstance(partitions_def, dg.DynamicPartitionsDefinition):
-        listing = {SHARDS.name: shard_keys, BUCKETS.name: bucket_keys}.get(partitions_def.name)
+        listing = {SHARDS.name: shard_keys, BUCKETS.name: bucket_keys,
+                   FEATURE_RANGES.name: feature_range_keys}.get(partitions_def.name)
         return listing(instance) if listing else sorted(instance.get_dynamic_partitions(partitions_def.name))
+    if partitions_def is SHARD_FEATURES:  # feature range by feature range, shards in order
+        return [dg.MultiPartitionKey({"shard": s, "features": f})
+                for f in feature_range_keys(instance) for s in shard_keys(instance)]
     return list(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
 
 
@@ -83,4 +114,6 @@ def sync_partitions(instance: dg.DagsterInstance, config: RunConfig) -> dict[str
         SHARDS.name: _sync(instance, SHARDS.name, [shard_key(i) for i in range(config.corpus.num_shards)]),
         BUCKETS.name: _sync(instance, BUCKETS.name, [bucket_key(i) for i in range(config.shuffle.num_buckets)]),
         DICTIONARIES.name: _sync(instance, DICTIONARIES.name, [p.key for p in config.sae.sweep]),
+        FEATURE_RANGES.name: _sync(instance, FEATURE_RANGES.name,
+                                   feature_range_keys_for(config.feature_dictionary.width, config.features.range_width)),
     }

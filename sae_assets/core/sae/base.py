@@ -60,6 +60,9 @@ class SparseAutoencoder(nn.Module, ABC):
     """The SAELens cfg.json `architecture` this maps to ('standard', 'topk')."""
     init_decoder_norm: ClassVar[float] = 1.0
     """Norm given to decoder rows by `initialize` (the recipe's choice)."""
+    elementwise_activation: ClassVar[bool] = False
+    """True when `activate` treats each pre-activation alone, so a slice of features can be
+    encoded without the others (ReLU); False when it compares features (TopK)."""
 
     def __init__(self, d_in: int, width: int, *, apply_b_dec_to_input: bool) -> None:
         super().__init__()
@@ -109,6 +112,21 @@ class SparseAutoencoder(nn.Module, ABC):
     def encode(self, x_BD: Tensor) -> Tensor:
         """Feature activations (B, F) of inputs (B, D) in the caller's units."""
         return self.activate(self.pre_activations(x_BD * self.input_scale))
+
+    def encode_range(self, x_BD: Tensor, lo: int, hi: int) -> Tensor:
+        """Activations (B, hi - lo) of the features [lo, hi), equal to encode(x)[:, lo:hi].
+
+        With an elementwise activation only those W_enc columns are multiplied, so the cost
+        and memory are B x (hi - lo); otherwise (TopK) every pre-activation is needed.
+        """
+        if not 0 <= lo < hi <= self.width:
+            raise ValueError(f"feature range [{lo}, {hi}) lies outside the dictionary's {self.width} features")
+        x_scaled_BD = x_BD * self.input_scale
+        if not self.elementwise_activation:
+            return self.activate(self.pre_activations(x_scaled_BD))[:, lo:hi]
+        if self.apply_b_dec_to_input:
+            x_scaled_BD = x_scaled_BD - self.b_dec
+        return self.activate(x_scaled_BD @ self.W_enc[:, lo:hi] + self.b_enc[lo:hi])
 
     def decode(self, f_BF: Tensor) -> Tensor:
         """Reconstruction (B, D) in the caller's units."""

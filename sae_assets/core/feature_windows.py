@@ -1,0 +1,190 @@
+"""Context windows of the browser's examples, computed in two passes (seed 000).
+
+The examples a feature page shows are chosen once from its merged samples
+(`select_shown_examples`): every top-K entry, the first `random_examples` entries of the
+uniform sample, and at each of `activation_levels` evenly spaced levels of (0, max] the first
+`examples_per_level` sample entries in that level (sample order is hash order, so every choice
+is fixed by the seed and independent of sharding). Examples lie anywhere in the dataset, so:
+
+1. `gather_window_tokens` runs per data shard: for one feature range it takes the shown
+   examples found in the shard, cuts the window [t - before, t + after] around each (clipped to
+   its sequence) and copies each needed token's hook activation once, as cached (no dtype
+   change, so pass 2 sees the same values `feature_samples` saw).
+2. `compute_context_windows` runs per feature range over the gathered files of every shard:
+   it encodes each window token once with the SAE (batch x range width at a time) and gives
+   every example the activation of *its* feature on every token of its window.
+
+Token offsets inside a shard are row numbers of cached_activations and token_shards
+(`offset = sequence * T + position`), which is how windows are clipped to one sequence.
+Pure numpy/pyarrow/torch; tests: tests/test_feature_windows.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from sae_assets.core import schemas
+from sae_assets.core.activation_reader import bf16_bits_to_float32, to_numpy_matrix
+from sae_assets.core.features_merge import FeatureSamples
+
+# Letter key: E shown examples, U unique window tokens, L window slots (sum of window lengths),
+# D hook width, W features in the range, B tokens encoded per step.
+
+ROLES = ("top", "random", "level")
+_OFFSET_MASK = (1 << schemas.SHARD_BITS) - 1
+
+
+class WindowError(ValueError):
+    """The gathered windows do not cover the shown examples (a missing or stale shard)."""
+
+
+def _rank_within(groups: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... within each run of equal values of an already grouped array."""
+    if not len(groups):
+        return np.zeros(0, np.int64)
+    starts = np.r_[0, np.flatnonzero(groups[1:] != groups[:-1]) + 1]
+    return np.arange(len(groups)) - np.repeat(starts, np.diff(np.r_[starts, len(groups)]))
+
+
+def select_shown_examples(samples: FeatureSamples, *, random_examples: int, activation_levels: int,
+                          examples_per_level: int) -> pa.Table:
+    """The examples a feature page shows (`schemas.shown_examples_schema`), sorted by feature."""
+    top, sample = samples.top, samples.sample
+    parts = [{"feature": top.column("feature").to_numpy(), "token_index": top.column("token_index").to_numpy(),
+              "activation": top.column("activation").to_numpy(), "role": np.zeros(top.num_rows, np.int8),
+              "rank": top.column("rank").to_numpy(), "level": np.zeros(top.num_rows, np.int32)}]
+    s_feature, s_rank = sample.column("feature").to_numpy(), sample.column("rank").to_numpy()
+    s_tok, s_act = sample.column("token_index").to_numpy(), sample.column("activation").to_numpy()
+    pick = s_rank < random_examples
+    parts.append({"feature": s_feature[pick], "token_index": s_tok[pick], "activation": s_act[pick],
+                  "role": np.ones(int(pick.sum()), np.int8), "rank": s_rank[pick],
+                  "level": np.zeros(int(pick.sum()), np.int32)})
+    if activation_levels and examples_per_level and len(s_feature):
+        peak = samples.stats.column("max").to_numpy()[s_feature - samples.lo].astype(np.float64)
+        # Level i of L holds activations in ((i-1)/L * max, i/L * max]; sample rows are in hash order.
+        level = np.clip(np.ceil(s_act / np.maximum(peak, 1e-30) * activation_levels), 1, activation_levels)
+        order = np.lexsort((s_rank, level, s_feature))
+        rank = np.empty(len(order), np.int64)
+        rank[order] = _rank_within(s_feature[order] * (activation_levels + 1) + level[order].astype(np.int64))
+        pick = rank < examples_per_level
+        parts.append({"feature": s_feature[pick], "token_index": s_tok[pick], "activation": s_act[pick],
+                      "role": np.full(int(pick.sum()), 2, np.int8), "rank": rank[pick],
+                      "level": level[pick].astype(np.int32)})
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.lexsort((cols["rank"], cols["level"], cols["role"], cols["feature"]))
+    cols = {k: v[order] for k, v in cols.items()}
+    cols["role"] = np.asarray(ROLES, dtype=object)[cols["role"]]
+    return pa.table({k: cols[k] for k in ("feature", "token_index", "activation", "role", "rank", "level")},
+                    schema=schemas.shown_examples_schema())
+
+
+def window_spans(token_index: np.ndarray, *, context_length: int, before: int, after: int) -> tuple[np.ndarray, np.ndarray]:
+    """((E,), (E,)) first and last global token index of each example's window, within its sequence."""
+    position = (token_index & _OFFSET_MASK) % context_length
+    first = token_index - np.minimum(before, position)
+    last = token_index + np.minimum(after, context_length - 1 - position)
+    return first.astype(np.int64), last.astype(np.int64)
+
+
+def _expand(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """(L,) every index of every span [first, last], span after span."""
+    lengths = last - first + 1
+    starts = np.repeat(first - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
+    return starts + np.arange(int(lengths.sum()))
+
+
+def gather_window_tokens(shown: pa.Table, activations: pa.Table, *, shard: int, hook: str, context_length: int,
+                         before: int, after: int, where: str) -> tuple[pa.Table, pa.Table]:
+    """Pass 1 for one feature range and one shard: (spans, tokens) tables of the examples in it.
+
+    `activations` is the shard's cached_activations table (row r holds offset r); `hook` its
+    column. Spans follow `schemas.window_spans_schema`, tokens `schemas.window_tokens_schema`.
+    """
+    tok = shown.column("token_index").to_numpy()
+    here = (tok >> schemas.SHARD_BITS) == shard
+    feature, tok = shown.column("feature").to_numpy()[here], tok[here]
+    if len(tok):  # one window per (feature, token), even where an example has several roles
+        pairs = np.unique(np.stack([feature.astype(np.int64), tok]), axis=1)
+        feature, tok = pairs[0].astype(np.int32), pairs[1]
+    first, last = window_spans(tok, context_length=context_length, before=before, after=after)
+    needed = np.unique(_expand(first, last)) if len(tok) else np.zeros(0, np.int64)  # (U,) sorted
+    rows = needed & _OFFSET_MASK
+    if len(rows) and rows[-1] >= activations.num_rows:
+        raise WindowError(f"{where}: example token {int(needed[-1])} lies beyond the shard's "
+                          f"{activations.num_rows} cached tokens (stale feature_examples?)")
+    taken = activations.select([schemas.TOKEN_INDEX, schemas.TOKEN_ID, hook]).take(pa.array(rows, pa.int64()))
+    if not np.array_equal(taken.column(schemas.TOKEN_INDEX).to_numpy(), needed):
+        raise WindowError(f"{where}: cached_activations rows are not in token order; cannot locate windows")
+    dtype = (activations.schema.metadata or {}).get(b"dtype", b"float32").decode()
+    hook_type = activations.schema.field(hook).type
+    spans = pa.table({"feature": feature, "token_index": tok, "first_token_index": first, "last_token_index": last},
+                     schema=schemas.window_spans_schema())
+    tokens = pa.table({schemas.TOKEN_INDEX: taken.column(schemas.TOKEN_INDEX),
+                       schemas.TOKEN_ID: taken.column(schemas.TOKEN_ID), "activation": taken.column(hook)},
+                      schema=schemas.window_tokens_schema(hook_type.list_size, dtype))
+    return spans, tokens
+
+
+def _as_float32(matrix: np.ndarray) -> np.ndarray:
+    return bf16_bits_to_float32(matrix) if matrix.dtype == np.uint16 else matrix.astype(np.float32, copy=False)
+
+
+def compute_context_windows(shown: pa.Table, spans: Sequence[pa.Table], tokens: Sequence[pa.Table],
+                            encode_range: Callable[[torch.Tensor], torch.Tensor], *, lo: int, hi: int,
+                            batch_size: int, device: str = "cpu", where: str) -> pa.Table:
+    """Pass 2 for one feature range: the feature's activation on every token of every window.
+
+    `spans`/`tokens` are the pass-1 tables of every shard; `encode_range(x_BD)` gives the (B, W)
+    activations of features [lo, hi). Returns `schemas.context_windows_schema`, one row per
+    distinct (feature, example token) of `shown`, sorted by feature then token.
+    """
+    span = pa.concat_tables(spans).sort_by([("feature", "ascending"), ("token_index", "ascending")])
+    tok_table = pa.concat_tables(tokens)
+    _check_coverage(shown, span, where)
+    token_index_U = tok_table.column(schemas.TOKEN_INDEX).to_numpy()
+    order_U = np.argsort(token_index_U, kind="stable")
+    token_index_U = token_index_U[order_U]
+    acts_UD = to_numpy_matrix(tok_table.column("activation"))
+    ids_U = tok_table.column(schemas.TOKEN_ID).to_numpy()[order_U]
+    first, last = span.column("first_token_index").to_numpy(), span.column("last_token_index").to_numpy()
+    feature = span.column("feature").to_numpy()
+    slot_tok_L = _expand(first, last)
+    slot_row_L = np.searchsorted(token_index_U, slot_tok_L)
+    if len(slot_tok_L) and (slot_row_L.max() >= len(token_index_U) or
+                            not np.array_equal(token_index_U[slot_row_L], slot_tok_L)):
+        raise WindowError(f"{where}: gathered window tokens are missing some window positions")
+    slot_w_L = np.repeat(feature.astype(np.int64) - lo, last - first + 1)
+    values_L = np.zeros(len(slot_tok_L), np.float32)
+    by_row = np.argsort(slot_row_L, kind="stable")  # slots grouped by token row, batch by batch
+    bounds = np.searchsorted(slot_row_L[by_row], np.arange(0, len(token_index_U) + batch_size, batch_size))
+    for b, start in enumerate(range(0, len(token_index_U), batch_size)):
+        sel = by_row[bounds[b]:bounds[b + 1]]
+        if not len(sel):
+            continue
+        x_BD = torch.from_numpy(_as_float32(acts_UD[order_U[start:start + batch_size]])).to(device)
+        with torch.no_grad():
+            f_BW = encode_range(x_BD).float().cpu().numpy()
+        values_L[sel] = f_BW[slot_row_L[sel] - start, slot_w_L[sel]]
+    offsets = np.r_[0, np.cumsum(last - first + 1)].astype(np.int32)
+    return pa.table({
+        "feature": feature, "token_index": span.column("token_index"), "first_token_index": first,
+        "token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids_U[slot_row_L], pa.int32())),
+        "activations": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values_L, pa.float32())),
+    }, schema=schemas.context_windows_schema())
+
+
+def _check_coverage(shown: pa.Table, span: pa.Table, where: str) -> None:
+    want = np.unique(np.stack([shown.column("feature").to_numpy().astype(np.int64),
+                               shown.column("token_index").to_numpy()]), axis=1) if shown.num_rows else np.zeros((2, 0))
+    have = np.stack([span.column("feature").to_numpy().astype(np.int64), span.column("token_index").to_numpy()])
+    if want.shape != have.shape or not np.array_equal(want, have):
+        have_set = set(map(tuple, have.T.tolist()))
+        missing = [(f, t) for f, t in want.T.tolist() if (f, t) not in have_set]
+        shards = sorted({int(t) >> schemas.SHARD_BITS for _, t in missing})
+        raise WindowError(f"{where}: the gathered windows do not match the shown examples "
+                          f"({len(missing)} missing, from shard(s) {shards[:10]}; "
+                          f"{have.shape[1]} gathered for {want.shape[1]} wanted): rematerialize context_gather")

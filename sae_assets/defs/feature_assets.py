@@ -1,0 +1,324 @@
+"""Features group: the example tables, context windows and static browser of one dictionary.
+
+    feature_samples [shard x feature range]  top-K, uniform sample, counts/histograms of one cell
+    feature_examples [feature range]         exact merge over shards + the examples pages show
+    context_gather [shard]                   pass 1: each range's window tokens found in the shard
+    context_windows [feature range]          pass 2: the feature's activation on every window token
+    site_json [feature range]                one JSON document per feature + index rows
+    feature_site                             the static browser (HTML/CSS/JS) with all the data
+    neuronpedia_export                       (features.neuronpedia_export) upload batches
+
+The dictionary is `features.dictionary` (a sae.sweep key). `build_feature_assets(key)` makes
+the assets for it, wiring their dependency on exactly that sae_dictionary/sae_metrics
+partition, so retraining another sweep point leaves the browser fresh. A dictionary whose
+metric checks failed is refused (features.require_passing_checks).
+"""
+
+import json
+import time
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from resources import ArtifactStorage, RunSettings
+from resources.arrow_files import open_ipc_table, write_ipc_file
+from sae_assets.core import feature_windows, features, site_data
+from sae_assets.core.config import RunConfig
+from sae_assets.core.features_merge import FeatureSamples, merge_feature_samples
+from sae_assets.defs.activation_assets import ACTIVATIONS_FILE, cached_activations
+from sae_assets.defs.common import config_digest, read_upstream, result
+from sae_assets.defs.corpus_assets import load_tokenizer, token_shards, tokenizer
+from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary
+from sae_assets.defs.model_assets import language_model, load_language_model
+from sae_assets.defs.partitions import (
+    FEATURE_RANGES,
+    SHARD_FEATURES,
+    SHARDS,
+    feature_range_bounds,
+    feature_range_keys,
+    shard_index,
+    shard_keys,
+)
+from sae_assets.defs.site_files import INDEX_ROWS_FILE, write_neuronpedia_batches, write_site
+from sae_assets.defs.plots import bar_chart_markdown
+
+SAMPLE_TABLES = ("top", "sample", "stats")
+SHOWN_FILE = "shown.parquet"
+WINDOWS_FILE = "windows.parquet"
+
+
+class FeatureInputError(ValueError):
+    """The feature pipeline cannot run on what it was given; the message names the partition or key."""
+
+
+# --- shared by the assets ---------------------------------------------------------------------
+
+def browsed_dictionary(store, cfg: RunConfig, device: str):
+    """(SAE, manifest, upstream versions) of features.dictionary, refusing one that failed its checks."""
+    key = cfg.feature_dictionary.key
+    metrics = store.require("sae_metrics", key)
+    failed = sorted(name for name, ok in metrics.extra.get("checks", {}).items() if not ok)
+    if failed and cfg.features.require_passing_checks:
+        raise FeatureInputError(
+            f"sae_dictionary[{key}] failed its sae_metrics check(s) {failed}: the browser refuses it. Pick "
+            "another features.dictionary, or set features.require_passing_checks: false to browse it anyway")
+    sae, manifest = load_dictionary(store, key, device=device)
+    return sae, manifest, {f"sae_dictionary[{key}]": manifest.data_version, f"sae_metrics[{key}]": metrics.data_version}
+
+
+def range_of(partition: str, sae, dictionary: str) -> tuple[int, int]:
+    lo, hi = feature_range_bounds(partition)
+    if hi > sae.width:
+        raise FeatureInputError(f"feature range partition {partition!r} lies outside dictionary {dictionary!r}, "
+                                f"which has {sae.width} features (features.range_width changed? resync partitions)")
+    return lo, hi
+
+
+def sampling_digest(cfg: RunConfig) -> str:
+    f = cfg.features
+    return config_digest({"dictionary": cfg.feature_dictionary.key, "top_k": f.top_k, "sample_k": f.samples_kept,
+                          "seed": f.seed})
+
+
+def shown_digest(cfg: RunConfig) -> str:
+    f = cfg.features
+    return config_digest({"sampling": sampling_digest(cfg), "random": f.random_examples, "levels": f.activation_levels,
+                          "per_level": f.examples_per_level, "before": f.window_before, "after": f.window_after})
+
+
+def write_samples(out, samples: FeatureSamples) -> None:
+    for name in SAMPLE_TABLES:
+        table = getattr(samples, name)
+        pq.write_table(table, out.path(f"{name}.parquet"))
+        out.describe_table(f"{name}.parquet", rows=table.num_rows)
+
+
+def read_samples(store, manifest) -> FeatureSamples:
+    return FeatureSamples.from_tables(*(pq.read_table(store.fetch(manifest, f"{n}.parquet")) for n in SAMPLE_TABLES))
+
+
+def _cell(shard: str, feature_range: str) -> dg.MultiPartitionKey:
+    return dg.MultiPartitionKey({"shard": shard, "features": feature_range})
+
+
+def _dictionary_deps(key: str) -> list[dg.AssetDep]:
+    only = dg.SpecificPartitionsPartitionMapping([key])
+    return [dg.AssetDep(sae_dictionary, partition_mapping=only), dg.AssetDep("sae_metrics", partition_mapping=only)]
+
+
+# --- the assets -------------------------------------------------------------------------------
+
+def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> list[dg.AssetsDefinition]:
+    """The feature assets for the dictionary `dictionary_key` (features.dictionary)."""
+    dictionary = _dictionary_deps(dictionary_key)
+
+    @dg.asset(
+        name="feature_samples", group_name="features", partitions_def=SHARD_FEATURES, code_version="1",
+        deps=[dg.AssetDep(cached_activations, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("shard")),
+              *dictionary],
+        description="For each feature of the range over the shard's tokens: exact top-K activations (ties by "
+        "global token index), a uniform bottom-k-by-hash sample of activating tokens, count/sum/max and a "
+        "log-spaced histogram.",
+    )
+    def feature_samples(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+        cfg, store = settings.load(), storage.store()
+        shard, frange = (context.partition_key.keys_by_dimension[d] for d in ("shard", "features"))
+        sae, sae_manifest, upstream = browsed_dictionary(store, cfg, cfg.features.device)
+        lo, hi = range_of(frange, sae, dictionary_key)
+        [acts], versions = read_upstream(store, "cached_activations", [shard])
+        table = open_ipc_table(store.fetch(acts, ACTIVATIONS_FILE))
+        started = time.perf_counter()
+        samples = features.sample_activation_table(
+            table, hook=sae_manifest.extra["hook"], encode_range=lambda x: sae.encode_range(x, lo, hi), lo=lo,
+            hi=hi, top_k=cfg.features.top_k, sample_k=cfg.features.samples_kept, seed=cfg.features.seed,
+            batch_size=cfg.features.batch_size, device=cfg.features.device)
+        seconds = time.perf_counter() - started
+        with store.writer("feature_samples", context.partition_key, upstream={**upstream, **versions},
+                          config_hash=sampling_digest(cfg)) as out:
+            write_samples(out, samples)
+            out.extra.update(lo=lo, hi=hi, n_tokens=samples.n_tokens)
+        fired = pa.compute.sum(pa.compute.greater(samples.stats.column("count"), 0)).as_py()
+        return result(out.manifest, store, {
+            "tokens": samples.n_tokens, "features_fired": fired,
+            "token_features_per_second": dg.MetadataValue.float(samples.n_tokens * (hi - lo) / max(seconds, 1e-9)),
+        })
+
+    @dg.asset(
+        name="feature_examples", group_name="features", partitions_def=FEATURE_RANGES, code_version="1",
+        deps=[dg.AssetDep(feature_samples, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("features"))],
+        description="The exact merge of every shard's feature_samples for the range (independent of sharding), "
+        "and the examples each feature page shows. Its data version is the merged content's hash.",
+    )
+    def feature_examples(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+        cfg, store = settings.load(), storage.store()
+        frange = context.partition_key
+        cells = [str(_cell(s, frange)) for s in shard_keys(context.instance)]
+        manifests, upstream = read_upstream(store, "feature_samples", cells)
+        merged = merge_feature_samples([read_samples(store, m) for m in manifests])
+        f = cfg.features
+        shown = feature_windows.select_shown_examples(merged, random_examples=f.random_examples,
+                                                      activation_levels=f.activation_levels,
+                                                      examples_per_level=f.examples_per_level)
+        # The manifest records the inputs, but only the merged content enters the data version
+        # (Manifest.content_version): Dagster ignores staleness past 100 upstream partitions.
+        with store.writer("feature_examples", frange, upstream=upstream, config_hash=shown_digest(cfg)) as out:
+            write_samples(out, merged)
+            pq.write_table(shown, out.path(SHOWN_FILE))
+            out.describe_table(SHOWN_FILE, rows=shown.num_rows)
+            out.extra.update(lo=merged.lo, hi=merged.hi, n_tokens=merged.n_tokens, shards=len(cells))
+        counts = merged.stats.column("count").to_numpy()
+        return result(out.manifest, store, content_version=True, metadata={
+            "tokens": merged.n_tokens, "shards_merged": len(cells), "features_fired": int((counts > 0).sum()),
+            "examples_shown": shown.num_rows,
+            "density_histogram": dg.MetadataValue.md(_density_markdown(counts, merged.n_tokens)),
+        })
+
+    @dg.asset(
+        name="context_gather", group_name="features", partitions_def=SHARDS, code_version="1",
+        deps=[cached_activations, token_shards,
+              dg.AssetDep(feature_examples, partition_mapping=dg.AllPartitionMapping())],
+        description="Pass 1 of the context windows, sharded over the dataset: for every feature range, the "
+        "tokens (with their cached activations) of the windows around that range's examples in this shard.",
+    )
+    def context_gather(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+        cfg, store = settings.load(), storage.store()
+        shard = context.partition_key
+        ranges = feature_range_keys(context.instance)
+        examples, upstream = read_upstream(store, "feature_examples", ranges)
+        [acts], versions = read_upstream(store, "cached_activations", [shard])
+        [tokens_manifest], token_versions = read_upstream(store, "token_shards", [shard])
+        table = open_ipc_table(store.fetch(acts, ACTIVATIONS_FILE))
+        hook = store.require("sae_dictionary", dictionary_key).extra["hook"]
+        with store.writer("context_gather", shard, upstream={**upstream, **versions, **token_versions},
+                          config_hash=shown_digest(cfg)) as out:
+            total = 0
+            for frange, manifest in zip(ranges, examples):
+                shown = pq.read_table(store.fetch(manifest, SHOWN_FILE))
+                spans, window_tokens = feature_windows.gather_window_tokens(
+                    shown, table, shard=shard_index(shard), hook=hook,
+                    context_length=tokens_manifest.extra["context_length"], before=cfg.features.window_before,
+                    after=cfg.features.window_after, where=f"context_gather[{shard}] for {frange}")
+                pq.write_table(spans, out.path(f"spans-{frange}.parquet"))
+                out.describe_table(f"spans-{frange}.parquet", rows=spans.num_rows)
+                rows, _ = write_ipc_file(out.path(f"tokens-{frange}.arrow"), window_tokens.schema,
+                                         window_tokens.to_batches())
+                out.describe_table(f"tokens-{frange}.arrow", rows=rows)
+                total += rows
+        return result(out.manifest, store, {"ranges": len(ranges), "window_tokens": total})
+
+    @dg.asset(
+        name="context_windows", group_name="features", partitions_def=FEATURE_RANGES, code_version="1",
+        deps=[feature_examples, dg.AssetDep(context_gather, partition_mapping=dg.AllPartitionMapping()), *dictionary],
+        description="Pass 2, per feature range: each shown example's feature activation on every token of its "
+        "window (features.window_before / window_after around it).",
+    )
+    def context_windows(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+        cfg, store = settings.load(), storage.store()
+        frange = context.partition_key
+        sae, _, upstream = browsed_dictionary(store, cfg, cfg.features.device)
+        lo, hi = range_of(frange, sae, dictionary_key)
+        [examples], versions = read_upstream(store, "feature_examples", [frange])
+        gathers, gather_versions = read_upstream(store, "context_gather", shard_keys(context.instance))
+        _check_gathers_current(gathers, frange, examples)
+        shown = pq.read_table(store.fetch(examples, SHOWN_FILE))
+        windows = feature_windows.compute_context_windows(
+            shown, [pq.read_table(store.fetch(g, f"spans-{frange}.parquet")) for g in gathers],
+            [open_ipc_table(store.fetch(g, f"tokens-{frange}.arrow")) for g in gathers],
+            lambda x: sae.encode_range(x, lo, hi), lo=lo, hi=hi, batch_size=cfg.features.batch_size,
+            device=cfg.features.device, where=f"context_windows[{frange}]")
+        with store.writer("context_windows", frange, upstream={**upstream, **versions, **gather_versions},
+                          config_hash=shown_digest(cfg)) as out:
+            pq.write_table(windows, out.path(WINDOWS_FILE))
+            out.describe_table(WINDOWS_FILE, rows=windows.num_rows)
+        return result(out.manifest, store, {"windows": windows.num_rows})
+
+    @dg.asset(
+        name="site_json", group_name="features", partitions_def=FEATURE_RANGES, code_version="1",
+        deps=[feature_examples, context_windows, language_model, tokenizer, *dictionary],
+        description="One JSON document per feature (density, max, histogram, top/random/per-level examples "
+        "with context, logit effects of the decoder direction) and the range's index rows.",
+    )
+    def site_json(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+        cfg, store = settings.load(), storage.store()
+        frange = context.partition_key
+        sae, _, upstream = browsed_dictionary(store, cfg, cfg.features.device)
+        lo, hi = range_of(frange, sae, dictionary_key)
+        [examples], versions = read_upstream(store, "feature_examples", [frange])
+        [windows], window_versions = read_upstream(store, "context_windows", [frange])
+        samples = read_samples(store, examples)
+        model, model_manifest = load_language_model(store, device=cfg.features.device)
+        tok, tok_manifest = load_tokenizer(store)
+        logits = site_data.logit_effects((sae.W_dec[lo:hi] / sae.input_scale).detach(), model.W_U.detach(),
+                                         cfg.features.logit_effects)
+        docs = site_data.feature_documents(
+            samples, pq.read_table(store.fetch(examples, SHOWN_FILE)),
+            pq.read_table(store.fetch(windows, WINDOWS_FILE)), site_data.token_strings(tok), logits=logits,
+            activation_levels=cfg.features.activation_levels, dictionary=dictionary_key)
+        upstream.update(versions, **window_versions, language_model=model_manifest.data_version,
+                        tokenizer=tok_manifest.data_version)
+        with store.writer("site_json", frange, upstream=upstream, config_hash=shown_digest(cfg)) as out:
+            rows = []
+            for doc in docs:
+                out.path(site_data_file(doc["feature"])).write_text(json.dumps(doc, ensure_ascii=False))
+                rows.append(site_data.index_row(doc))
+            out.path(INDEX_ROWS_FILE).write_text(json.dumps(rows, ensure_ascii=False))
+            out.extra.update(lo=lo, hi=hi, n_tokens=samples.n_tokens, hist_edges=list(samples.hist_edges))
+        return result(out.manifest, store, {"features": len(rows)})
+
+    @dg.asset(
+        name="feature_site", group_name="features", code_version="1",
+        deps=[dg.AssetDep(site_json, partition_mapping=dg.AllPartitionMapping())],
+        description="The static feature browser: index.html, app.js, style.css and one script per feature; "
+        "open index.html from disk or serve the directory from any static host.",
+    )
+    def feature_site(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+        store = storage.store()
+        parts, upstream = read_upstream(store, "site_json", feature_range_keys(context.instance))
+        with store.writer("feature_site", None, upstream=upstream) as out:
+            n_features = write_site(out, store, parts, dictionary=dictionary_key)
+        index = out.manifest.files["index.html"]
+        return result(out.manifest, store, {"features": n_features, "open": dg.MetadataValue.path(
+            store.describe() + "/" + index.key)}, content_version=True)
+
+    assets = [feature_samples, feature_examples, context_gather, context_windows, site_json, feature_site]
+    if neuronpedia:
+        @dg.asset(
+            name="neuronpedia_export", group_name="features", code_version="1",
+            deps=[dg.AssetDep(site_json, partition_mapping=dg.AllPartitionMapping())],
+            description="The features in Neuronpedia's upload layout: batch-<n>.json per feature range.",
+        )
+        def neuronpedia_export(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+            store = storage.store()
+            parts, upstream = read_upstream(store, "site_json", feature_range_keys(context.instance))
+            with store.writer("neuronpedia_export", None, upstream=upstream) as out:
+                n_features = write_neuronpedia_batches(out, store, parts, settings.load())
+            return result(out.manifest, store, {"features": n_features})
+
+        assets.append(neuronpedia_export)
+    return assets
+
+
+def site_data_file(feature: int) -> str:
+    return f"feature-{feature:06d}.json"
+
+
+def _check_gathers_current(gathers, frange: str, examples) -> None:
+    """Each shard's pass 1 must have used this very feature_examples partition."""
+    want = examples.data_version
+    for gather in gathers:
+        used = gather.upstream.get(f"feature_examples[{frange}]")
+        if used != want:
+            raise FeatureInputError(
+                f"context_gather[{gather.partition}] was built from feature_examples[{frange}] version {used}, "
+                f"but that partition is now {want}: rematerialize context_gather[{gather.partition}]")
+
+
+def _density_markdown(counts, n_tokens: int) -> str:
+    import numpy as np
+
+    from sae_assets.core import sae_metrics
+
+    histogram = sae_metrics.density_histogram(np.asarray(counts), n_tokens)
+    return bar_chart_markdown(histogram.edges[:-1], histogram.counts, xlabel="log10 feature density",
+                              note=f"{histogram.never_fired} features never fired")

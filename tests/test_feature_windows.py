@@ -1,0 +1,159 @@
+"""Context windows (core): shown-example choice, the two passes against a brute-force encode of
+every token, clipping at sequence boundaries, coverage errors and the site documents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from sae_assets.core import feature_windows, schemas, site_data
+from sae_assets.core.features import sample_activation_table
+from sae_assets.core.features_merge import merge_feature_samples
+from sae_assets.core.sae.relu import ReluSae
+from sae_assets.core.sae.topk import TopKSae
+
+T, D, F = 10, 6, 12
+HOOK = "blocks.0.hook_resid_post"
+
+
+def shard_table(shard: int, n_sequences: int, seed: int, dtype: str = "float32") -> pa.Table:
+    """A cached_activations-like table: row r is offset r; activations (N, D)."""
+    rng = np.random.default_rng(seed)
+    n = n_sequences * T
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    values = pa.array(x.reshape(-1), pa.float32()) if dtype == "float32" else pa.array(x.reshape(-1).astype(np.float16))
+    return pa.table({"token_index": schemas.global_token_index(shard, np.arange(n)),
+                     "token_id": rng.integers(0, 50, n).astype(np.int32),
+                     HOOK: pa.FixedSizeListArray.from_arrays(values, D)},
+                    schema=schemas.activation_schema({HOOK: D}, dtype))
+
+
+def make_sae(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    sae = ReluSae(D, F, l1_coefficient=1.0) if kind == "relu" else TopKSae(D, F, k=3)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return sae
+
+
+def pipeline(tables, sae, lo, hi, *, before=3, after=2, batch=7):
+    parts = [sample_activation_table(t, hook=HOOK, encode_range=lambda x: sae.encode_range(x, lo, hi), lo=lo, hi=hi,
+                                     top_k=3, sample_k=12, seed=5, batch_size=batch) for t in tables]
+    merged = merge_feature_samples(parts)
+    shown = feature_windows.select_shown_examples(merged, random_examples=2, activation_levels=3, examples_per_level=2)
+    gathered = [feature_windows.gather_window_tokens(shown, t, shard=s, hook=HOOK, context_length=T, before=before,
+                                                     after=after, where=f"shard {s}") for s, t in enumerate(tables)]
+    windows = feature_windows.compute_context_windows(
+        shown, [g[0] for g in gathered], [g[1] for g in gathered], lambda x: sae.encode_range(x, lo, hi), lo=lo,
+        hi=hi, batch_size=batch, where="test")
+    return merged, shown, gathered, windows
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk"])
+def test_encode_range_equals_slicing_the_full_encode(kind) -> None:
+    sae = make_sae(kind)
+    x = torch.randn(20, D)
+    for lo, hi in [(0, F), (3, 7), (11, 12)]:
+        assert torch.allclose(sae.encode_range(x, lo, hi), sae.encode(x)[:, lo:hi], atol=1e-6)
+    with pytest.raises(ValueError, match="outside the dictionary"):
+        sae.encode_range(x, 8, F + 1)
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk"])
+def test_two_passes_equal_brute_force_windows(kind) -> None:
+    tables = [shard_table(0, 5, 1), shard_table(1, 4, 2)]
+    sae = make_sae(kind)
+    lo, hi = 2, 9
+    merged, shown, _, windows = pipeline(tables, sae, lo, hi)
+    # Brute force: encode every token of every shard, cut each window by hand.
+    dense = {}
+    for t in tables:
+        x = torch.from_numpy(np.asarray(t.column(HOOK).combine_chunks().flatten()).reshape(-1, D).copy())
+        f = sae.encode(x).detach().numpy()
+        for i, tok in enumerate(t.column("token_index").to_numpy()):
+            dense[int(tok)] = (f[i], int(t.column("token_id")[i].as_py()))
+    want = sorted({(f, t) for f, t in zip(shown.column("feature").to_pylist(), shown.column("token_index").to_pylist())})
+    got = list(zip(windows.column("feature").to_pylist(), windows.column("token_index").to_pylist()))
+    assert got == want and len(got) > 0
+    for row in windows.to_pylist():
+        tok, f = row["token_index"], row["feature"]
+        pos = (tok & ((1 << schemas.SHARD_BITS) - 1)) % T
+        span = list(range(tok - min(3, pos), tok + min(2, T - 1 - pos) + 1))  # clipped to the sequence
+        assert row["first_token_index"] == span[0]
+        assert row["token_ids"] == [dense[s][1] for s in span]
+        np.testing.assert_allclose(row["activations"], [dense[s][0][f] for s in span], atol=1e-5)
+    # The window's centre is the example itself: same value as in the examples table.
+    centre = {(r["feature"], r["token_index"]): r["activations"][r["token_index"] - r["first_token_index"]]
+              for r in windows.to_pylist()}
+    for r in shown.to_pylist():
+        assert centre[(r["feature"], r["token_index"])] == pytest.approx(r["activation"], abs=1e-5)
+
+
+def test_shown_examples_follow_roles_and_levels() -> None:
+    tables = [shard_table(0, 8, 3)]
+    sae = make_sae("relu")
+    merged, shown, _, _ = pipeline(tables, sae, 0, F)
+    rows = shown.to_pylist()
+    top = merged.top.to_pylist()
+    assert [(r["feature"], r["token_index"]) for r in rows if r["role"] == "top"] == \
+        [(r["feature"], r["token_index"]) for r in top]
+    sample = merged.sample.to_pylist()
+    assert [(r["feature"], r["token_index"]) for r in rows if r["role"] == "random"] == \
+        [(r["feature"], r["token_index"]) for r in sample if r["rank"] < 2]
+    peak = dict(zip(merged.stats.column("feature").to_pylist(), merged.stats.column("max").to_pylist()))
+    for f in range(F):
+        for level in (1, 2, 3):
+            lo_v, hi_v = peak[f] * (level - 1) / 3, peak[f] * level / 3
+            in_level = [r["token_index"] for r in sample if r["feature"] == f and lo_v < r["activation"] <= hi_v * (1 + 1e-6)]
+            picked = [r["token_index"] for r in rows if r["role"] == "level" and r["feature"] == f and r["level"] == level]
+            assert picked == in_level[:2], (f, level)
+
+
+def test_missing_or_foreign_shards_are_named() -> None:
+    tables = [shard_table(0, 5, 1), shard_table(1, 4, 2)]
+    sae = make_sae("relu")
+    _, shown, gathered, _ = pipeline(tables, sae, 0, F)
+    with pytest.raises(feature_windows.WindowError, match=r"shard\(s\) \[1\]"):
+        feature_windows.compute_context_windows(shown, [gathered[0][0]], [gathered[0][1]],
+                                                lambda x: sae.encode_range(x, 0, F), lo=0, hi=F, batch_size=8, where="t")
+    offsets = [t & 0xFFFF for t in shown.column("token_index").to_pylist() if (t >> schemas.SHARD_BITS) == 1]
+    short = tables[1].slice(0, max(offsets))  # a truncated shard: its last example points past the end
+    with pytest.raises(feature_windows.WindowError, match="beyond the shard"):
+        feature_windows.gather_window_tokens(shown, short, shard=1, hook=HOOK, context_length=T, before=3,
+                                             after=2, where="shard 1")
+
+
+def test_half_precision_windows_keep_cached_values() -> None:
+    tables = [shard_table(0, 4, 7, dtype="float16")]
+    sae = make_sae("relu")
+    _, shown, gathered, windows = pipeline(tables, sae, 0, F)
+    assert gathered[0][1].schema.field("activation").type == tables[0].schema.field(HOOK).type
+    assert windows.num_rows == len({(r["feature"], r["token_index"]) for r in shown.to_pylist()})
+
+
+def test_feature_documents_and_neuronpedia_layout() -> None:
+    tables = [shard_table(0, 6, 4)]
+    sae = make_sae("relu")
+    merged, shown, _, windows = pipeline(tables, sae, 0, F)
+    strings = [f"<t{i}>" for i in range(50)]
+    logits = site_data.logit_effects(sae.W_dec.detach(), torch.randn(D, 50), 4)
+    docs = list(site_data.feature_documents(merged, shown, windows, strings, logits=logits, activation_levels=3,
+                                            dictionary="relu-test"))
+    assert [d["feature"] for d in docs] == list(range(F))
+    for doc in docs:
+        json.dumps(doc, allow_nan=False)
+        assert len(doc["top"]) == min(3, doc["count"])
+        for example in doc["top"] + doc["random"]:
+            assert example["tokens"][example["center"]].startswith("<t")
+            assert example["acts"][example["center"]] == pytest.approx(example["activation"], rel=1e-2)
+        assert [v for _, v in doc["logits"]["top"]] == sorted([v for _, v in doc["logits"]["top"]], reverse=True)
+        exported = site_data.neuronpedia_feature(doc, merged.hist_edges)
+        assert len(exported["freq_hist_data_bar_heights"]) == len(exported["freq_hist_data_bar_values"])
+        assert exported["feature_index"] == doc["feature"] and exported["pos_str"] == [t for t, _ in doc["logits"]["top"]]
+    row = site_data.index_row(docs[0])
+    assert row[0] == 0 and row[1] == docs[0]["density"] and len(row[3]) <= 5
