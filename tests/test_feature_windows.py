@@ -157,3 +157,14 @@ def test_feature_documents_and_neuronpedia_layout() -> None:
         assert exported["feature_index"] == doc["feature"] and exported["pos_str"] == [t for t, _ in doc["logits"]["top"]]
     row = site_data.index_row(docs[0])
     assert row[0] == 0 and row[1] == docs[0]["density"] and len(row[3]) <= 5
+
+
+def test_token_strings_show_partial_characters_as_bytes() -> None:
+    from sae_assets.core.tokenization import train_bpe
+
+    tokenizer = train_bpe(["h\u00e9llo w\u00f6rld \u201cquoted\u201d \u2014 tick \u2713"] * 50, 300)
+    strings = site_data.token_strings(tokenizer)
+    assert len(strings) == tokenizer.get_vocab_size()
+    assert not any("\ufffd" in s for s in strings), "no token collapses to the replacement character"
+    assert "\\xe2" in strings and " w\u00f6rld" in strings  # a lone lead byte; a whole word
+    assert len(set(strings)) == len(strings), "distinct tokens stay distinguishable"

@@ -144,27 +144,64 @@ class _BestK:
         slot_W = torch.zeros(self.key_WK.shape[0], dtype=torch.int64, device=w_N.device)
         slot_W[rows_R] = torch.arange(len(rows_R), device=w_N.device)
         R, C = len(rows_R), int(col_N.max()) + 1
-        merged = []
+        padded = []
         for state, fill, new in ((self.key_WK, self._empty_key, key_N), (self.tok_WK, _INT64_MAX, tok_N),
                                  (self.val_WK, 0.0, val_N)):
             pad_RC = torch.full((R, C), fill, dtype=state.dtype, device=state.device)
-            pad_RC[slot_W[w_N], col_N] = new
-            merged.append(torch.cat([state[rows_R], pad_RC], dim=1))  # (R, K + C)
-        key_RM, tok_RM, val_RM = merged
+            pad_RC.view(-1).scatter_(0, slot_W[w_N] * C + col_N, new)  # a flat scatter: far cheaper than index_put
+            padded.append(pad_RC)
         if self.unique_keys:
-            order = torch.argsort(key_RM, dim=1)
-        else:
-            order = torch.argsort(tok_RM, dim=1)
-            order = order.gather(1, torch.argsort(key_RM.gather(1, order), dim=1, stable=True))
+            self._merge_sorted(rows_R, *padded)
+            return
+        merged = [torch.cat([state[rows_R], pad_RC], dim=1)  # (R, K + C)
+                  for state, pad_RC in zip((self.key_WK, self.tok_WK, self.val_WK), padded)]
+        key_RM, tok_RM, _ = merged
+        order = torch.argsort(tok_RM, dim=1)
+        order = order.gather(1, torch.argsort(key_RM.gather(1, order), dim=1, stable=True))
         key_RM, tok_RM, val_RM = (x.gather(1, order) for x in merged)
         dup = (key_RM[:, 1:] == key_RM[:, :-1]) & (tok_RM[:, 1:] == tok_RM[:, :-1]) & (val_RM[:, 1:] > 0)
         if bool(dup.any()):
             r, c = dup.nonzero()[0].tolist()
-            raise ValueError(f"token {int(tok_RM[r, c])} was offered twice for feature offset {int(rows_R[r])}: "
-                             "each token must be seen once (a repeated batch?)")
-        self.key_WK[rows_R] = key_RM[:, :self.k]
-        self.tok_WK[rows_R] = tok_RM[:, :self.k]
-        self.val_WK[rows_R] = val_RM[:, :self.k]
+            self._raise_repeated(int(tok_RM[r, c]), int(rows_R[r]))
+        for state, merged_RM in ((self.key_WK, key_RM), (self.tok_WK, tok_RM), (self.val_WK, val_RM)):
+            state.index_copy_(0, rows_R, merged_RM[:, :self.k].contiguous())
+
+    def _merge_sorted(self, rows_R: Tensor, key_RC: Tensor, tok_RC: Tensor, val_RC: Tensor) -> None:
+        """Unique keys: sort only the candidates, then merge two sorted lists by rank arithmetic.
+
+        The state rows (R, K) are already sorted, so re-sorting them with every batch (what
+        dominated the sampler's time) is unnecessary: an entry's rank in the union is its rank
+        in its own list plus the number of entries of the other list with a smaller key.
+        """
+        order = torch.argsort(key_RC, dim=1)
+        key_RC, tok_RC, val_RC = (x.gather(1, order) for x in (key_RC, tok_RC, val_RC))
+        key_RK, tok_RK, val_RK = self.key_WK[rows_R], self.tok_WK[rows_R], self.val_WK[rows_R]
+        K, C = key_RK.shape[1], key_RC.shape[1]
+        below_RC = torch.searchsorted(key_RK, key_RC)  # state entries with a smaller key
+        hit = below_RC.clamp(max=K - 1)
+        same = (key_RK.gather(1, hit) == key_RC) & (val_RC > 0) & (val_RK.gather(1, hit) > 0)
+        if bool(same.any()):
+            r, c = same.nonzero()[0].tolist()
+            self._raise_repeated(int(tok_RC[r, c]), int(rows_R[r]))
+        # Candidates before state entry j: those inserted at positions <= j (a running count).
+        inserted_RK = torch.zeros(len(rows_R), K + 1, dtype=torch.int64, device=key_RC.device)
+        inserted_RK = inserted_RK.scatter_add_(1, below_RC, torch.ones_like(below_RC)).cumsum(1)[:, :K]
+        rank_RK = torch.arange(K, device=key_RC.device) + inserted_RK
+        rank_RC = torch.arange(C, device=key_RC.device) + below_RC
+        # Scatter real entries to their ranks; empty slots and ranks >= K go to a dump column.
+        dump = K + C
+        idx_RK = torch.where((val_RK > 0) & (rank_RK < K), rank_RK, dump)
+        idx_RC = torch.where((val_RC > 0) & (rank_RC < K), rank_RC, dump)
+        for state, fill, old, new in ((self.key_WK, self._empty_key, key_RK, key_RC), (self.tok_WK, _INT64_MAX, tok_RK, tok_RC),
+                                      (self.val_WK, 0.0, val_RK, val_RC)):
+            out = torch.full((len(rows_R), dump + 1), fill, dtype=state.dtype, device=state.device)
+            out.scatter_(1, idx_RK, old).scatter_(1, idx_RC, new)
+            state.index_copy_(0, rows_R, out[:, :K])
+
+    @staticmethod
+    def _raise_repeated(token: int, row: int) -> None:
+        raise ValueError(f"token {token} was offered twice for feature offset {row}: "
+                         "each token must be seen once (a repeated batch?)")
 
     def columns(self, lo: int) -> dict[str, np.ndarray]:
         w, rank = (self.val_WK > 0).nonzero(as_tuple=True)  # row-major: sorted by (feature, rank)
@@ -181,6 +218,13 @@ def check_hist_edges(edges) -> np.ndarray:
 
 
 # --- the sampler ------------------------------------------------------------------------------
+
+def _active_entries(f_BW: Tensor) -> Tensor:
+    """(N,) flat indices of the entries > 0, in row-major order."""
+    if f_BW.device.type == "cpu":  # numpy's flatnonzero is several times faster than torch's nonzero on CPU
+        return torch.from_numpy(np.flatnonzero(f_BW.numpy() > 0))
+    return (f_BW > 0).view(-1).nonzero()[:, 0]
+
 
 class FeatureRangeSampler:
     """Streams (B, W) activations of the features [lo, hi) into per-feature top-K, sample and stats.
@@ -258,7 +302,7 @@ class FeatureRangeSampler:
             bad = (torch.isnan(max_W).nonzero()[:, 0] + self.lo).tolist()
             raise ValueError(f"NaN activations for feature(s) {bad[:5]} (range [{self.lo}, {self.hi}))")
         self._max_W = torch.maximum(self._max_W, max_W)
-        idx_N = (f_BW > 0).view(-1).nonzero()[:, 0]  # active entries, row-major
+        idx_N = _active_entries(f_BW)  # row-major
         b_N, w_N = idx_N // self.width, idx_N % self.width
         v_N, t_N = f_BW.view(-1)[idx_N], tok_B[b_N]
         if f_BW.is_cuda:  # atomics would make a sparse float sum irreproducible there

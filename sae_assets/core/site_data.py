@@ -24,9 +24,29 @@ from sae_assets.core.features_merge import FeatureSamples
 # Letter key: W features in the range, D model width, V vocabulary, N logit effects kept.
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """{character: byte} of the byte-level BPE alphabet (GPT-2's): printable bytes stand for
+    themselves, the other 68 are shifted to code points 256 and up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
+
+
 def token_strings(tokenizer) -> list[str]:
-    """Display string of every token id of a HF `tokenizers.Tokenizer`."""
-    return [tokenizer.decode([i], skip_special_tokens=False) for i in range(tokenizer.get_vocab_size())]
+    """Display string of every token id of a HF `tokenizers.Tokenizer`.
+
+    A byte-level token holding part of a UTF-8 character decodes to U+FFFD; it is shown as
+    its bytes instead (e.g. '\\xe2\\x80'), so different partial tokens stay distinguishable.
+    """
+    alphabet = _byte_level_alphabet()
+    strings = []
+    for i in range(tokenizer.get_vocab_size()):
+        text = tokenizer.decode([i], skip_special_tokens=False)
+        piece = tokenizer.id_to_token(i) or ""
+        if "\ufffd" in text and piece and all(ch in alphabet for ch in piece):
+            text = bytes(alphabet[ch] for ch in piece).decode("utf-8", errors="backslashreplace")
+        strings.append(text)
+    return strings
 
 
 def _num(x: float, digits: int = 4) -> float:

@@ -1,0 +1,199 @@
+"""The feature assets on a tiny graph: exact tables against a brute force over every shard, the
+same tables from 1 and 7 shards, context windows centred on their examples, the site's files,
+byte-identical reruns, and refusal of bad input (a range outside the dictionary, a dictionary
+that failed its checks, a missing context shard)."""
+
+import json
+import shutil
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from dagster._core.errors import DagsterAssetCheckFailedError
+from run_configs import write_run_config
+from test_feature_windows import HOOK, shard_table
+from test_features_core import brute_force
+from test_sae_assets import TINY
+
+from resources.arrow_files import open_ipc_table, write_ipc_file
+from sae_assets.core import schemas
+from sae_assets.core.activation_reader import to_numpy_matrix
+from sae_assets.core.config import load_config
+from sae_assets.core.sae import io as sae_io
+from sae_assets.core.sae.relu import ReluSae
+from sae_assets.defs.feature_assets import FeatureInputError, read_samples
+from sae_assets.defs.partitions import FEATURE_RANGES, feature_range_keys, shard_keys, sync_partitions
+from sae_assets.definitions import ALL_CHECKS, build_resources, graph_assets
+from sae_assets.demo import QUIET, materialize_all
+
+FEATURES = {"range_width": 24, "top_k": 4, "random_examples": 3, "activation_levels": 2, "examples_per_level": 2,
+            "batch_size": 100, "window_before": 5, "window_after": 2, "neuronpedia_export": True}
+
+
+def materialize(instance, config_path, names, partition=None):
+    assets = graph_assets(load_config(config_path))
+    chosen = [a for a in assets if a.key.to_user_string() in names]
+    return dg.materialize([*assets, *ALL_CHECKS], selection=dg.AssetSelection.assets(*chosen), partition_key=partition,
+                          instance=instance, resources=build_resources(config_path), run_config=QUIET)
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("features")
+    config_path = write_run_config(directory, TINY, {"root": str(directory / "artifacts")}, features=FEATURES)
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_all(instance, config_path, log=lambda *_: None)
+    return instance, config_path, build_resources(config_path)["storage"].store(), directory
+
+
+def all_activations(store, instance):
+    xs, toks = [], []
+    for shard in shard_keys(instance):
+        table = open_ipc_table(store.fetch(store.require("cached_activations", shard), "activations.arrow"))
+        xs.append(to_numpy_matrix(table.column(HOOK)).astype(np.float32))
+        toks.append(table.column("token_index").to_numpy())
+    return np.concatenate(xs), np.concatenate(toks)
+
+
+def test_feature_examples_equal_a_brute_force_over_all_shards(graph):
+    instance, config_path, store, _ = graph
+    cfg = load_config(config_path)
+    from sae_assets.defs.dictionary_assets import load_dictionary
+
+    sae, _ = load_dictionary(store, cfg.feature_dictionary.key)
+    x, tok = all_activations(store, instance)
+    f = sae.encode(torch.from_numpy(x)).detach().numpy()
+    assert feature_range_keys(instance) == ["features-00000-00023", "features-00024-00047", "features-00048-00063"]
+    for frange in feature_range_keys(instance):
+        merged = read_samples(store, store.require("feature_examples", frange))
+        want = brute_force(f, tok, merged.lo, merged.hi, top_k=4, sample_k=40, seed=cfg.features.seed)
+        top = merged.top
+        assert top.column("feature").to_pylist() == want["top"][0].tolist()
+        assert top.column("token_index").to_pylist() == want["top"][2].tolist()
+        np.testing.assert_allclose(top.column("activation").to_numpy(), want["top"][3], rtol=1e-5)
+        assert merged.sample.column("token_index").to_pylist() == want["sample"][3].tolist()
+        assert merged.stats.column("count").to_pylist() == [s[1] for s in want["stats"]]
+        assert merged.n_tokens == len(tok)
+
+
+def test_one_and_seven_shards_give_identical_tables(tmp_path):
+    """The same tokens cached as 1 shard or as 7 uneven shards merge to the same tables."""
+    rng = np.random.default_rng(3)
+    table = shard_table(0, 60, seed=9)  # 600 tokens of width 6
+    sae = ReluSae(6, 12, l1_coefficient=1.0)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    point = {"architecture": "relu", "width": 12, "sparsity": 1.0}
+    results = []
+    for n_shards in (1, 7):
+        root = tmp_path / f"shards-{n_shards}"
+        config_path = write_run_config(tmp_path, TINY, {"root": str(root)}, corpus={"num_shards": n_shards},
+                                       sae={"sweep": [point]}, features={"range_width": 5, "top_k": 3, "batch_size": 13})
+        store = build_resources(config_path)["storage"].store()
+        with store.writer("sae_dictionary", "relu-w12-l1_1") as out:
+            sae_io.save_sae(sae, out.scratch, hook_name=HOOK)
+            out.extra.update(hook=HOOK)
+        with store.writer("sae_metrics", "relu-w12-l1_1") as out:
+            out.path("metrics.json").write_text("{}")
+            out.extra.update(checks={"dead_fraction_below_threshold": True})
+        cuts = np.sort(rng.choice(np.arange(1, 600), n_shards - 1, replace=False))
+        for i, rows in enumerate(np.split(rng.permutation(600), cuts)):
+            with store.writer("cached_activations", f"shard-{i:04d}") as out:
+                part = table.take(pa.array(np.sort(rows)))
+                write_ipc_file(out.path("activations.arrow"), part.schema, part.to_batches())
+        instance = dg.DagsterInstance.ephemeral()
+        sync_partitions(instance, load_config(config_path))
+        for key in FEATURE_RANGES.get_partition_keys(dynamic_partitions_store=instance):
+            for shard in shard_keys(instance):
+                materialize(instance, config_path, {"feature_samples"}, dg.MultiPartitionKey({"shard": shard, "features": key}))
+            materialize(instance, config_path, {"feature_examples"}, key)
+        results.append({k: read_samples(store, store.require("feature_examples", k))
+                        for k in feature_range_keys(instance)})
+    one, seven = results
+    assert list(one) == list(seven) == ["features-00000-00004", "features-00005-00009", "features-00010-00011"]
+    for key in one:
+        assert one[key].top.equals(seven[key].top) and one[key].top.num_rows > 0
+        assert one[key].sample.equals(seven[key].sample)
+        for column in ("feature", "count", "max", "hist"):
+            assert one[key].stats.column(column).equals(seven[key].stats.column(column))
+        np.testing.assert_allclose(one[key].stats.column("sum").to_numpy(), seven[key].stats.column("sum").to_numpy(),
+                                   rtol=1e-12)
+
+
+def test_context_windows_are_centred_on_their_examples(graph):
+    instance, _, store, _ = graph
+    for frange in feature_range_keys(instance):
+        shown = pq.read_table(store.fetch(store.require("feature_examples", frange), "shown.parquet")).to_pylist()
+        windows = pq.read_table(store.fetch(store.require("context_windows", frange), "windows.parquet")).to_pylist()
+        by_key = {(w["feature"], w["token_index"]): w for w in windows}
+        assert len(by_key) == len({(s["feature"], s["token_index"]) for s in shown}) > 0
+        for s in shown:
+            w = by_key[(s["feature"], s["token_index"])]
+            centre = s["token_index"] - w["first_token_index"]
+            assert 0 <= centre <= 5 and len(w["token_ids"]) - 1 - centre <= 2
+            assert w["activations"][centre] == pytest.approx(s["activation"], abs=1e-5)
+
+
+def test_site_files_and_neuronpedia_export(graph):
+    instance, _, store, _ = graph
+    site = store.require("feature_site", None)
+    assert {"index.html", "app.js", "style.css", "site-index.js"} <= set(site.files)
+    assert len([n for n in site.files if n.startswith("feature-")]) == 64
+    index = store.read_bytes(site, "site-index.js").decode()
+    assert index.startswith("window.SAE_SITE_INDEX = ") and "<" not in index.split("=", 1)[1]
+    doc = json.loads(store.read_bytes(store.require("site_json", "features-00000-00023"), "feature-000001.json"))
+    assert doc["feature"] == 1 and len(doc["logits"]["top"]) == 10
+    export = store.require("neuronpedia_export", None)
+    batches = [json.loads(store.read_bytes(export, f"batch-{i}.json")) for i in range(3)]
+    assert sum(len(b["features"]) for b in batches) == 64
+    assert batches[0]["features"][1]["feature_index"] == 1
+
+
+def test_rerun_is_byte_identical_and_keeps_the_version(graph):
+    instance, config_path, store, _ = graph
+    frange = "features-00024-00047"
+    before = {a: store.require(a, frange).to_json() for a in ("feature_examples", "context_windows", "site_json")}
+    cell = dg.MultiPartitionKey({"shard": "shard-0001", "features": frange})
+    cell_before = store.require("feature_samples", str(cell)).to_json()
+    materialize(instance, config_path, {"feature_samples"}, cell)
+    for name in ("feature_examples", "context_windows", "site_json"):
+        materialize(instance, config_path, {name}, frange)
+    assert store.require("feature_samples", str(cell)).to_json() == cell_before
+    assert {a: store.require(a, frange).to_json() for a in before} == before
+
+
+def test_bad_input_is_refused_by_name(graph, tmp_path):
+    instance, config_path, store, directory = graph
+    # A feature range beyond the dictionary's 64 features.
+    instance.add_dynamic_partitions("feature_ranges", ["features-00060-00071"])
+    try:
+        with pytest.raises(Exception, match="features-00060-00071.*outside dictionary"):
+            materialize(instance, config_path, {"feature_samples"},
+                        dg.MultiPartitionKey({"shard": "shard-0000", "features": "features-00060-00071"}))
+    finally:
+        instance.delete_dynamic_partition("feature_ranges", "features-00060-00071")
+    # A copy of the store, where things can break without harming the fixture.
+    copy_root = tmp_path / "copy"
+    shutil.copytree(directory / "artifacts", copy_root)
+    strict = write_run_config(tmp_path, TINY, {"root": str(copy_root)}, features=FEATURES,
+                              sae={"min_loss_recovered": 2.0})
+    key = load_config(strict).feature_dictionary.key
+    with pytest.raises(DagsterAssetCheckFailedError):
+        materialize(instance, strict, {"sae_metrics"}, key)
+    with pytest.raises(FeatureInputError, match=r"failed its sae_metrics check\(s\) \['loss_recovered_above_threshold'\]"):
+        materialize(instance, strict, {"feature_samples"},
+                    dg.MultiPartitionKey({"shard": "shard-0000", "features": "features-00000-00023"}))
+    # A missing pass-1 shard: context_windows names it; the old windows stay as they were.
+    # (require_passing_checks: false lets the failed dictionary through to get that far.)
+    lenient = write_run_config(tmp_path, TINY, {"root": str(copy_root)},
+                               features={**FEATURES, "require_passing_checks": False})
+    copy_store = build_resources(lenient)["storage"].store()
+    before = copy_store.require("context_windows", "features-00000-00023").to_json()
+    (copy_root / "context_gather" / "shard-0001" / "manifest.json").unlink()
+    with pytest.raises(Exception, match=r"context_gather\[shard-0001\]"):
+        materialize(instance, lenient, {"context_windows"}, "features-00000-00023")
+    assert copy_store.require("context_windows", "features-00000-00023").to_json() == before

@@ -1,0 +1,166 @@
+"""The static feature browser in headless Chromium, from file:// and from a static HTTP host.
+
+The corpus carries `<script>` and `<img onerror=...>` payloads, so they turn up in tokens and
+context windows: the page must show them as text and never run them. The test opens a feature
+page from the list, checks the highlighted tokens against the feature's data and saves
+screenshots under test-artifacts/. Chromium comes from Debian's chromium + chromium-driver
+(`make test` installs them); without them the test fails under CI and is skipped elsewhere.
+"""
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from run_configs import write_run_config
+from test_sae_assets import TINY
+
+from sae_assets.definitions import build_resources
+from sae_assets.demo import materialize_all
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+PAYLOADS = ['<script>window.__pwned = "script";</script>', '<img src=x onerror="window.__pwned=\'img\'">',
+            '"><svg onload=window.__pwned=1>']
+
+if not (CHROMIUM and CHROMEDRIVER):
+    if os.environ.get("CI"):
+        pytest.fail("chromium and chromedriver are required under CI (make test installs them)", pytrace=False)
+    pytest.skip("chromium/chromedriver not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402  (only once Chromium is known to be there)
+from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+def corpus_files(directory: Path) -> list[str]:
+    """Forty short documents of prose and code, each quoting the payloads."""
+    import sae_assets.core.corpus as corpus
+
+    prose = (corpus.__doc__ or "") + (json.__doc__ or "") + (http.server.__doc__ or "")
+    paths = []
+    for i in range(40):
+        path = directory / f"doc-{i:02d}.txt"
+        start = (i * 97) % max(1, len(prose) - 400)
+        path.write_text(f"{prose[start:start + 400]}\n{PAYLOADS[i % 3]} and then {PAYLOADS[(i + 1) % 3]}\n"
+                        f"def f{i}(x):\n    return x < {i} and x > -{i}\n")
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("browser")
+    (directory / "corpus").mkdir()
+    config_path = write_run_config(
+        directory, TINY, {"root": str(directory / "artifacts")},
+        corpus={"source": "local", "paths": corpus_files(directory / "corpus"), "num_shards": 2, "max_documents": 0,
+                "min_document_chars": 10},
+        features={"range_width": 32, "top_k": 5, "random_examples": 3, "activation_levels": 2, "examples_per_level": 1})
+    materialize_all(dg.DagsterInstance.ephemeral(), config_path, log=lambda *_: None)
+    store = build_resources(config_path)["storage"].store()
+    manifest = store.require("feature_site", None)
+    return store.fetch(manifest, "index.html").parent, store
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,1600",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    chrome = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield chrome
+    chrome.quit()
+
+
+def wait_loaded(driver, what: str) -> None:
+    WebDriverWait(driver, 20).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == what)
+
+
+def feature_doc(site_dir: Path, feature: int) -> dict:
+    text = (site_dir / f"feature-{feature:06d}.js").read_text()
+    return json.loads(text[len("SAE_SITE.feature("):-len(");\n")])
+
+
+def payload_feature(site_dir: Path) -> int:
+    """A live feature whose top examples' windows contain a '<' token."""
+    for path in sorted(site_dir.glob("feature-*.js")):
+        doc = feature_doc(site_dir, int(path.stem.split("-")[1]))
+        if any("<" in "".join(e["tokens"]) for e in doc["top"]):
+            return doc["feature"]
+    raise AssertionError("no feature shows the payload text; the corpus should make that certain")
+
+
+def test_feature_page_from_file_url(site, driver):
+    site_dir, _ = site
+    driver.get((site_dir / "index.html").as_uri())
+    wait_loaded(driver, "list")
+    index = driver.execute_script("return window.SAE_SITE_INDEX")
+    live = [row for row in index["features"] if row[1] > 0]
+    rows = driver.find_elements(By.CSS_SELECTOR, "#features tbody tr")
+    assert len(rows) == len(live) > 0, "the list shows every feature that fired"
+    # Search by token narrows the list to features whose top tokens contain the query.
+    query = next(t for row in live for t in row[3] if t.strip())
+    box = driver.find_element(By.ID, "search")
+    box.send_keys(query.strip())
+    matching = {row[0] for row in live if any(query.strip().lower() in t.lower() for t in row[3])}
+    shown = {int(r.get_attribute("data-feature")) for r in driver.find_elements(By.CSS_SELECTOR, "#features tbody tr")}
+    assert shown == matching and shown
+    box.clear()
+    box.send_keys("\b")
+
+    feature = payload_feature(site_dir)
+    driver.find_element(By.CSS_SELECTOR, f'a[href="#feature={feature}"]').click()
+    wait_loaded(driver, str(feature))
+    doc = feature_doc(site_dir, feature)
+    spans = driver.find_elements(By.CSS_SELECTOR, "#top-examples .tok")
+    assert len(spans) == sum(len(e["tokens"]) for e in doc["top"])
+    centres = driver.find_elements(By.CSS_SELECTOR, "#top-examples .tok.center")
+    assert [float(c.get_attribute("data-act")) for c in centres] == pytest.approx([e["activation"] for e in doc["top"]],
+                                                                                   rel=2e-3)
+    acts = [a for e in doc["top"] for a in e["acts"]]
+    for span, act in zip(spans, acts):  # coloured exactly where the feature fires
+        coloured = bool(driver.execute_script("return arguments[0].style.backgroundColor", span))
+        assert coloured == (act > 0)
+    ActionChains(driver).move_to_element(centres[0]).perform()
+    assert driver.find_element(By.ID, "tooltip").text.startswith("activation ")
+    assert len(driver.find_elements(By.CSS_SELECTOR, "svg.hist rect")) > 0
+
+    # The payloads are text: visible as typed, never run, never turned into elements.
+    text = driver.find_element(By.ID, "feature-view").text
+    assert "<" in text
+    assert driver.execute_script("return window.__pwned") is None
+    assert driver.find_elements(By.CSS_SELECTOR, "#feature-view img, #feature-view script, #features img") == []
+    with pytest.raises(NoAlertPresentException):
+        driver.switch_to.alert.text
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "feature_page.png"))
+
+
+def test_site_from_a_static_http_host(site, driver):
+    site_dir, _ = site
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/index.html#feature={payload_feature(site_dir)}")
+        wait_loaded(driver, str(payload_feature(site_dir)))
+        assert driver.find_elements(By.CSS_SELECTOR, "#top-examples .tok.center")
+        assert driver.execute_script("return window.__pwned") is None
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/index.html")
+        wait_loaded(driver, "list")
+        driver.save_screenshot(str(ARTIFACTS / "feature_list.png"))
+    finally:
+        server.shutdown()
+        server.server_close()
