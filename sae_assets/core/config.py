@@ -55,6 +55,12 @@ class CorpusConfig:
     """The column holding text in JSONL, Parquet and HF datasets."""
     num_shards: int = 4
     """Documents are cut into this many contiguous shards; each is one partition."""
+    documents_per_shard: int = 0
+    """> 0: shards of this many documents in corpus order instead (num_shards is then the
+    corpus's count, found by listing it), so documents appended to the corpus only add shards."""
+    training_shards: int = 0
+    """The first N shards train the tokenizer, the language model and the dictionaries (0 = all).
+    Shards beyond them are cached and browsed, but never change a model or dictionary."""
     max_documents: int = 0
     """Keep only the first N documents (0 = all): a quick way to shrink a run."""
     min_document_chars: int = 40
@@ -64,6 +70,8 @@ class CorpusConfig:
         _check(self.num_shards >= 1, "corpus.num_shards", "must be >= 1")
         _check(self.num_shards <= 10_000, "corpus.num_shards", "must be <= 10000")
         _check(self.max_documents >= 0, "corpus.max_documents", "must be >= 0")
+        _check(self.documents_per_shard >= 0, "corpus.documents_per_shard", "must be >= 0")
+        _check(self.training_shards >= 0, "corpus.training_shards", "must be >= 0")
         if self.source == "local":
             _check(len(self.paths) > 0, "corpus.paths", "must list files when corpus.source is 'local'")
         if self.source == "huggingface":
@@ -304,6 +312,55 @@ class StorageConfig:
             _check(bool(self.bucket), "storage.bucket", "must be set when storage.backend is 's3'")
 
 
+TrackedTensorKind = Literal["attn.q", "attn.k", "attn.v", "attn.o", "mlp.in", "mlp.out", "embed", "unembed"]
+AblationUnitKind = Literal["mlp_neuron", "attention_head"]
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """Training-data attribution from per-datum parameter shifts (seed 001)."""
+
+    capture: bool = True
+    """Capture per-datum shifts while language_model trains (embedded model only)."""
+    tensors: tuple[TrackedTensorKind, ...] = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.in", "mlp.out")
+    """Weights tracked in every block; 'embed' and 'unembed' may be added (seed 001 left them out)."""
+    top_k: int = 100
+    """Largest |shift| kept per datum per step (seed 001 kept 1000)."""
+    steps_per_range: int = 100
+    """Training steps per parameter_shifts partition."""
+    heuristic_min_count: int = 20
+    """c: a notable token occurs at least this often in a unit's attributed data."""
+    heuristic_top_relative: int = 200
+    """r: of those, the top r by frequency relative to the training split..."""
+    heuristic_top_count: int = 5
+    """s: ...and of those the top s by count are the unit's notable tokens."""
+    ablation_kind: AblationUnitKind = "mlp_neuron"
+    """Which units are zero-ablated to test their notable tokens."""
+    ablation_units: int = 8
+    """The most-attributed units (with a notable token) ablated, each against a random control."""
+    ablation_windows: int = 32
+    """Attributed training sequences run with and without each ablated unit."""
+    seed: int = 0
+    """Seed of the random control units."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.tensors) >= 1, "attribution.tensors", "must name at least one tensor")
+        _check(len(set(self.tensors)) == len(self.tensors), "attribution.tensors", "has duplicates")
+        _check(self.top_k >= 1, "attribution.top_k", "must be >= 1")
+        _check(self.steps_per_range >= 1, "attribution.steps_per_range", "must be >= 1")
+        _check(self.heuristic_min_count >= 1, "attribution.heuristic_min_count", "must be >= 1")
+        _check(self.heuristic_top_relative >= 1, "attribution.heuristic_top_relative", "must be >= 1")
+        _check(self.heuristic_top_count >= 1, "attribution.heuristic_top_count", "must be >= 1")
+        _check(self.ablation_units >= 0, "attribution.ablation_units", "must be >= 0")
+        _check(self.ablation_windows >= 1, "attribution.ablation_windows", "must be >= 1")
+        _check(self.seed >= 0, "attribution.seed", "must be >= 0")
+
+    def capture_settings(self) -> dict[str, Any]:
+        """The settings that shape what language_model captures (the rest shape only the tables)."""
+        return {"capture": self.capture, "tensors": list(self.tensors), "top_k": self.top_k,
+                "steps_per_range": self.steps_per_range}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -314,6 +371,7 @@ class RunConfig:
     sae: SaeConfig = field(default_factory=SaeConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
 
     def __post_init__(self) -> None:
         if self.model.kind == "named":

@@ -5,7 +5,10 @@ cosine-decay learning rate (`lr_at_step`), gradient-norm clipping and batches dr
 seeded stream of permutations (`batch_indices`) until `ModelConfig.train_tokens` tokens have
 been seen, evaluating on held-out sequences along the way. It returns a `TrainResult` with the
 loss curve and the training throughput (evaluation time excluded). A non-finite loss or
-gradient stops training with an error naming the step. Tests: tests/test_lm.py.
+gradient stops training with an error naming the step. An optional capture
+(`sae_assets.core.attribution.capture.ShiftCapture`) is driven from the loop to record
+per-datum parameter shifts; it only reads, so the trained weights are the same with or
+without it. Tests: tests/test_lm.py, tests/test_attribution_core.py.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
@@ -39,6 +42,28 @@ class TrainResult(NamedTuple):
     tokens_per_second: float
     """Training tokens (B*T per step) per second of optimisation, evaluation excluded."""
     steps: int
+    train_seconds: float = 0.0
+    """Seconds of optimisation (the denominator of tokens_per_second), capture included."""
+
+
+class StepCapture(Protocol):
+    """What the loop calls on a capture (ShiftCapture): arm, snapshot, record, finish."""
+
+    def begin_step(self, step: int, batch_index: torch.Tensor) -> None: ...
+    def before_update(self, optimizer: torch.optim.Optimizer) -> None: ...
+    def after_update(self, optimizer: torch.optim.Optimizer, *, lr: float, loss: float,
+                     grad_norm: torch.Tensor, clip_coefficient: torch.Tensor) -> None: ...
+    def close(self) -> None: ...
+
+
+def training_steps(cfg: ModelConfig, context_length: int) -> int:
+    """Optimizer steps of a run: ceil(model.train_tokens / (batch_size * context_length)), >= 1."""
+    return max(1, math.ceil(cfg.train_tokens / (cfg.batch_size * context_length)))
+
+
+def clip_coefficient(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor clip_grad_norm_ multiplied the gradients by: min(1, max_norm / (norm + 1e-6))."""
+    return torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
 
 
 def lr_at_step(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -77,9 +102,12 @@ def make_optimizer(model: torch.nn.Module, cfg: ModelConfig) -> torch.optim.Adam
 
 def train_step(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, *, lr: float,
-    max_grad_norm: float, step: int,
+    max_grad_norm: float, step: int, capture: StepCapture | None = None,
 ) -> float:
-    """One optimiser step on tokens (B, T); returns the batch loss. Raises on a non-finite value."""
+    """One optimiser step on tokens (B, T); returns the batch loss. Raises on a non-finite value.
+
+    With a capture (armed by the caller's `begin_step`), it is handed the optimizer between
+    clipping and the step, and the step's lr, loss and clip coefficient after it."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     logits_BTV = model(tokens)
@@ -93,7 +121,12 @@ def train_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     if not torch.isfinite(grad_norm):
         raise ValueError(f"gradient norm became {grad_norm.item()} at step {step} (lr={lr:.3g})")
+    if capture is not None:
+        capture.before_update(optimizer)
     optimizer.step()
+    if capture is not None:
+        capture.after_update(optimizer, lr=lr, loss=value, grad_norm=grad_norm,
+                             clip_coefficient=clip_coefficient(grad_norm, clip))
     return value
 
 
@@ -119,13 +152,15 @@ def train_language_model(
     log_every: int = 10,
     eval_every: int = 100,
     eval_sequences: int = 256,
+    capture: StepCapture | None = None,
 ) -> TrainResult:
     """Train `model` in place on train_tokens (N, T) until cfg.train_tokens tokens are seen.
 
     Steps = ceil(cfg.train_tokens / (cfg.batch_size * T)). The curve gets an entry every
     `log_every` steps and at the last step; every `eval_every` steps the val loss of the
     first `eval_sequences` validation sequences is added, and the last step is scored on
-    all of val_tokens (M, T). The model ends in eval mode on cfg.device.
+    all of val_tokens (M, T). The model ends in eval mode on cfg.device. A capture sees every
+    step (`begin_step` gets the batch's row indices into train_tokens) and is closed at the end.
     """
     check_tokens(model, train_tokens, "train_tokens")
     check_tokens(model, val_tokens, "val_tokens")
@@ -135,7 +170,7 @@ def train_language_model(
     model.to(device, print_details=False)
     n_sequences, seq_len = train_tokens.shape
     tokens_per_step = cfg.batch_size * seq_len
-    steps = max(1, math.ceil(cfg.train_tokens / tokens_per_step))
+    steps = training_steps(cfg, seq_len)
     optimizer = make_optimizer(model, cfg)
     curve: list[dict[str, Any]] = []
     window: list[float] = []
@@ -145,7 +180,10 @@ def train_language_model(
         lr = lr_at_step(step - 1, peak_lr=cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=steps)
         batch_BT = train_tokens[idx_B].to(device, dtype=torch.int64)
         started = time.perf_counter()
-        window.append(train_step(model, optimizer, batch_BT, lr=lr, max_grad_norm=cfg.max_grad_norm, step=step))
+        if capture is not None:
+            capture.begin_step(step, idx_B)
+        window.append(train_step(model, optimizer, batch_BT, lr=lr, max_grad_norm=cfg.max_grad_norm, step=step,
+                                 capture=capture))
         train_seconds += time.perf_counter() - started
         last, evaluate = step == steps, step % eval_every == 0
         if step % log_every and not evaluate and not last:
@@ -157,6 +195,8 @@ def train_language_model(
             entry["val_loss"] = evaluate_loss(model, held_out, cfg.batch_size)
         curve.append(entry)
         window = []
+    if capture is not None:
+        capture.close()
     model.eval()
     return TrainResult(
         curve=curve,
@@ -164,4 +204,5 @@ def train_language_model(
         val_loss=curve[-1]["val_loss"],
         tokens_per_second=steps * tokens_per_step / max(train_seconds, 1e-9),
         steps=steps,
+        train_seconds=train_seconds,
     )

@@ -1,5 +1,7 @@
 """Model group: language_model, the embedded TransformerLens-native model trained here, or a
 reference to a named Hugging Face model that later assets boot through TransformerBridge.
+With attribution.capture on, its partition also holds the captured parameter shifts
+(defs/capture_io.py), which parameter_shifts publishes per step range.
 """
 
 
@@ -13,9 +15,10 @@ import torch
 from resources import ArtifactStorage, RunSettings
 from resources.arrow_files import open_ipc_table
 from sae_assets.core import lm, lm_train, tokenization
+from sae_assets.defs import capture_io
 from sae_assets.defs.common import read_upstream, result
 from sae_assets.defs.corpus_assets import token_shards, tokenizer
-from sae_assets.defs.partitions import shard_keys
+from sae_assets.defs.partitions import training_shard_keys
 from sae_assets.defs.plots import line_chart_markdown
 
 
@@ -29,9 +32,10 @@ def load_all_sequences(store, partitions: list[str]) -> tuple[np.ndarray, np.nda
 @dg.asset(
     group_name="model",
     deps=[token_shards, tokenizer],
-    code_version="1",
+    code_version="2",
     description="The language model: the embedded TransformerLens-native model trained on the token "
-    "shards with a held-out split, or a reference to a named model.",
+    "shards with a held-out split (capturing per-datum parameter shifts when attribution.capture is on), "
+    "or a reference to a named model.",
 )
 def language_model(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
     cfg = settings.load()
@@ -44,7 +48,7 @@ def language_model(context: dg.AssetExecutionContext, settings: RunSettings, sto
             out.extra.update(kind="named", name=cfg.model.name)
         return result(out.manifest, store, {"model": cfg.model.name})
 
-    tokens, first_index, upstream = load_all_sequences(store, shard_keys(context.instance))
+    tokens, first_index, upstream = load_all_sequences(store, training_shard_keys(context.instance, cfg))
     upstream["tokenizer"] = tok_manifest.data_version
     is_val = lm.split_is_validation(first_index, cfg.model.val_fraction, cfg.model.seed)
     if not is_val.any() or is_val.all():
@@ -55,11 +59,13 @@ def language_model(context: dg.AssetExecutionContext, settings: RunSettings, sto
     model = lm.build_embedded_model(cfg.model, vocab_size=vocab_size, context_length=tokens.shape[1])
     train = torch.from_numpy(tokens[~is_val].astype(np.int64))  # (N, T)
     val = torch.from_numpy(tokens[is_val].astype(np.int64))  # (M, T)
-    trained = lm_train.train_language_model(model, train, val, cfg.model)
-    entropy = lm.unigram_entropy(tokens[~is_val])
-    curve = pl.DataFrame(trained.curve)
     with store.writer("language_model", None, config_hash=cfg.section_hash("model", "tokenizer"),
                       upstream=upstream) as out:
+        # With attribution.capture, per-datum shifts of each step range go into this partition.
+        with capture_io.capture_into(out, cfg, model, first_index[~is_val], tokens.shape[1]) as capture:
+            trained = lm_train.train_language_model(model, train, val, cfg.model, capture=capture)
+        entropy = lm.unigram_entropy(tokens[~is_val])
+        curve = pl.DataFrame(trained.curve)
         lm.save_embedded_model(model, cfg=cfg.model, vocab_size=vocab_size, context_length=tokens.shape[1],
                                directory=out.scratch)
         curve.write_parquet(out.path("training_curve.parquet"))
@@ -73,6 +79,7 @@ def language_model(context: dg.AssetExecutionContext, settings: RunSettings, sto
         "steps": trained.steps,
         "parameters": sum(p.numel() for p in model.parameters()),
         "training_curve": dg.MetadataValue.md(line_chart_markdown(curve, "step", ["train_loss", "val_loss"])),
+        **capture_io.capture_metadata(capture, trained.train_seconds),
     })
 
 

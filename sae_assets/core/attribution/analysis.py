@@ -1,0 +1,153 @@
+"""The attribution tables: from all captured shifts to parameters, units, tokens and ablations.
+
+`build_tables` takes the concatenated parameter_shifts tables, the capture's tensor layout,
+every training sequence (stable id + tokens), the training split's token frequencies and
+the trained model, and returns the five tables attribution_tables publishes:
+parameter_counts, units, notable_tokens (heuristic.py), ablation_flips and ablation_summary
+(ablation.py) for the `ablation_units` most-attributed units of `ablation_kind` that have a
+notable token, each against a random control unit over the same windows.
+Tests: tests/test_attribution_core.py, tests/test_attribution_assets.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+
+from sae_assets.core import schemas
+from sae_assets.core.attribution import ablation, heuristic, tables
+from sae_assets.core.attribution.tensors import TensorLayout
+from sae_assets.core.config import AttributionConfig
+
+
+class AttributionTables(NamedTuple):
+    parameter_counts: pa.Table
+    units: pa.Table
+    notable_tokens: pa.Table
+    ablation_flips: pa.Table
+    ablation_summary: pa.Table
+
+
+class Corpus(NamedTuple):
+    datum_ids: np.ndarray
+    """(D,) int64 stable ids (first token index) of the rows of tokens."""
+    tokens: np.ndarray
+    """(D, T) token ids of every training sequence."""
+    train_freq: np.ndarray
+    """(V,) token frequencies over the training split."""
+    token_text: Sequence[str]
+    """(V,) readable token strings."""
+
+
+def build_tables(shifts: pl.DataFrame, layout: TensorLayout, corpus: Corpus, model: torch.nn.Module,
+                 cfg: AttributionConfig, *, batch_size: int = 32) -> AttributionTables:
+    units = tables.with_units(shifts, layout)
+    data = tables.unit_data(units)
+    notable = heuristic.unit_notable_tokens(
+        data, corpus.datum_ids, corpus.tokens, corpus.train_freq, corpus.token_text,
+        min_count=cfg.heuristic_min_count, top_relative=cfg.heuristic_top_relative,
+        top_count=cfg.heuristic_top_count)
+    unit_table = tables.unit_attribution(units)
+    flips, summary = ablate_units(model, chosen_units(unit_table, notable, cfg), data, notable, corpus, cfg,
+                                  batch_size=batch_size)
+    return AttributionTables(tables.parameter_counts(units), unit_table, notable, flips, summary)
+
+
+def chosen_units(unit_table: pa.Table, notable: pa.Table, cfg: AttributionConfig) -> list[tuple[str, int, int]]:
+    """The most-attributed units of cfg.ablation_kind with a notable token (units are by data desc)."""
+    with_tokens = set(zip(*(notable.column(c).to_pylist() for c in tables.UNIT)))
+    ranked = zip(*(unit_table.column(c).to_pylist() for c in tables.UNIT))
+    return [u for u in ranked if u[0] == cfg.ablation_kind and u in with_tokens][:cfg.ablation_units]
+
+
+def _windows(data: pl.DataFrame, unit: tuple[str, int, int], limit: int) -> np.ndarray:
+    """The unit's attributed datum ids, most often attributed first (ties: smaller id)."""
+    mine = data.filter((pl.col("unit_kind") == unit[0]) & (pl.col("layer") == unit[1]) & (pl.col("unit") == unit[2]))
+    return mine.sort(["multiplicity", "datum_id"], descending=[True, False])["datum_id"].head(limit).to_numpy()
+
+
+def _units_in_layer(model: torch.nn.Module, kind: str) -> int:
+    return model.cfg.d_mlp if kind == "mlp_neuron" else model.cfg.n_heads
+
+
+def ablate_units(model: torch.nn.Module, units: list[tuple[str, int, int]], data: pl.DataFrame, notable: pa.Table,
+                 corpus: Corpus, cfg: AttributionConfig, *, batch_size: int) -> tuple[pa.Table, pa.Table]:
+    """Flip tables and summary rows: each unit, then its control, over the unit's windows."""
+    vocab, row_of = len(corpus.train_freq), {int(d): i for i, d in enumerate(corpus.datum_ids)}
+    notable_of = {u: set() for u in units}
+    for kind, layer, unit, token in zip(*(notable.column(c).to_pylist() for c in [*tables.UNIT, "token_id"])):
+        notable_of.get((kind, layer, unit), set()).add(token)
+    windows = {key: [row_of[int(d)] for d in _windows(data, key, cfg.ablation_windows)] for key in units}
+    union = sorted({row for rows in windows.values() for row in rows})  # clean predictions once per window
+    clean_all = ablation.predictions(model, torch.from_numpy(corpus.tokens[union].astype(np.int64)), batch_size)
+    position = {row: i for i, row in enumerate(union)}
+    flip_rows, summary_rows = [], []
+    for key, window_rows in windows.items():
+        tokens_WT = torch.from_numpy(corpus.tokens[window_rows].astype(np.int64))
+        clean = clean_all[[position[row] for row in window_rows]].numpy()
+        control = ablation.control_unit(_units_in_layer(model, key[0]), key[1], key[2], cfg.seed)
+        arms = {}
+        for arm, ablated_unit in (("attributed", key[2]), ("control", control)):
+            with ablation.zero_ablated(model, key[0], key[1], ablated_unit):
+                changed = ablation.predictions(model, tokens_WT, batch_size).numpy()
+            arms[arm] = (*ablation.flip_counts(clean, changed, vocab), float((changed != clean).mean()))
+            flip_rows += ablation.flip_rows(arm, (key[0], key[1], ablated_unit), key[2], *arms[arm][:2],
+                                            notable_of[key], corpus.token_text)
+        summary_rows.append((*key, control, len(window_rows), int(clean.size), arms["attributed"][2],
+                             arms["control"][2], len(notable_of[key]),
+                             ablation.notable_proportion(*arms["attributed"][:2], notable_of[key]),
+                             ablation.notable_proportion(*arms["control"][:2], notable_of[key])))
+    return _table(flip_rows, schemas.ablation_flip_schema()), _table(summary_rows, schemas.ablation_summary_schema())
+
+
+def _table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
+    columns = list(zip(*rows)) if rows else [[] for _ in schema.names]
+    return pa.Table.from_arrays([pa.array(list(c), type=f.type) for c, f in zip(columns, schema)], schema=schema)
+
+
+def empty_tables() -> AttributionTables:
+    """The five tables with no rows (nothing was captured)."""
+    return AttributionTables(*(_table([], schema) for schema in (
+        schemas.parameter_count_schema(), schemas.unit_attribution_schema(), schemas.notable_token_schema(),
+        schemas.ablation_flip_schema(), schemas.ablation_summary_schema())))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(float(np.mean(present)), 6) if present else None
+
+
+def summary(built: AttributionTables) -> dict[str, int | float | None]:
+    """Headline facts: sizes, and notable-token flip proportions of attributed vs control units."""
+    rows = built.ablation_summary.to_pylist()
+    pairs = [(r["notable_flip_proportion"], r["control_notable_flip_proportion"]) for r in rows]
+    return {
+        "parameters_in_topk": built.parameter_counts.num_rows, "units_attributed": built.units.num_rows,
+        "units_with_notable_tokens": len(set(zip(*(built.notable_tokens.column(c).to_pylist() for c in tables.UNIT)))),
+        "ablated_units": len(rows),
+        "notable_flip_proportion_mean": _mean([a for a, _ in pairs]),
+        "control_notable_flip_proportion_mean": _mean([b for _, b in pairs]),
+        "units_beating_control": sum(1 for a, b in pairs if a is not None and (b is None or a > b)),
+    }
+
+
+def summary_markdown(built: AttributionTables) -> str:
+    """The ablation summary as a Markdown table, notable tokens spelled out."""
+    tokens: dict[tuple, list[str]] = {}
+    for row in built.notable_tokens.to_pylist():
+        tokens.setdefault((row["unit_kind"], row["layer"], row["unit"]), []).append(repr(row["token"]))
+    lines = ["| unit | notable tokens | flips on notable: unit / control | flip rate: unit / control |",
+             "|---|---|---|---|"]
+    show = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
+    for r in built.ablation_summary.to_pylist():
+        key = (r["unit_kind"], r["layer"], r["unit"])
+        lines.append(f"| L{r['layer']} {r['unit_kind']} {r['unit']} (control {r['control_unit']}) | "
+                     f"{' '.join(tokens.get(key, []))} | {show(r['notable_flip_proportion'])} / "
+                     f"{show(r['control_notable_flip_proportion'])} | {show(r['flip_rate'])} / "
+                     f"{show(r['control_flip_rate'])} |")
+    return "\n".join(lines) if built.ablation_summary.num_rows else "No unit was ablated."

@@ -1,0 +1,132 @@
+"""Model group: parameter_shifts [training step range] and attribution_tables (seed 001).
+
+parameter_shifts[steps-000001-000100] publishes one range of the per-datum shifts that
+language_model captured while training (defs/capture_io.py): `shifts.parquet` (step, datum
+id, rank, tensor, row, column, value) and `steps.parquet` (lr, clip coefficient, loss, the
+sum check and the split of each update). attribution_tables reads every range and writes
+how often each parameter lands in a top-k, the per-unit summary, each unit's notable tokens
+(seed 001's heuristic) and the zero-ablation flip tables against random control units.
+Computation lives in sae_assets.core.attribution. Tests: tests/test_attribution_assets.py.
+"""
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pyarrow.compute as pc
+
+from resources import ArtifactStorage, RunSettings
+from sae_assets.core import lm
+from sae_assets.core.attribution import analysis, tables
+from sae_assets.core.attribution.tensors import TensorLayout
+from sae_assets.defs import capture_io
+from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.corpus_assets import load_tokenizer, token_shards, tokenizer
+from sae_assets.defs.model_assets import language_model, load_all_sequences, load_language_model
+from sae_assets.defs.partitions import STEP_RANGES, shard_keys, step_range, step_range_keys
+
+SHIFTS_FILE, STEPS_FILE = "shifts.parquet", "steps.parquet"
+TABLE_FILES = ("parameter_counts.parquet", "units.parquet", "notable_tokens.parquet", "ablation_flips.parquet",
+               "ablation_summary.parquet")
+
+
+def _check_settings(cfg, facts: dict, where: str) -> None:
+    wanted = cfg.attribution.capture_settings()
+    stale = [key for key in wanted if facts.get(key) != wanted[key]]
+    if stale:
+        raise ValueError(f"{where}: language_model was captured with "
+                         f"{', '.join(f'attribution.{k}={facts.get(k)!r}' for k in stale)} but the config says "
+                         f"{', '.join(f'{wanted[k]!r}' for k in stale)}; rematerialize language_model")
+
+
+@dg.asset(
+    group_name="model",
+    partitions_def=STEP_RANGES,
+    deps=[language_model],
+    code_version="1",
+    description="Per-datum parameter shifts captured while language_model trained, one training step range: "
+    "the top-k |shift| of every datum at every step, and a per-step table with the sum check.",
+)
+def parameter_shifts(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    cfg = settings.load()
+    store = storage.store()
+    key = context.partition_key
+    start, end = step_range(key)
+    lm_manifest = store.require("language_model", None)
+    raw, steps, layout, facts = capture_io.read_range(store, lm_manifest, start, end, key)
+    _check_settings(cfg, facts, f"parameter_shifts[{key}]")
+    shifts = tables.publish_shifts(raw, layout, facts["top_k"])
+    with store.writer("parameter_shifts", key, config_hash=cfg.section_hash("attribution"), code_version="1",
+                      upstream={"language_model": lm_manifest.data_version}) as out:
+        capture_io.write_table(out, SHIFTS_FILE, shifts)
+        capture_io.write_table(out, STEPS_FILE, steps)
+        out.extra.update(first_step=start, last_step=end, top_k=facts["top_k"], tensors=layout.names,
+                         optimizer=facts["optimizer"])
+    data = steps.num_rows * facts["batch_size"]
+    return result(out.manifest, store, {
+        "steps": steps.num_rows, "data": data,
+        "bytes_per_datum": dg.MetadataValue.float(out.manifest.files[SHIFTS_FILE].size / data),
+        "sum_check_error_max": dg.MetadataValue.float(pc.max(steps.column("sum_check_error")).as_py()),
+        "topk_mass_mean": dg.MetadataValue.float(pc.mean(steps.column("topk_mass")).as_py()),
+        "mean_loss": dg.MetadataValue.float(pc.mean(steps.column("loss")).as_py()),
+    }, content_version=True)
+
+
+def _corpus(store, context, upstream: dict, cfg) -> analysis.Corpus:
+    """Every training sequence (the data) with its id, the training token frequencies, token texts."""
+    tokens_ST, first_S, shard_versions = load_all_sequences(store, shard_keys(context.instance))
+    tok, tok_manifest = load_tokenizer(store)
+    upstream.update(shard_versions, tokenizer=tok_manifest.data_version)
+    train = ~lm.split_is_validation(first_S, cfg.model.val_fraction, cfg.model.seed)
+    vocab = tok_manifest.extra["vocab_size"]
+    counts = np.bincount(tokens_ST[train].reshape(-1).astype(np.int64), minlength=vocab)
+    return analysis.Corpus(first_S[train], tokens_ST[train], counts / max(counts.sum(), 1),
+                           [tok.decode([i]) for i in range(vocab)])
+
+
+def _shifts(store, context, lm_manifest, upstream: dict) -> pl.DataFrame:
+    keys = step_range_keys(context.instance)
+    if not keys:
+        raise ValueError("attribution_tables: no parameter_shifts step ranges exist; sync partitions "
+                         "(sync_partitions / make demo) after turning attribution.capture on")
+    manifests, versions = read_upstream(store, "parameter_shifts", keys)
+    for manifest in manifests:
+        if manifest.upstream.get("language_model") != lm_manifest.data_version:
+            raise ValueError(f"parameter_shifts[{manifest.partition}] was built from another language_model; "
+                             "rematerialize it before attribution_tables")
+    upstream.update(versions)
+    return pl.concat([pl.read_parquet(store.fetch(m, SHIFTS_FILE)) for m in manifests])
+
+
+@dg.asset(
+    group_name="model",
+    deps=[dg.AssetDep(parameter_shifts, partition_mapping=dg.AllPartitionMapping()), language_model,
+          dg.AssetDep(token_shards, partition_mapping=dg.AllPartitionMapping()), tokenizer],
+    code_version="1",
+    description="Training-data attribution: how often each parameter lands in a datum's top-k shifts, units "
+    "(MLP neurons, heads), their notable tokens (seed 001's heuristic) and zero-ablation prediction flips "
+    "against random control units.",
+)
+def attribution_tables(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    cfg = settings.load()
+    store = storage.store()
+    lm_manifest = store.require("language_model", None)
+    upstream = {"language_model": lm_manifest.data_version}
+    if not cfg.attribution.capture or cfg.model.kind != "embedded":
+        built, note = analysis.empty_tables(), "no capture (attribution.capture off or a named model)"
+    else:
+        facts = capture_io.captured(lm_manifest)
+        _check_settings(cfg, facts, "attribution_tables")
+        shifts = _shifts(store, context, lm_manifest, upstream)
+        corpus = _corpus(store, context, upstream, cfg)
+        model, _ = load_language_model(store, device=cfg.model.device)
+        built = analysis.build_tables(shifts, TensorLayout.from_json(facts["layout"]), corpus, model,
+                                      cfg.attribution, batch_size=cfg.activations.batch_size)
+        note = f"{shifts.height} shifts from {len(step_range_keys(context.instance))} step ranges"
+    with store.writer("attribution_tables", None, config_hash=cfg.section_hash("attribution"), code_version="1",
+                      upstream=upstream) as out:
+        for name, table in zip(TABLE_FILES, built):
+            capture_io.write_table(out, name, table)
+        out.extra.update(analysis.summary(built))
+    return result(out.manifest, store, {"source": note, **analysis.summary(built),
+                                        "ablation_summary": dg.MetadataValue.md(analysis.summary_markdown(built))},
+                  content_version=True)
