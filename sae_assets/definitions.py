@@ -7,6 +7,9 @@ is built from its `storage` section.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 
 import dagster as dg
@@ -15,11 +18,13 @@ from resources import ArtifactStorage, RunSettings
 from sae_assets.core.config import RunConfig, load_config
 from sae_assets.defs import (
     activation_assets,
+    attribution_assets,
     corpus_assets,
     dictionary_assets,
     feature_assets,
     metrics_assets,
     model_assets,
+    sensors,
     shuffle_assets,
 )
 
@@ -30,6 +35,8 @@ ALL_ASSETS = [
     corpus_assets.tokenizer,
     corpus_assets.token_shards,
     model_assets.language_model,
+    attribution_assets.parameter_shifts,
+    attribution_assets.attribution_tables,
     activation_assets.cached_activations,
     shuffle_assets.shuffle_scatter,
     shuffle_assets.shuffled_shards,
@@ -40,10 +47,40 @@ ALL_ASSETS = [
 ALL_CHECKS = [shuffle_assets.shuffle_is_permutation]
 
 
+# The config sections that decide each asset's own output. Their hash joins the asset's
+# code_version, so editing a value marks exactly the assets that read it stale in Dagster
+# (their children follow once they are rematerialized and their data versions change).
+CONFIG_SECTIONS = {
+    "corpus_shards": ("corpus",), "tokenizer": ("corpus", "tokenizer"), "token_shards": ("corpus", "tokenizer"),
+    "language_model": ("model", "tokenizer"), "parameter_shifts": ("model", "attribution"),
+    "attribution_tables": ("model", "attribution"), "cached_activations": ("activations",),
+    "shuffle_scatter": ("shuffle",), "shuffled_shards": ("shuffle",), "sae_dictionary": ("sae",),
+    "sae_metrics": ("sae",), "feature_samples": ("features",), "feature_examples": ("features",),
+    "context_gather": ("features",), "context_windows": ("features",), "site_json": ("features",),
+    "feature_site": ("features",), "neuronpedia_export": ("features", "model"),
+}
+PER_PARTITION_KEYS = {"sae": ("sweep",)}
+"""Keys left out of the hash because each partition carries its own part (a sweep point)."""
+
+
+def config_code_version(asset: dg.AssetsDefinition, config: RunConfig) -> str:
+    """`<code_version>+cfg.<hash of the asset's config sections>`."""
+    name = asset.key.to_user_string()
+    sections = {}
+    for section in CONFIG_SECTIONS.get(name, ()):
+        values = dataclasses.asdict(getattr(config, section))
+        sections[section] = {k: v for k, v in values.items() if k not in PER_PARTITION_KEYS.get(section, ())}
+    digest = hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{asset.code_versions_by_key[asset.key] or '0'}+cfg.{digest}"
+
+
 def graph_assets(config: RunConfig) -> list[dg.AssetsDefinition]:
-    """Every asset of a run: ALL_ASSETS, then the feature browser of features.dictionary."""
-    return [*ALL_ASSETS, *feature_assets.build_feature_assets(config.feature_dictionary.key,
-                                                               neuronpedia=config.features.neuronpedia_export)]
+    """Every asset of a run: ALL_ASSETS, then the feature browser of features.dictionary, each
+    with the config's hash in its code version."""
+    assets = [*ALL_ASSETS, *feature_assets.build_feature_assets(config.feature_dictionary.key,
+                                                                 neuronpedia=config.features.neuronpedia_export)]
+    return [a.map_asset_specs(lambda spec, a=a: spec.replace_attributes(code_version=config_code_version(a, config)))
+            for a in assets]
 
 
 def build_resources(config_path: str | None) -> dict[str, dg.ConfigurableResource]:
@@ -53,7 +90,7 @@ def build_resources(config_path: str | None) -> dict[str, dg.ConfigurableResourc
 
 def build_definitions(config_path: str | None = None) -> dg.Definitions:
     return dg.Definitions(assets=graph_assets(load_config(config_path)), asset_checks=ALL_CHECKS,
-                          resources=build_resources(config_path))
+                          sensors=[sensors.corpus_growth], resources=build_resources(config_path))
 
 
 defs = build_definitions(os.environ.get(CONFIG_ENV_VAR) or None)

@@ -16,7 +16,7 @@ import dagster as dg
 from dagster._core.errors import DagsterAssetCheckFailedError  # not re-exported at the top level
 
 from sae_assets.core.config import load_config
-from sae_assets.defs.partitions import partition_keys, sync_partitions
+from sae_assets.defs.partitions import partition_keys, sync_partitions, training_shard_keys
 from sae_assets.definitions import ALL_CHECKS, CONFIG_ENV_VAR, build_resources, graph_assets
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -37,6 +37,8 @@ def materialize_all(instance: dg.DagsterInstance, config_path: str | None, *, lo
         name = asset.key.to_user_string()
         started = time.perf_counter()
         keys = partition_keys(asset.partitions_def, instance)
+        if name == "shuffle_scatter":  # the shuffle feeds dictionary training: training shards only
+            keys = training_shard_keys(instance, config)
         for key in keys:
             try:
                 dg.materialize(definitions, selection=dg.AssetSelection.assets(asset) - dg.AssetSelection.checks(*ALL_CHECKS),

@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sae_assets.definitions import ALL_ASSETS, ALL_CHECKS, defs
+import dagster as dg
+
+from sae_assets.core.config import load_config
+from sae_assets.definitions import ALL_CHECKS, defs, graph_assets
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUPS = {"corpus", "model", "activations", "dictionary"}
+GROUPS = {"corpus", "model", "activations", "dictionary", "features"}
 
 
 def test_definitions_hold_every_asset_with_group_description_and_code_version():
@@ -16,7 +19,7 @@ def test_definitions_hold_every_asset_with_group_description_and_code_version():
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert {"corpus_shards", "tokenizer", "token_shards", "language_model", "cached_activations",
             "shuffle_scatter", "shuffled_shards", "sae_dictionary", "sae_metrics"} <= keys
-    for asset in ALL_ASSETS:
+    for asset in graph_assets(load_config()):
         for key in asset.keys:
             assert asset.group_names_by_key[key] in GROUPS
             assert asset.descriptions_by_key.get(key), f"{key} has no description"
@@ -33,6 +36,41 @@ def test_lineage_follows_the_design():
     assert parents["shuffled_shards"] == {"shuffle_scatter"}
     assert parents["sae_dictionary"] == {"shuffled_shards"}
     assert "sae_dictionary" in parents["sae_metrics"]
+    assert parents["feature_samples"] == {"cached_activations", "sae_dictionary", "sae_metrics"}
+    assert parents["feature_examples"] == {"feature_samples"}
+    assert parents["context_gather"] == {"cached_activations", "token_shards", "feature_examples"}
+    assert parents["context_windows"] == {"feature_examples", "context_gather", "sae_dictionary", "sae_metrics"}
+    assert parents["feature_site"] == {"site_json"}
+
+
+def code_versions(overrides: dict) -> dict[str, str]:
+    return {a.key.to_user_string(): a.code_versions_by_key[a.key] for a in graph_assets(load_config(overrides=overrides))}
+
+
+def test_a_config_value_changes_the_code_version_of_exactly_the_assets_that_read_it():
+    base = code_versions({})
+    changed = {"features": {"top_k": 7}}
+    after = code_versions(changed)
+    differ = {name for name in base if base[name] != after[name]}
+    assert differ == {"feature_samples", "feature_examples", "context_gather", "context_windows", "site_json",
+                      "feature_site"}
+    after = code_versions({"shuffle": {"seed": 3}})
+    assert {name for name in base if base[name] != after[name]} == {"shuffle_scatter", "shuffled_shards"}
+    # A new sweep point is a new partition, not a change to the existing ones.
+    sweep = [{"architecture": "relu", "width": 1024, "sparsity": 5}, {"architecture": "topk", "width": 1024, "sparsity": 32},
+             {"architecture": "topk", "width": 2048, "sparsity": 64}]
+    assert code_versions({"sae": {"sweep": sweep}}) == base
+
+
+def test_local_instance_config_limits_the_model_pool(tmp_path):
+    (tmp_path / "dagster.yaml").write_text((ROOT / "deploy" / "dagster-local.yaml").read_text())
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        concurrency = instance.get_concurrency_config()
+        assert concurrency.pool_config.default_pool_limit == 1
+        assert concurrency.run_queue_config.max_concurrent_runs == 4
+    pools = {a.key.to_user_string(): a.op.pool for a in graph_assets(load_config()) if a.op.pool}
+    assert {"cached_activations", "sae_dictionary", "sae_metrics", "site_json"} <= {k for k, v in pools.items()
+                                                                                    if v == "model"}
 
 
 def test_workspace_yaml_loads_the_code_location(tmp_path):

@@ -177,6 +177,29 @@ def load_documents(cfg: CorpusConfig) -> list[Document]:
     return docs
 
 
+def shard_count(cfg: CorpusConfig) -> int:
+    """How many shards the corpus has now: num_shards, or (documents_per_shard) from listing it."""
+    if not cfg.documents_per_shard:
+        return cfg.num_shards
+    return len(fixed_shard_bounds(len(load_documents(cfg)), cfg.documents_per_shard)) - 1
+
+
+def fixed_shard_bounds(num_documents: int, documents_per_shard: int) -> np.ndarray:
+    """(S + 1,) offsets of shards of `documents_per_shard` documents (the last may be short):
+    appending documents never moves a boundary, it only fills the last shard and adds new ones."""
+    if num_documents < 1:
+        raise CorpusError("the corpus has no documents to shard")
+    return np.minimum(np.arange(0, num_documents + documents_per_shard, documents_per_shard), num_documents)[
+        : -(-num_documents // documents_per_shard) + 1]
+
+
+def corpus_shard_bounds(cfg: CorpusConfig, doc_lengths: np.ndarray) -> np.ndarray:
+    """The shard offsets the config asks for: fixed-size shards, or num_shards balanced ones."""
+    if cfg.documents_per_shard:
+        return fixed_shard_bounds(len(doc_lengths), cfg.documents_per_shard)
+    return shard_bounds(doc_lengths, cfg.num_shards)
+
+
 def shard_bounds(doc_lengths: np.ndarray, num_shards: int) -> np.ndarray:
     """(num_shards + 1,) document offsets cutting the ordered documents into contiguous shards
     of about equal character count. Raises when a shard would be empty."""

@@ -18,7 +18,7 @@ from resources import ArtifactStorage, RunSettings
 from resources.arrow_files import write_ipc_file
 from sae_assets.core import corpus, schemas, tokenization
 from sae_assets.defs.common import read_upstream, result
-from sae_assets.defs.partitions import SHARDS, shard_index, shard_keys
+from sae_assets.defs.partitions import SHARDS, shard_index, training_shard_keys
 
 
 @dg.asset(
@@ -30,10 +30,11 @@ from sae_assets.defs.partitions import SHARDS, shard_index, shard_keys
 def corpus_shards(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
     cfg = settings.load()
     index = shard_index(context.partition_key)
-    if index >= cfg.corpus.num_shards:
-        raise ValueError(f"partition {context.partition_key} is beyond corpus.num_shards={cfg.corpus.num_shards}")
     docs = corpus.load_documents(cfg.corpus)
-    bounds = corpus.shard_bounds(np.array([len(d.text) for d in docs]), cfg.corpus.num_shards)
+    bounds = corpus.corpus_shard_bounds(cfg.corpus, np.array([len(d.text) for d in docs]))
+    if index >= len(bounds) - 1:
+        raise ValueError(f"partition {context.partition_key} is beyond the corpus's {len(bounds) - 1} shards "
+                         f"(corpus.num_shards / corpus.documents_per_shard)")
     mine = docs[bounds[index] : bounds[index + 1]]
     table = pa.Table.from_pylist([d._asdict() for d in mine], schema=schemas.corpus_schema())
     store = storage.store()
@@ -60,7 +61,7 @@ def tokenizer(context: dg.AssetExecutionContext, settings: RunSettings, storage:
     store = storage.store()
     started = time.perf_counter()
     if cfg.tokenizer.kind == "bpe":
-        manifests, upstream = read_upstream(store, "corpus_shards", shard_keys(context.instance))
+        manifests, upstream = read_upstream(store, "corpus_shards", training_shard_keys(context.instance, cfg))
         texts = [text for m in manifests for text in _read_documents(store, m)]
         trained = tokenization.train_bpe(texts, cfg.tokenizer.vocab_size)
         tokenizer_json, eos_id = trained.to_str(), tokenization.end_of_text_id(trained)

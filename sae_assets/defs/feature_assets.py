@@ -16,6 +16,7 @@ metric checks failed is refused (features.require_passing_checks).
 
 import json
 import time
+import warnings
 
 import dagster as dg
 import pyarrow as pa
@@ -102,6 +103,13 @@ def _cell(shard: str, feature_range: str) -> dg.MultiPartitionKey:
     return dg.MultiPartitionKey({"shard": shard, "features": feature_range})
 
 
+def _dimension(name: str) -> dg.MultiToSingleDimensionPartitionMapping:
+    """The mapping between SHARD_FEATURES and one of its dimensions (Dagster marks it beta)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.MultiToSingleDimensionPartitionMapping(name)
+
+
 def _dictionary_deps(key: str) -> list[dg.AssetDep]:
     only = dg.SpecificPartitionsPartitionMapping([key])
     return [dg.AssetDep(sae_dictionary, partition_mapping=only), dg.AssetDep("sae_metrics", partition_mapping=only)]
@@ -113,9 +121,16 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
     """The feature assets for the dictionary `dictionary_key` (features.dictionary)."""
     dictionary = _dictionary_deps(dictionary_key)
 
+    def range_inputs(store, cfg: RunConfig, frange: str):
+        """(SAE, lo, hi, feature_examples manifest, upstream versions) of a feature-range partition."""
+        sae, _, upstream = browsed_dictionary(store, cfg, cfg.features.device)
+        lo, hi = range_of(frange, sae, dictionary_key)
+        [examples], versions = read_upstream(store, "feature_examples", [frange])
+        return sae, lo, hi, examples, {**upstream, **versions}
+
     @dg.asset(
         name="feature_samples", group_name="features", partitions_def=SHARD_FEATURES, code_version="1",
-        deps=[dg.AssetDep(cached_activations, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("shard")),
+        deps=[dg.AssetDep(cached_activations, partition_mapping=_dimension("shard")),
               *dictionary],
         description="For each feature of the range over the shard's tokens: exact top-K activations (ties by "
         "global token index), a uniform bottom-k-by-hash sample of activating tokens, count/sum/max and a "
@@ -146,7 +161,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
 
     @dg.asset(
         name="feature_examples", group_name="features", partitions_def=FEATURE_RANGES, code_version="1",
-        deps=[dg.AssetDep(feature_samples, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("features"))],
+        deps=[dg.AssetDep(feature_samples, partition_mapping=_dimension("features"))],
         description="The exact merge of every shard's feature_samples for the range (independent of sharding), "
         "and the examples each feature page shows. Its data version is the merged content's hash.",
     )
@@ -216,9 +231,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
     def context_windows(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
         cfg, store = settings.load(), storage.store()
         frange = context.partition_key
-        sae, _, upstream = browsed_dictionary(store, cfg, cfg.features.device)
-        lo, hi = range_of(frange, sae, dictionary_key)
-        [examples], versions = read_upstream(store, "feature_examples", [frange])
+        sae, lo, hi, examples, upstream = range_inputs(store, cfg, frange)
         gathers, gather_versions = read_upstream(store, "context_gather", shard_keys(context.instance))
         _check_gathers_current(gathers, frange, examples)
         shown = pq.read_table(store.fetch(examples, SHOWN_FILE))
@@ -227,14 +240,14 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             [open_ipc_table(store.fetch(g, f"tokens-{frange}.arrow")) for g in gathers],
             lambda x: sae.encode_range(x, lo, hi), lo=lo, hi=hi, batch_size=cfg.features.batch_size,
             device=cfg.features.device, where=f"context_windows[{frange}]")
-        with store.writer("context_windows", frange, upstream={**upstream, **versions, **gather_versions},
+        with store.writer("context_windows", frange, upstream={**upstream, **gather_versions},
                           config_hash=shown_digest(cfg)) as out:
             pq.write_table(windows, out.path(WINDOWS_FILE))
             out.describe_table(WINDOWS_FILE, rows=windows.num_rows)
         return result(out.manifest, store, {"windows": windows.num_rows})
 
     @dg.asset(
-        name="site_json", group_name="features", partitions_def=FEATURE_RANGES, code_version="1",
+        name="site_json", group_name="features", partitions_def=FEATURE_RANGES, code_version="1", pool="model",
         deps=[feature_examples, context_windows, language_model, tokenizer, *dictionary],
         description="One JSON document per feature (density, max, histogram, top/random/per-level examples "
         "with context, logit effects of the decoder direction) and the range's index rows.",
@@ -242,9 +255,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
     def site_json(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
         cfg, store = settings.load(), storage.store()
         frange = context.partition_key
-        sae, _, upstream = browsed_dictionary(store, cfg, cfg.features.device)
-        lo, hi = range_of(frange, sae, dictionary_key)
-        [examples], versions = read_upstream(store, "feature_examples", [frange])
+        sae, lo, hi, examples, upstream = range_inputs(store, cfg, frange)
         [windows], window_versions = read_upstream(store, "context_windows", [frange])
         samples = read_samples(store, examples)
         model, model_manifest = load_language_model(store, device=cfg.features.device)
@@ -255,7 +266,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             samples, pq.read_table(store.fetch(examples, SHOWN_FILE)),
             pq.read_table(store.fetch(windows, WINDOWS_FILE)), site_data.token_strings(tok), logits=logits,
             activation_levels=cfg.features.activation_levels, dictionary=dictionary_key)
-        upstream.update(versions, **window_versions, language_model=model_manifest.data_version,
+        upstream.update(window_versions, language_model=model_manifest.data_version,
                         tokenizer=tok_manifest.data_version)
         with store.writer("site_json", frange, upstream=upstream, config_hash=shown_digest(cfg)) as out:
             rows = []

@@ -21,7 +21,7 @@ from sae_assets.defs.common import result
 from sae_assets.defs.corpus_assets import token_shards
 from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary
 from sae_assets.defs.model_assets import language_model, load_all_sequences, load_language_model
-from sae_assets.defs.partitions import DICTIONARIES, shard_keys
+from sae_assets.defs.partitions import DICTIONARIES, training_shard_keys
 from sae_assets.defs.plots import bar_chart_markdown
 
 DEAD_CHECK = "dead_fraction_below_threshold"
@@ -52,7 +52,7 @@ def sae_metrics_asset(context: dg.AssetExecutionContext, settings: RunSettings, 
     sae, sae_manifest = load_dictionary(store, key, device=device)
     model, model_manifest = load_language_model(store, device=device)
     hook = sae_manifest.extra["hook"]
-    tokens_ST, first_S, upstream = load_all_sequences(store, shard_keys(context.instance))
+    tokens_ST, first_S, upstream = load_all_sequences(store, training_shard_keys(context.instance, cfg))
     eval_ST = sae_data.heldout_sequences(tokens_ST, first_S, val_fraction=cfg.model.val_fraction,
                                          seed=cfg.model.seed, limit=cfg.sae.eval_sequences)
     upstream.update({f"sae_dictionary[{key}]": sae_manifest.data_version, "language_model": model_manifest.data_version})

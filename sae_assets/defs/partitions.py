@@ -4,11 +4,13 @@ Shards (`shard-0000`, ...), shuffle buckets (`bucket-0000`, ...), dictionaries (
 point, `relu-w1024-l1_5`) and feature ranges of the browsed dictionary (`features-00000-00255`,
 inclusive bounds) are dynamic partitions: `sync_partitions` makes them match the config, so
 growing the corpus adds partitions without touching the old ones. SHARD_FEATURES crosses
-shards with feature ranges (keys like `features-00000-00255|shard-0000`).
+shards with feature ranges (keys like `features-00000-00255|shard-0000`). Training step ranges
+(`steps-000001-000100`, inclusive, 1-based) partition parameter_shifts when attribution.capture is on.
 """
 
 import dagster as dg
 
+from sae_assets.core import corpus
 from sae_assets.core.config import RunConfig
 
 SHARDS = dg.DynamicPartitionsDefinition(name="shards")
@@ -76,6 +78,12 @@ def shard_keys(instance: dg.DagsterInstance) -> list[str]:
     return sorted(instance.get_dynamic_partitions(SHARDS.name), key=shard_index)
 
 
+def training_shard_keys(instance: dg.DagsterInstance, config: RunConfig) -> list[str]:
+    """The shards that train the tokenizer, model and dictionaries: the first corpus.training_shards."""
+    keys = shard_keys(instance)
+    return keys[: config.corpus.training_shards] if config.corpus.training_shards else keys
+
+
 def bucket_keys(instance: dg.DagsterInstance) -> list[str]:
     return sorted(instance.get_dynamic_partitions(BUCKETS.name), key=bucket_index)
 
@@ -90,7 +98,8 @@ def partition_keys(partitions_def: dg.PartitionsDefinition | None, instance: dg.
         return [None]
     if isinstance(partitions_def, dg.DynamicPartitionsDefinition):
         listing = {SHARDS.name: shard_keys, BUCKETS.name: bucket_keys,
-                   FEATURE_RANGES.name: feature_range_keys}.get(partitions_def.name)
+                   FEATURE_RANGES.name: feature_range_keys,
+                   STEP_RANGES.name: step_range_keys}.get(partitions_def.name)
         return listing(instance) if listing else sorted(instance.get_dynamic_partitions(partitions_def.name))
     if partitions_def is SHARD_FEATURES:  # feature range by feature range, shards in order
         return [dg.MultiPartitionKey({"shard": s, "features": f})
@@ -108,12 +117,51 @@ def _sync(instance: dg.DagsterInstance, kind: str, wanted: list[str]) -> list[st
     return missing
 
 
-def sync_partitions(instance: dg.DagsterInstance, config: RunConfig) -> dict[str, list[str]]:
-    """Make the shard, bucket and dictionary partitions match the config; returns the keys added."""
+def sync_partitions(instance: dg.DagsterInstance, config: RunConfig, *, num_shards: int | None = None) -> dict[str, list[str]]:
+    """Make the shard, bucket, dictionary and feature-range partitions match the config; returns
+    the keys added. `num_shards` defaults to corpus.shard_count (which lists a growing corpus)."""
+    if num_shards is None:
+        num_shards = corpus.shard_count(config.corpus)
     return {
-        SHARDS.name: _sync(instance, SHARDS.name, [shard_key(i) for i in range(config.corpus.num_shards)]),
+        SHARDS.name: _sync(instance, SHARDS.name, [shard_key(i) for i in range(num_shards)]),
         BUCKETS.name: _sync(instance, BUCKETS.name, [bucket_key(i) for i in range(config.shuffle.num_buckets)]),
         DICTIONARIES.name: _sync(instance, DICTIONARIES.name, [p.key for p in config.sae.sweep]),
         FEATURE_RANGES.name: _sync(instance, FEATURE_RANGES.name,
                                    feature_range_keys_for(config.feature_dictionary.width, config.features.range_width)),
+        STEP_RANGES.name: _sync(instance, STEP_RANGES.name, step_range_keys_for(config)),
     }
+
+
+# --- training step ranges (parameter_shifts) ----------------------------------------------------
+
+STEP_RANGES = dg.DynamicPartitionsDefinition(name="step_ranges")
+"""Consecutive ranges of attribution.steps_per_range training steps of the embedded model."""
+_STEP_PREFIX = "steps-"
+
+
+def step_range_key(start: int, end: int) -> str:
+    """The partition key of training steps start..end (1-based, inclusive): `steps-000001-000100`."""
+    return f"{_STEP_PREFIX}{start:06d}-{end:06d}"
+
+
+def step_range(key: str) -> tuple[int, int]:
+    """(start, end) of a step-range partition key."""
+    parts = key[len(_STEP_PREFIX):].split("-") if key.startswith(_STEP_PREFIX) else []
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 1 <= int(parts[0]) <= int(parts[1]):
+        raise ValueError(f"partition key {key!r} is not a training step range like {step_range_key(1, 100)!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def step_range_keys(instance: dg.DagsterInstance) -> list[str]:
+    return sorted(instance.get_dynamic_partitions(STEP_RANGES.name), key=step_range)
+
+
+def step_range_keys_for(config: RunConfig) -> list[str]:
+    """The ranges of the configured training run; none unless an embedded model is captured."""
+    if not config.attribution.capture or config.model.kind != "embedded":
+        return []
+    from sae_assets.core.attribution.records import step_ranges
+    from sae_assets.core.lm_train import training_steps
+
+    steps = training_steps(config.model, config.tokenizer.context_length)
+    return [step_range_key(a, b) for a, b in step_ranges(steps, config.attribution.steps_per_range)]

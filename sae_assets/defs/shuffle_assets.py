@@ -17,7 +17,7 @@ from sae_assets.core import activations, schemas
 from sae_assets.core import shuffle as sh
 from sae_assets.defs.activation_assets import ACTIVATIONS_FILE, cached_activations
 from sae_assets.defs.common import read_upstream, result
-from sae_assets.defs.partitions import BUCKETS, SHARDS, bucket_index, bucket_keys, shard_index, shard_keys
+from sae_assets.defs.partitions import BUCKETS, SHARDS, bucket_index, bucket_keys, shard_index, training_shard_keys
 
 SHUFFLED_FILE = "shuffled.arrow"
 FULL_PERMUTATION_CHECK_MAX_ROWS = 200_000_000  # beyond this the check relies on checksums (16 B/row)
@@ -48,9 +48,12 @@ def consistent_inputs(store, manifests) -> dict:
 def shuffle_scatter(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
     cfg = settings.load()
     store = storage.store()
-    shards = shard_keys(context.instance)
+    shards = training_shard_keys(context.instance, cfg)
     manifests, upstream = read_upstream(store, "cached_activations", shards)
     consistent_inputs(store, manifests)
+    if context.partition_key not in shards:
+        raise ValueError(f"shuffle_scatter[{context.partition_key}]: the shuffle feeds dictionary training, which "
+                         f"uses the first corpus.training_shards={cfg.corpus.training_shards} shards only")
     job = shards.index(context.partition_key)
     num_buckets = cfg.shuffle.num_buckets
     counts_NK = sh.bucket_count_table([m.total_rows for m in manifests], num_buckets, cfg.shuffle.seed)
@@ -84,7 +87,7 @@ def shuffled_shards(context: dg.AssetExecutionContext, settings: RunSettings, st
     bucket = bucket_index(context.partition_key)
     if bucket >= cfg.shuffle.num_buckets:
         raise ValueError(f"partition {context.partition_key} is beyond shuffle.num_buckets={cfg.shuffle.num_buckets}")
-    manifests, upstream = read_upstream(store, "shuffle_scatter", shard_keys(context.instance))
+    manifests, upstream = read_upstream(store, "shuffle_scatter", training_shard_keys(context.instance, cfg))
     pieces = [open_ipc_table(store.fetch(m, bucket_file(bucket))) for m in manifests]
     expected = sh.combine_checksums(*(sh.source_checksum(p.column(schemas.TOKEN_INDEX).to_numpy()) for p in pieces))
     budget = int(cfg.shuffle.memory_budget_mb * 2**20)
@@ -111,7 +114,7 @@ def shuffle_is_permutation(context: dg.AssetCheckExecutionContext, settings: Run
                            storage: ArtifactStorage) -> dg.AssetCheckResult:
     store = storage.store()
     cfg = settings.load()
-    inputs, _ = read_upstream(store, "cached_activations", shard_keys(context.instance))
+    inputs, _ = read_upstream(store, "cached_activations", training_shard_keys(context.instance, cfg))
     wanted = [k for k in bucket_keys(context.instance) if bucket_index(k) < cfg.shuffle.num_buckets]
     missing = [k for k in wanted if store.manifest("shuffled_shards", k) is None]
     if missing:
