@@ -41,6 +41,8 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 bench: install
 	$(PY) bench/demo_walltime.py
 	$(PY) bench/lm_train_overhead.py
+	$(PY) bench/capture_overhead.py
+	$(PY) bench/feature_sampling.py
 
 clean:
 	rm -rf .data

@@ -11,7 +11,7 @@ import dagster as dg
 from resources import ArtifactStorage, RunSettings
 from resources.arrow_files import open_ipc_table, write_ipc_file
 from sae_assets.core import activations, lm, schemas, tokenization
-from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.common import asset_code_version, read_upstream, result
 from sae_assets.defs.corpus_assets import token_shards
 from sae_assets.defs.model_assets import language_model, load_language_model
 from sae_assets.defs.partitions import SHARDS
@@ -40,7 +40,7 @@ def cached_activations(context: dg.AssetExecutionContext, settings: RunSettings,
     stats = activations.ActivationStats()
     where = f"cached_activations[{context.partition_key}]"
     started = time.perf_counter()
-    with store.writer("cached_activations", context.partition_key, upstream=upstream,
+    with store.writer("cached_activations", context.partition_key, code_version=asset_code_version(context), upstream=upstream,
                       config_hash=settings.load().section_hash("activations")) as out:
         batches = activations.cache_activations(
             model, tokens_ST, first_S, hook_points=cfg.hook_points, dtype=cfg.dtype, batch_size=cfg.batch_size,

@@ -19,10 +19,10 @@ from sae_assets.core import lm
 from sae_assets.core.attribution import analysis, tables
 from sae_assets.core.attribution.tensors import TensorLayout
 from sae_assets.defs import capture_io
-from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.common import asset_code_version, read_upstream, result
 from sae_assets.defs.corpus_assets import load_tokenizer, token_shards, tokenizer
 from sae_assets.defs.model_assets import language_model, load_all_sequences, load_language_model
-from sae_assets.defs.partitions import STEP_RANGES, shard_keys, step_range, step_range_keys
+from sae_assets.defs.partitions import STEP_RANGES, step_range, step_range_keys, training_shard_keys
 
 SHIFTS_FILE, STEPS_FILE = "shifts.parquet", "steps.parquet"
 TABLE_FILES = ("parameter_counts.parquet", "units.parquet", "notable_tokens.parquet", "ablation_flips.parquet",
@@ -55,7 +55,7 @@ def parameter_shifts(context: dg.AssetExecutionContext, settings: RunSettings, s
     raw, steps, layout, facts = capture_io.read_range(store, lm_manifest, start, end, key)
     _check_settings(cfg, facts, f"parameter_shifts[{key}]")
     shifts = tables.publish_shifts(raw, layout, facts["top_k"])
-    with store.writer("parameter_shifts", key, config_hash=cfg.section_hash("attribution"), code_version="1",
+    with store.writer("parameter_shifts", key, code_version=asset_code_version(context), config_hash=cfg.section_hash("attribution"),
                       upstream={"language_model": lm_manifest.data_version}) as out:
         capture_io.write_table(out, SHIFTS_FILE, shifts)
         capture_io.write_table(out, STEPS_FILE, steps)
@@ -73,7 +73,7 @@ def parameter_shifts(context: dg.AssetExecutionContext, settings: RunSettings, s
 
 def _corpus(store, context, upstream: dict, cfg) -> analysis.Corpus:
     """Every training sequence (the data) with its id, the training token frequencies, token texts."""
-    tokens_ST, first_S, shard_versions = load_all_sequences(store, shard_keys(context.instance))
+    tokens_ST, first_S, shard_versions = load_all_sequences(store, training_shard_keys(context.instance, cfg))
     tok, tok_manifest = load_tokenizer(store)
     upstream.update(shard_versions, tokenizer=tok_manifest.data_version)
     train = ~lm.split_is_validation(first_S, cfg.model.val_fraction, cfg.model.seed)
@@ -122,7 +122,7 @@ def attribution_tables(context: dg.AssetExecutionContext, settings: RunSettings,
         built = analysis.build_tables(shifts, TensorLayout.from_json(facts["layout"]), corpus, model,
                                       cfg.attribution, batch_size=cfg.activations.batch_size)
         note = f"{shifts.height} shifts from {len(step_range_keys(context.instance))} step ranges"
-    with store.writer("attribution_tables", None, config_hash=cfg.section_hash("attribution"), code_version="1",
+    with store.writer("attribution_tables", None, code_version=asset_code_version(context), config_hash=cfg.section_hash("attribution"),
                       upstream=upstream) as out:
         for name, table in zip(TABLE_FILES, built):
             capture_io.write_table(out, name, table)

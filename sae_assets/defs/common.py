@@ -50,3 +50,9 @@ def result(manifest: Manifest, store: ArtifactStore, metadata: dict[str, Any] | 
         shown["rows"] = dg.MetadataValue.int(manifest.total_rows)
     shown.update(metadata or {})
     return dg.MaterializeResult(data_version=dg.DataVersion(version), metadata=shown)
+
+
+def asset_code_version(context) -> str:
+    """The running asset's code version, recorded in its manifests (without the `+cfg.<hash>`
+    that definitions.graph_assets appends: the manifest keeps its config hash separately)."""
+    return (context.assets_def.code_versions_by_key[context.asset_key] or "").split("+cfg.")[0]

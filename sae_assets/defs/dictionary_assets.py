@@ -21,7 +21,7 @@ from sae_assets.core.activation_reader import ShuffledActivationReader
 from sae_assets.core.sae import io as sae_io
 from sae_assets.core.sae.build import build_sae
 from sae_assets.core.sae.training import SaeTrainingError, config_fingerprint, train_sae
-from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.common import asset_code_version, read_upstream, result
 from sae_assets.defs.partitions import DICTIONARIES, bucket_index, bucket_keys
 from sae_assets.defs.plots import line_chart_markdown
 from sae_assets.defs.shuffle_assets import SHUFFLED_FILE, consistent_inputs, shuffled_shards
@@ -77,7 +77,7 @@ def sae_dictionary(context: dg.AssetExecutionContext, settings: RunSettings, sto
         raise SaeTrainingError(f"sae_dictionary[{key}]: {exc}; the last good checkpoint stays in {checkpoints}",
                                step=exc.step) from exc
     curve = pl.DataFrame(outcome.curve)
-    with store.writer("sae_dictionary", key, upstream=upstream,
+    with store.writer("sae_dictionary", key, code_version=asset_code_version(context), upstream=upstream,
                       config_hash=config_fingerprint(cfg.sae, point, d_in)) as out:
         sae_io.save_sae(sae.cpu(), out.scratch, hook_name=cfg.sae_hook, extra={"sae_assets_partition": key})
         curve.write_parquet(out.path("training_curve.parquet"))

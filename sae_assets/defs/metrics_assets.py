@@ -17,7 +17,7 @@ import torch
 
 from resources import ArtifactStorage, RunSettings
 from sae_assets.core import activations, sae_data, sae_metrics
-from sae_assets.defs.common import result
+from sae_assets.defs.common import asset_code_version, result
 from sae_assets.defs.corpus_assets import token_shards
 from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary
 from sae_assets.defs.model_assets import language_model, load_all_sequences, load_language_model
@@ -71,7 +71,7 @@ def sae_metrics_asset(context: dg.AssetExecutionContext, settings: RunSettings, 
               LOSS_CHECK: (metrics["loss_recovered_vs_mean"] >= cfg.sae.min_loss_recovered,
                            cfg.sae.min_loss_recovered, "loss_recovered_vs_mean")}
     histogram = sae_metrics.density_histogram(stats.feature_counts, stats.n_tokens)
-    with store.writer("sae_metrics", key, upstream=upstream, config_hash=cfg.section_hash("sae")) as out:
+    with store.writer("sae_metrics", key, code_version=asset_code_version(context), upstream=upstream, config_hash=cfg.section_hash("sae")) as out:
         out.path("metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         density = pl.DataFrame({"feature": np.arange(len(stats.feature_counts)), "count": stats.feature_counts,
                                 "density": sae_metrics.feature_density(stats.feature_counts, stats.n_tokens)})

@@ -1,0 +1,556 @@
+"""A real `dagster dev` (webserver + daemon) driven through its GraphQL API.
+
+The fixture starts `dagster dev -h 127.0.0.1 -p <free port> -w workspace.yaml` in its own
+process group, with DAGSTER_HOME in a temporary directory (queued run coordinator, two runs at
+a time, pools limited to one step at a time) and a tiny run config over local text files. The
+first test materializes the corpus group, language_model and cached_activations — through a
+partition backfill launched by GraphQL for the shard assets, and single runs for the rest —
+then edits the text of shard 1 only, rematerializes corpus_shards[shard-0001], asserts which
+partitions Dagster reports stale, backfills exactly those and asserts from the materialization
+records which partitions rematerialized and that nothing else did. The second test saves a
+headless-Chromium screenshot of the asset graph to test-artifacts/asset_graph.png.
+
+Dagster 1.13 marks a partition stale when one of its direct inputs has a new data version
+since it was materialized (or its code version changed); staleness is not propagated further
+until that input is rematerialized. The tokenizer and the embedded language model read every
+shard, so a change to one shard reaches them, and from the retrained tokenizer every token shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from run_configs import write_run_config
+from test_sae_assets import TINY
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+S0, S1 = SHARDS = ["shard-0000", "shard-0001"]
+PARTITIONED = ["corpus_shards", "token_shards", "cached_activations"]
+UNPARTITIONED = ["tokenizer", "language_model"]
+CELLS = [f"corpus_shards[{S0}]", f"corpus_shards[{S1}]", "tokenizer", f"token_shards[{S0}]", f"token_shards[{S1}]",
+         "language_model", f"cached_activations[{S0}]", f"cached_activations[{S1}]"]
+"""Every asset partition the test materializes, as 'asset[partition]' (or 'asset')."""
+
+DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
+concurrency:
+  runs:
+    max_concurrent_runs: 2
+  pools:
+    default_limit: 1            # pool "model" (cached_activations, sae_dictionary, sae_metrics, site_json)
+    op_granularity_run_buffer: 1
+"""
+IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
+"""Run config of every run: the default executor's in-process mode, so a run loads the code
+location once (the multiprocess mode starts another Python process per step)."""
+START_TIMEOUT, RUN_TIMEOUT, BACKFILL_TIMEOUT = 240, 300, 420
+FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
+BACKFILL_DONE = {"COMPLETED", "COMPLETED_SUCCESS"}
+BACKFILL_BAD = {"FAILED", "CANCELED", "CANCELING", "COMPLETED_FAILED", "FAILING"}
+
+pytestmark = pytest.mark.slow
+
+
+def log(message: str) -> None:
+    """Progress with seconds since dagster dev was started (pytest shows it for a failed test)."""
+    print(f"[{time.monotonic() - DagsterDev.started:6.1f} s] {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cell(asset: str, partition: str | None) -> str:
+    return f"{asset}[{partition}]" if partition else asset
+
+
+def write_corpus(directory: Path) -> list[Path]:
+    """24 documents of English prose (standard-library docstrings), one .txt file each."""
+    import argparse
+    import csv
+    import http.server
+    import re
+    import textwrap
+
+    prose = "".join(m.__doc__ or "" for m in (argparse, re, csv, json, http.server, textwrap))
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(24):
+        start = (i * 331) % (len(prose) - 700)
+        path = directory / f"doc-{i:02d}.txt"
+        path.write_text(prose[start:start + 700])
+        paths.append(path)
+    return paths
+
+
+@dataclass(frozen=True)
+class Cell:
+    status: str
+    causes: tuple[str, ...]
+    """Root causes of staleness, as 'asset[partition]'."""
+    version: str | None
+
+
+CAUSES = "{ key { path } partitionKey category reason }"
+
+
+class DagsterDev:
+    """`dagster dev` in a subprocess (own process group) and a small GraphQL client for it."""
+
+    started = time.monotonic()
+
+    def __init__(self, home: Path, config_path: str, log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.location = self.repository = None
+        env = {**os.environ, "DAGSTER_HOME": str(home), "SAE_ASSETS_CONFIG": config_path, "PYTHONUNBUFFERED": "1"}
+        self._log = open(log_path, "wb")
+        DagsterDev.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(self.port), "-w", "workspace.yaml"],
+            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    # --- process ------------------------------------------------------------------------------
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def fail(self, message: str):
+        pytest.fail(f"{message}\n--- dagster dev log (webserver + daemon), last lines ---\n{self.log_tail()}",
+                    pytrace=False)
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            self.fail(f"dagster dev exited with code {self.proc.returncode}")
+
+    def _group_alive(self) -> bool:
+        """Whether any process of the group is still running (zombies do not count)."""
+        pgid = self.proc.pid
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+        return False
+
+    def _running(self) -> bool:
+        exited = self.proc.poll() is not None  # reaps the group leader
+        return self._group_alive() if Path("/proc/self/stat").exists() else not exited
+
+    def stop(self) -> None:
+        """SIGINT to the whole process group (webserver, daemon, code servers, run workers), then SIGKILL."""
+        for sig, grace in ((signal.SIGINT, 15.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace
+            while self._running() and time.monotonic() < deadline:
+                time.sleep(0.25)
+            if not self._running():
+                break
+        try:
+            self.proc.wait(timeout=10)
+        finally:
+            self._log.close()
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Until the webserver answers /server_info, the code location is loaded and the daemons
+        that launch runs and backfills report healthy heartbeats."""
+        query = """{ instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } }
+                     workspaceOrError { __typename ... on Workspace { locationEntries { name loadStatus
+                       locationOrLoadError { __typename ... on RepositoryLocation { repositories { name } }
+                                             ... on PythonError { message } } } } } }"""
+        deadline, last = time.monotonic() + timeout, "no answer"
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                with urllib.request.urlopen(f"{self.url}/server_info", timeout=10) as response:
+                    json.loads(response.read())
+                data = self.gql(query)
+            except (OSError, ValueError, AssertionError) as exc:
+                last = repr(exc)
+                time.sleep(1)
+                continue
+            healthy = {d["daemonType"]: d["healthy"] for d in data["instance"]["daemonHealth"]["allDaemonStatuses"]}
+            entries = data["workspaceOrError"].get("locationEntries") or []
+            for entry in entries:
+                if entry["locationOrLoadError"] and entry["locationOrLoadError"]["__typename"] == "PythonError":
+                    self.fail(f"code location {entry['name']} failed to load: "
+                              f"{entry['locationOrLoadError']['message']}")
+            loaded = [e for e in entries if e["loadStatus"] == "LOADED" and e["locationOrLoadError"]]
+            last = f"daemons {healthy}, locations {[(e['name'], e['loadStatus']) for e in entries]}"
+            if loaded and healthy.get("BACKFILL") and healthy.get("QUEUED_RUN_COORDINATOR"):
+                self.location = loaded[0]["name"]
+                self.repository = loaded[0]["locationOrLoadError"]["repositories"][0]["name"]
+                return
+            time.sleep(1)
+        self.fail(f"dagster dev not ready after {timeout:.0f} s: {last}")
+
+    # --- GraphQL ------------------------------------------------------------------------------
+
+    def gql(self, query: str, variables: dict | None = None) -> dict:
+        request = urllib.request.Request(f"{self.url}/graphql", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"query": query, "variables": variables or {}}).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                payload = json.loads(response.read())
+        except urllib.error.HTTPError as exc:  # GraphQL errors come back as 4xx/5xx with a JSON body
+            body = exc.read().decode(errors="replace")
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                raise AssertionError(f"GraphQL HTTP {exc.code}: {body[:2000]}") from None
+        if payload.get("errors"):
+            raise AssertionError(f"GraphQL errors: {json.dumps(payload['errors'])[:3000]}")
+        return payload["data"]
+
+    def _repository(self) -> dict:
+        return {"repositoryLocationName": self.location, "repositoryName": self.repository}
+
+    def add_partition(self, partitions_def: str, key: str) -> None:
+        result = self.gql("""mutation($repo: RepositorySelector!, $name: String!, $key: String!) {
+            addDynamicPartition(repositorySelector: $repo, partitionsDefName: $name, partitionKey: $key) {
+              __typename ... on AddDynamicPartitionSuccess { partitionKey } ... on Error { message } } }""",
+                          {"repo": self._repository(), "name": partitions_def, "key": key})["addDynamicPartition"]
+        assert result["__typename"] == "AddDynamicPartitionSuccess", result
+
+    def launch_run(self, assets: list[str], partition: str | None = None) -> str:
+        """One run of the implicit asset job for `assets` (one partition of them, if given)."""
+        params = {"selector": {**self._repository(), "jobName": "__ASSET_JOB",
+                               "assetSelection": [{"path": [a]} for a in assets]},
+                  "runConfigData": IN_PROCESS,
+                  "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]
+                                        if partition else []}}
+        result = self.gql("""mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
+            __typename ... on LaunchRunSuccess { run { runId } } ... on Error { message }
+            ... on RunConfigValidationInvalid { errors { message } } } }""", {"params": params})["launchRun"]
+        assert result["__typename"] == "LaunchRunSuccess", f"launchRun {assets}[{partition}]: {result}"
+        return result["run"]["runId"]
+
+    def run_failure(self, run_id: str) -> str:
+        """The errors a failed run logged (step failures, run failure), for the failure message."""
+        events = self.gql("""query($id: ID!) { logsForRun(runId: $id) { __typename ... on EventConnection {
+            events { __typename ... on MessageEvent { message stepKey }
+                     ... on ErrorEvent { error { message stack } } } } } }""",
+                          {"id": run_id})["logsForRun"].get("events", [])
+        errors = [e for e in events if e.get("error")]
+        return "\n".join(f"[{e['__typename']} {e.get('stepKey') or ''}] {e.get('message', '')}\n"
+                          f"{e['error']['message']}{''.join(e['error'].get('stack') or [])[-2000:]}"
+                          for e in errors[-3:]) or "(no error event)"
+
+    def runs(self, run_ids) -> dict[str, str]:
+        return {run_id: self.gql("query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }",
+                                 {"id": run_id})["runOrError"]["status"] for run_id in run_ids}
+
+    def wait_runs(self, run_ids, timeout: float = RUN_TIMEOUT) -> None:
+        run_ids, deadline = list(run_ids), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            statuses = self.runs(run_ids)
+            bad = [r for r, s in statuses.items() if s in FINISHED - {"SUCCESS"}]
+            if bad:
+                self.fail(f"run {bad[0]} ended {statuses[bad[0]]}:\n{self.run_failure(bad[0])}")
+            if all(s == "SUCCESS" for s in statuses.values()):
+                return
+            time.sleep(1)
+        self.fail(f"runs not finished after {timeout:.0f} s: {self.runs(run_ids)}")
+
+    def step_interval(self, run_id: str, step_key: str) -> tuple[float, float]:
+        stats = self.gql("""query($id: ID!) { runOrError(runId: $id) { ... on Run {
+            stepStats { stepKey startTime endTime } } } }""", {"id": run_id})["runOrError"]["stepStats"]
+        [step] = [s for s in stats if s["stepKey"] == step_key]
+        return step["startTime"], step["endTime"]
+
+    def launch_backfill(self, assets: list[str], partitions: list[str], title: str) -> str:
+        result = self.gql("""mutation($params: LaunchBackfillParams!) {
+          launchPartitionBackfill(backfillParams: $params) {
+            __typename ... on LaunchBackfillSuccess { backfillId } ... on Error { message } } }""",
+                          {"params": {"partitionNames": partitions, "assetSelection": [{"path": [a]} for a in assets],
+                                      "title": title, "runConfigData": IN_PROCESS}})["launchPartitionBackfill"]
+        assert result["__typename"] == "LaunchBackfillSuccess", f"backfill of {assets} {partitions}: {result}"
+        return result["backfillId"]
+
+    def backfill(self, backfill_id: str) -> dict:
+        return self.gql("""query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+            __typename ... on PartitionBackfill { id status error { message }
+              runs { runId status tags { key value } }
+              assetBackfillData { assetBackfillStatuses { __typename
+                ... on AssetPartitionsStatusCounts { assetKey { path } numPartitionsTargeted
+                                                     numPartitionsMaterialized numPartitionsFailed }
+                ... on UnpartitionedAssetStatus { assetKey { path } materialized failed } } } }
+            ... on Error { message } } }""", {"id": backfill_id})["partitionBackfillOrError"]
+
+    def wait_backfill(self, backfill_id: str, *, runs_done: int | None = None,
+                      timeout: float = BACKFILL_TIMEOUT) -> dict:
+        """Poll partitionBackfillOrError until the backfill is COMPLETED — or, with `runs_done`,
+        only until that many of its runs have succeeded (the daemon closes it on a later pass)."""
+        deadline, backfill = time.monotonic() + timeout, {}
+        while time.monotonic() < deadline:
+            self.check_alive()
+            backfill = self.backfill(backfill_id)
+            assert backfill["__typename"] == "PartitionBackfill", backfill
+            failed = [r for r in backfill["runs"] if r["status"] in FINISHED - {"SUCCESS"}]
+            if backfill["status"] in BACKFILL_BAD or failed:
+                detail = self.run_failure(failed[0]["runId"]) if failed else backfill["error"]
+                self.fail(f"backfill {backfill_id} {backfill['status']}: {detail}")
+            succeeded = sum(r["status"] == "SUCCESS" for r in backfill["runs"])
+            if backfill["status"] in BACKFILL_DONE or (runs_done is not None and succeeded >= runs_done):
+                return backfill
+            time.sleep(1)
+        self.fail(f"backfill {backfill_id} not COMPLETED after {timeout:.0f} s: status {backfill.get('status')}, "
+                  f"runs {[(r['runId'], r['status']) for r in backfill.get('runs', [])]}")
+
+    # --- asset state --------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Cell]:
+        """Stale status, root stale causes and data version of every cell, from GraphQL."""
+
+        def keys(names: list[str]) -> list[dict]:
+            return [{"path": [n]} for n in names]
+
+        def causes(found: list[dict]) -> tuple[str, ...]:
+            return tuple(sorted(cell(c["key"]["path"][-1], c["partitionKey"]) for c in found))
+
+        partitioned = self.gql("""query($keys: [AssetKeyInput!], $parts: [String!]) {
+          assetNodes(assetKeys: $keys) {
+            assetKey { path } staleStatusByPartition(partitions: $parts)
+            staleCausesByPartition(partitions: $parts) %s dataVersionByPartition(partitions: $parts) } }""" % CAUSES,
+                               {"keys": keys(PARTITIONED), "parts": SHARDS})["assetNodes"]
+        unpartitioned = self.gql("""query($keys: [AssetKeyInput!]) { assetNodes(assetKeys: $keys) {
+            assetKey { path } staleStatus staleCauses %s dataVersion } }""" % CAUSES,
+                                 {"keys": keys(UNPARTITIONED)})["assetNodes"]
+        out = {}
+        for node in partitioned:
+            columns = zip(SHARDS, node["staleStatusByPartition"], node["staleCausesByPartition"],
+                          node["dataVersionByPartition"])
+            for shard, status, found, version in columns:
+                out[cell(node["assetKey"]["path"][-1], shard)] = Cell(status, causes(found), version)
+        for node in unpartitioned:
+            name = node["assetKey"]["path"][-1]
+            out[name] = Cell(node["staleStatus"], causes(node["staleCauses"]), node["dataVersion"])
+        assert sorted(out) == sorted(CELLS), out
+        return out
+
+    def materializations(self) -> dict[str, list[str]]:
+        """The run ids of every cell's materializations, oldest first (from assetMaterializations)."""
+        nodes = self.gql("""query($keys: [AssetKeyInput!]) { assetNodes(assetKeys: $keys) {
+            assetKey { path } assetMaterializations { partition runId timestamp } } }""",
+                         {"keys": [{"path": [n]} for n in PARTITIONED + UNPARTITIONED]})["assetNodes"]
+        out: dict[str, list[tuple[int, str]]] = {c: [] for c in CELLS}
+        for node in nodes:
+            for event in node["assetMaterializations"]:
+                key = cell(node["assetKey"]["path"][-1], event["partition"])
+                out[key].append((int(event["timestamp"]), event["runId"]))
+        return {c: [run for _, run in sorted(events)] for c, events in out.items()}
+
+
+@pytest.fixture(scope="module")
+def dagster(tmp_path_factory):
+    """A running `dagster dev` over a tiny local corpus; yields (DagsterDev, corpus files)."""
+    directory = tmp_path_factory.mktemp("dagster_dev")
+    home = directory / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    documents = write_corpus(directory / "corpus")
+    config_path = write_run_config(
+        directory, TINY, {"root": str(directory / "artifacts")},
+        corpus={"source": "local", "paths": [str(p) for p in documents], "num_shards": 2, "max_documents": 0,
+                "min_document_chars": 10})
+    dev = DagsterDev(home, config_path, directory / "dagster_dev.log")
+    try:
+        dev.wait_ready()
+        log(f"dagster dev ready on {dev.url}")
+        yield dev, documents
+    finally:
+        dev.stop()
+        ARTIFACTS.mkdir(exist_ok=True)
+        shutil.copyfile(dev.log_path, ARTIFACTS / "dagster_dev.log")
+
+
+def statuses(state: dict[str, Cell]) -> dict[str, str]:
+    return {c: s.status for c, s in state.items()}
+
+
+def test_backfill_then_one_changed_shard_is_stale_and_rematerializes_alone(dagster):
+    dev, documents = dagster
+    for key in SHARDS:
+        dev.add_partition("shards", key)
+
+    # Upstream of the backfill: each corpus shard, then the tokenizer trained on all of them.
+    first = {key: dev.launch_run(["corpus_shards"], key) for key in SHARDS}
+    dev.wait_runs(first.values())
+    dev.wait_runs([dev.launch_run(["tokenizer"])])
+    before = dev.state()
+    assert before["tokenizer"].status == "FRESH" and before[f"token_shards[{S0}]"].status == "MISSING"
+    log("corpus_shards and tokenizer materialized by single runs")
+
+    # (1) A partition backfill through GraphQL: corpus_shards and token_shards over every shard.
+    b1 = dev.launch_backfill(["corpus_shards", "token_shards"], SHARDS, "initial shards")
+    dev.wait_backfill(b1, runs_done=2)
+    language_model = dev.launch_run(["language_model"])  # while the daemon's next pass closes the backfill
+    done = dev.wait_backfill(b1)
+    log(f"backfill {b1} completed")
+    by_shard = {next(t["value"] for t in r["tags"] if t["key"] == "dagster/partition"): r["runId"]
+                for r in done["runs"]}
+    assert sorted(by_shard) == SHARDS and len(done["runs"]) == 2, "one run per shard, both assets in it"
+    history = dev.materializations()
+    for key in SHARDS:
+        assert history[f"corpus_shards[{key}]"] == [first[key], by_shard[key]]
+        assert history[f"token_shards[{key}]"] == [by_shard[key]]
+    after = dev.state()
+    for key in SHARDS:  # a rerun on the same inputs gives the same data version (manifest hash) ...
+        assert after[f"corpus_shards[{key}]"].version == before[f"corpus_shards[{key}]"].version
+    assert after["tokenizer"] == before["tokenizer"]  # ... so the tokenizer built from them stays fresh
+
+    dev.wait_runs([language_model])
+    activations = [dev.launch_run(["cached_activations"], key) for key in SHARDS]
+    dev.wait_runs(activations)
+    log("language_model and cached_activations materialized")
+    # Pools: cached_activations is in the "model" pool, limited to one step at a time.
+    (start0, end0), (start1, end1) = (dev.step_interval(r, "cached_activations") for r in activations)
+    assert end0 <= start1 or end1 <= start0, "two steps of the 'model' pool ran at once"
+    pool = dev.gql('{ instance { concurrencyLimit(concurrencyKey: "model") { slotCount limit } } }')
+    assert pool["instance"]["concurrencyLimit"]["slotCount"] == 1
+
+    # (2) Everything materialized is fresh.
+    fresh = dev.state()
+    assert statuses(fresh) == {c: "FRESH" for c in CELLS}
+    assert all(s.causes == () and s.version for s in fresh.values())
+
+    # (3) Change one upstream partition: the text of the last document, which contiguous sharding
+    # always puts in the last shard (same length, so the shard boundaries do not move).
+    text = documents[-1].read_text()
+    documents[-1].write_text(text.upper())
+    assert documents[-1].read_text() != text
+    dev.wait_runs([dev.launch_run(["corpus_shards"], S1)])
+    changed = dev.state()
+    assert changed[f"corpus_shards[{S1}]"].version != fresh[f"corpus_shards[{S1}]"].version
+    assert changed[f"corpus_shards[{S0}]"] == fresh[f"corpus_shards[{S0}]"]
+    # Exactly the direct dependents of the changed partition are stale, with it as root cause;
+    # shard 0's cells are fresh, and so are language_model and cached_activations[shard-0001]:
+    # their own inputs have not changed yet (Dagster does not propagate staleness transitively).
+    expected = {c: "FRESH" for c in CELLS} | {"tokenizer": "STALE", f"token_shards[{S1}]": "STALE"}
+    assert statuses(changed) == expected
+    for name in ("tokenizer", f"token_shards[{S1}]"):
+        assert changed[name].causes == (f"corpus_shards[{S1}]",)
+    log("shard 1 changed: tokenizer and token_shards[shard-0001] are stale")
+
+    # (4) Backfill only the stale partitions, and check what rematerialized.
+    stale = sorted(c for c, s in changed.items() if s.status == "STALE")
+    stale_assets = sorted({c.split("[")[0] for c in stale})
+    stale_partitions = sorted({c[c.index("[") + 1:-1] for c in stale if "[" in c})
+    assert (stale_assets, stale_partitions) == (["token_shards", "tokenizer"], [S1])
+    previous = dev.materializations()
+    b2 = dev.launch_backfill(stale_assets, stale_partitions, "stale partitions")
+    done = dev.wait_backfill(b2)
+    log(f"backfill {b2} of the stale partitions completed")
+    targeted = {s["assetKey"]["path"][-1]: s.get("numPartitionsTargeted", "unpartitioned")
+                for s in done["assetBackfillData"]["assetBackfillStatuses"]}
+    assert targeted == {"tokenizer": "unpartitioned", "token_shards": 1}
+    b2_runs = {r["runId"] for r in done["runs"]}
+    assert len(b2_runs) == 2, "the tokenizer, then token_shards[shard-0001] in a later run"
+    history = dev.materializations()
+    new = {c: history[c][len(previous[c]):] for c in CELLS}
+    assert all(history[c][:len(previous[c])] == previous[c] for c in CELLS), "history only grows"
+    assert {c: runs for c, runs in new.items() if runs} == {"tokenizer": new["tokenizer"],
+                                                            f"token_shards[{S1}]": new[f"token_shards[{S1}]"]}
+    assert len(new["tokenizer"]) == len(new[f"token_shards[{S1}]"]) == 1
+    assert {*new["tokenizer"], *new[f"token_shards[{S1}]"]} == b2_runs
+    assert history[f"token_shards[{S0}]"] == [by_shard[S0]], "token_shards[shard-0000] materialized exactly once"
+    assert history["language_model"] == [language_model]
+    assert [history[f"cached_activations[{k}]"] for k in SHARDS] == [[r] for r in activations]
+
+    # (5) Staleness moved one step down the graph: cached_activations[shard-0001] is stale now,
+    # cached_activations[shard-0000] is not. The retrained tokenizer has a new data version (its
+    # manifest records its inputs), so every token shard built with the old one is stale, and the
+    # language model trained on all token shards too.
+    final = dev.state()
+    assert final["tokenizer"].version != changed["tokenizer"].version
+    assert final[f"token_shards[{S1}]"].version != changed[f"token_shards[{S1}]"].version
+    expected = {c: "FRESH" for c in CELLS} | {
+        f"token_shards[{S0}]": "STALE", "language_model": "STALE", f"cached_activations[{S1}]": "STALE"}
+    assert statuses(final) == expected
+    assert final[f"token_shards[{S0}]"].causes == ("tokenizer",)
+    assert set(final["language_model"].causes) == {"tokenizer", f"token_shards[{S1}]"}
+    assert final[f"cached_activations[{S1}]"].causes == (f"token_shards[{S1}]",)
+
+
+@pytest.fixture(scope="module")
+def chrome(tmp_path_factory):
+    """Headless Chromium; requested before `dagster` so a missing browser fails (CI) or skips first."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromedriver are required under CI (make test installs them)", pytrace=False)
+        pytest.skip("chromium/chromedriver not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1600,1000",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_asset_graph_screenshot(chrome, dagster):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    dev, _ = dagster
+    chrome.get(f"{dev.url}/locations/{dev.location}/asset-groups/corpus")
+    names = ["corpus_shards", "tokenizer", "token_shards"]
+    script = "return Array.from(document.querySelectorAll('svg foreignObject')).map(e => e.textContent).join('\\n')"
+
+    def rendered(driver) -> bool:  # every node of the group drawn, with its live data loaded
+        text = driver.execute_script(script)
+        return all(n in text for n in names) and "Loading" not in text
+
+    try:
+        WebDriverWait(chrome, 90, poll_frequency=0.5).until(rendered)
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        chrome.save_screenshot(str(ARTIFACTS / "asset_graph.png"))
+        dev.fail(f"the asset graph did not render: {chrome.execute_script(script)!r}")
+    for button in chrome.find_elements(By.XPATH, "//button[normalize-space()='Skip']"):  # the community pop-up
+        button.click()
+    WebDriverWait(chrome, 10).until(lambda d: not d.find_elements(By.XPATH, "//button[normalize-space()='Skip']"))
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "asset_graph.png"
+    assert chrome.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = chrome.find_element(By.TAG_NAME, "body").text
+    assert all(n in text for n in names), text[:2000]
+    # Downstream assets of other groups are drawn as links out of the group.
+    assert "cached_activations" in chrome.execute_script(script)
