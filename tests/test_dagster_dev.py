@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from browser import headless_chromium, require_chromium
 from run_configs import write_run_config
 from test_sae_assets import TINY
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 S0, S1 = SHARDS = ["shard-0000", "shard-0001"]
 PARTITIONED = ["corpus_shards", "token_shards", "cached_activations"]
 UNPARTITIONED = ["tokenizer", "language_model"]
@@ -506,20 +506,8 @@ def test_backfill_then_one_changed_shard_is_stale_and_rematerializes_alone(dagst
 @pytest.fixture(scope="module")
 def chrome(tmp_path_factory):
     """Headless Chromium; requested before `dagster` so a missing browser fails (CI) or skips first."""
-    if not (CHROMIUM and CHROMEDRIVER):
-        if os.environ.get("CI"):
-            pytest.fail("chromium and chromedriver are required under CI (make test installs them)", pytrace=False)
-        pytest.skip("chromium/chromedriver not installed (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1600,1000",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    require_chromium()
+    driver = headless_chromium(tmp_path_factory.mktemp("chromium-profile"), "1600,1000")
     yield driver
     driver.quit()
 

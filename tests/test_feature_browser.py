@@ -10,32 +10,25 @@ screenshots under test-artifacts/. Chromium comes from Debian's chromium + chrom
 import functools
 import http.server
 import json
-import os
-import shutil
 import threading
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from browser import headless_chromium, require_chromium
 from run_configs import write_run_config
 from test_sae_assets import TINY
 
 from sae_assets.definitions import build_resources
 from sae_assets.demo import materialize_all
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 PAYLOADS = ['<script>window.__pwned = "script";</script>', '<img src=x onerror="window.__pwned=\'img\'">',
             '"><svg onload=window.__pwned=1>']
 
-if not (CHROMIUM and CHROMEDRIVER):
-    if os.environ.get("CI"):
-        pytest.fail("chromium and chromedriver are required under CI (make test installs them)", pytrace=False)
-    pytest.skip("chromium/chromedriver not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
+require_chromium()
 
-from selenium import webdriver  # noqa: E402  (only once Chromium is known to be there)
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -73,13 +66,7 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,1600",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    chrome = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    chrome = headless_chromium(tmp_path_factory.mktemp("chromium-profile"), "1200,1600")
     yield chrome
     chrome.quit()
 
