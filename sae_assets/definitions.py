@@ -7,9 +7,6 @@ is built from its `storage` section.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 
 import dagster as dg
@@ -64,14 +61,13 @@ PER_PARTITION_KEYS = {"sae": ("sweep",)}
 
 
 def config_code_version(asset: dg.AssetsDefinition, config: RunConfig) -> str:
-    """`<code_version>+cfg.<hash of the asset's config sections>`."""
+    """`<code_version>+cfg.<hash of the asset's config sections>`; every asset declares the first part."""
     name = asset.key.to_user_string()
-    sections = {}
-    for section in CONFIG_SECTIONS.get(name, ()):
-        values = dataclasses.asdict(getattr(config, section))
-        sections[section] = {k: v for k, v in values.items() if k not in PER_PARTITION_KEYS.get(section, ())}
-    digest = hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"{asset.code_versions_by_key[asset.key] or '0'}+cfg.{digest}"
+    base = asset.code_versions_by_key[asset.key]
+    if not base:
+        raise ValueError(f"asset {name} declares no code_version")
+    sections = CONFIG_SECTIONS.get(name, ())
+    return f"{base}+cfg.{config.section_hash(*sections, omit=PER_PARTITION_KEYS)[:10]}"
 
 
 def graph_assets(config: RunConfig) -> list[dg.AssetsDefinition]:

@@ -24,6 +24,8 @@ def test_definitions_hold_every_asset_with_group_description_and_code_version():
             assert asset.group_names_by_key[key] in GROUPS
             assert asset.descriptions_by_key.get(key), f"{key} has no description"
             assert asset.code_versions_by_key.get(key), f"{key} has no code_version"
+            base, _, digest = asset.code_versions_by_key[key].partition("+cfg.")
+            assert base.isdigit() and len(digest) == 10, f"{key}: code_version {asset.code_versions_by_key[key]!r}"
     assert ALL_CHECKS and set(defs.resources) >= {"settings", "storage"}
 
 

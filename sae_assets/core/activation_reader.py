@@ -48,7 +48,8 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def _as_float32(rows: np.ndarray) -> np.ndarray:
+def as_float32(rows: np.ndarray) -> np.ndarray:
+    """A float32 copy of float16/float32 rows, or of bfloat16 rows stored as uint16 bits."""
     return bf16_bits_to_float32(rows) if rows.dtype == np.uint16 else rows.astype(np.float32)
 
 
@@ -144,7 +145,7 @@ class ShuffledActivationReader:
         order = np.argsort(which, kind="stable")  # rows grouped by segment
         segs, firsts = np.unique(which[order], return_index=True)
         for seg, idx in zip(segs, np.split(order, firsts[1:])):
-            acts[idx] = _as_float32(mats[seg][local[idx]])
+            acts[idx] = as_float32(mats[seg][local[idx]])
             if ids is not None:
                 tokens[idx] = ids[seg][local[idx]]
         return acts, tokens

@@ -397,9 +397,12 @@ class RunConfig:
         """The hook point the dictionaries are trained on."""
         return self.sae.hook_point or self.activations.hook_points[0]
 
-    def section_hash(self, *sections: str) -> str:
-        """A short stable hash of the named config sections, e.g. ('corpus', 'tokenizer')."""
-        payload = {name: dataclasses.asdict(getattr(self, name)) for name in sorted(sections)}
+    def section_hash(self, *sections: str, omit: dict[str, tuple[str, ...]] | None = None) -> str:
+        """A short stable hash of the named config sections, e.g. ('corpus', 'tokenizer'), leaving
+        out the keys `omit` names per section (e.g. {'sae': ('sweep',)})."""
+        omit = omit or {}
+        payload = {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items() if k not in omit.get(name, ())}
+                   for name in sorted(sections)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:

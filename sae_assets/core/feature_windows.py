@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 
 from sae_assets.core import schemas
-from sae_assets.core.activation_reader import bf16_bits_to_float32, to_numpy_matrix
+from sae_assets.core.activation_reader import as_float32, to_numpy_matrix
 from sae_assets.core.features_merge import FeatureSamples
 
 # Letter key: E shown examples, U unique window tokens, L window slots (sum of window lengths),
@@ -129,10 +129,6 @@ def gather_window_tokens(shown: pa.Table, activations: pa.Table, *, shard: int, 
     return spans, tokens
 
 
-def _as_float32(matrix: np.ndarray) -> np.ndarray:
-    return bf16_bits_to_float32(matrix) if matrix.dtype == np.uint16 else matrix.astype(np.float32, copy=False)
-
-
 def compute_context_windows(shown: pa.Table, spans: Sequence[pa.Table], tokens: Sequence[pa.Table],
                             encode_range: Callable[[torch.Tensor], torch.Tensor], *, lo: int, hi: int,
                             batch_size: int, device: str = "cpu", where: str) -> pa.Table:
@@ -165,7 +161,7 @@ def compute_context_windows(shown: pa.Table, spans: Sequence[pa.Table], tokens: 
         sel = by_row[bounds[b]:bounds[b + 1]]
         if not len(sel):
             continue
-        x_BD = torch.from_numpy(_as_float32(acts_UD[order_U[start:start + batch_size]])).to(device)
+        x_BD = torch.from_numpy(as_float32(acts_UD[order_U[start:start + batch_size]])).to(device)
         with torch.no_grad():
             f_BW = encode_range(x_BD).float().cpu().numpy()
         values_L[sel] = f_BW[slot_row_L[sel] - start, slot_w_L[sel]]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sae_assets.core.activation_reader import bf16_bits_to_float32, to_numpy_matrix
+from sae_assets.core.activation_reader import as_float32, to_numpy_matrix
 from sae_assets.core.features_merge import FeatureSamples, build_feature_samples, merge_feature_samples
 
 __all__ = ["DEFAULT_HIST_EDGES", "FeatureRangeSampler", "FeatureSamples", "feature_keys", "feature_token_hash",
@@ -347,8 +347,7 @@ def sample_activation_table(table, *, hook: str, encode_range, lo: int, hi: int,
     sampler = FeatureRangeSampler(lo, hi, top_k=top_k, sample_k=sample_k, seed=seed)
     for batch in table.select(["token_index", hook]).to_batches(max_chunksize=batch_size):
         x_BD = to_numpy_matrix(batch.column(1))
-        # A copy: the file is memory-mapped read-only, and torch wants writable arrays.
-        x_BD = bf16_bits_to_float32(x_BD) if x_BD.dtype == np.uint16 else x_BD.astype(np.float32, copy=True)
+        x_BD = as_float32(x_BD)  # a copy: the file is memory-mapped read-only, torch wants writable arrays
         with torch.no_grad():
             f_BW = encode_range(torch.from_numpy(x_BD).to(device))
         sampler.update(f_BW, torch.tensor(batch.column(0).to_numpy(), device=f_BW.device))

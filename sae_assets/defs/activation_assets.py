@@ -40,7 +40,8 @@ def cached_activations(context: dg.AssetExecutionContext, settings: RunSettings,
     stats = activations.ActivationStats()
     where = f"cached_activations[{context.partition_key}]"
     started = time.perf_counter()
-    with store.writer("cached_activations", context.partition_key, code_version=asset_code_version(context), upstream=upstream,
+    with store.writer("cached_activations", context.partition_key, code_version=asset_code_version(context),
+                      upstream=upstream,
                       config_hash=settings.load().section_hash("activations")) as out:
         batches = activations.cache_activations(
             model, tokens_ST, first_S, hook_points=cfg.hook_points, dtype=cfg.dtype, batch_size=cfg.batch_size,

@@ -55,7 +55,8 @@ def parameter_shifts(context: dg.AssetExecutionContext, settings: RunSettings, s
     raw, steps, layout, facts = capture_io.read_range(store, lm_manifest, start, end, key)
     _check_settings(cfg, facts, f"parameter_shifts[{key}]")
     shifts = tables.publish_shifts(raw, layout, facts["top_k"])
-    with store.writer("parameter_shifts", key, code_version=asset_code_version(context), config_hash=cfg.section_hash("attribution"),
+    with store.writer("parameter_shifts", key, code_version=asset_code_version(context),
+                      config_hash=cfg.section_hash("attribution"),
                       upstream={"language_model": lm_manifest.data_version}) as out:
         capture_io.write_table(out, SHIFTS_FILE, shifts)
         capture_io.write_table(out, STEPS_FILE, steps)
@@ -122,7 +123,8 @@ def attribution_tables(context: dg.AssetExecutionContext, settings: RunSettings,
         built = analysis.build_tables(shifts, TensorLayout.from_json(facts["layout"]), corpus, model,
                                       cfg.attribution, batch_size=cfg.activations.batch_size)
         note = f"{shifts.height} shifts from {len(step_range_keys(context.instance))} step ranges"
-    with store.writer("attribution_tables", None, code_version=asset_code_version(context), config_hash=cfg.section_hash("attribution"),
+    with store.writer("attribution_tables", None, code_version=asset_code_version(context),
+                      config_hash=cfg.section_hash("attribution"),
                       upstream=upstream) as out:
         for name, table in zip(TABLE_FILES, built):
             capture_io.write_table(out, name, table)

@@ -38,7 +38,8 @@ def corpus_shards(context: dg.AssetExecutionContext, settings: RunSettings, stor
     mine = docs[bounds[index] : bounds[index + 1]]
     table = pa.Table.from_pylist([d._asdict() for d in mine], schema=schemas.corpus_schema())
     store = storage.store()
-    with store.writer("corpus_shards", context.partition_key, code_version=asset_code_version(context), config_hash=cfg.section_hash("corpus")) as out:
+    with store.writer("corpus_shards", context.partition_key, code_version=asset_code_version(context),
+                      config_hash=cfg.section_hash("corpus")) as out:
         pq.write_table(table, out.path("documents.parquet"))
         out.describe_table("documents.parquet", rows=table.num_rows, schema=str(table.schema))
     characters = sum(len(d.text) for d in mine)
@@ -69,7 +70,8 @@ def tokenizer(context: dg.AssetExecutionContext, settings: RunSettings, storage:
         upstream = {}
         tokenizer_json, eos_id = tokenization.pretrained_tokenizer_json(cfg.model.name)
     vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()
-    with store.writer("tokenizer", None, code_version=asset_code_version(context), config_hash=cfg.section_hash("tokenizer", "model"),
+    with store.writer("tokenizer", None, code_version=asset_code_version(context),
+                      config_hash=cfg.section_hash("tokenizer", "model"),
                       upstream=upstream) as out:
         out.path("tokenizer.json").write_text(tokenizer_json)
         out.extra.update(vocab_size=vocab_size, eos_id=eos_id)
@@ -107,7 +109,8 @@ def token_shards(context: dg.AssetExecutionContext, settings: RunSettings, stora
         raise ValueError(f"token_shards[{context.partition_key}]: the shard has fewer than "
                          f"tokenizer.context_length={cfg.tokenizer.context_length} tokens")
     table = tokenization.sequences_table(sequences, shard_index(context.partition_key))
-    with store.writer("token_shards", context.partition_key, code_version=asset_code_version(context), config_hash=cfg.section_hash("tokenizer"),
+    with store.writer("token_shards", context.partition_key, code_version=asset_code_version(context),
+                      config_hash=cfg.section_hash("tokenizer"),
                       upstream=upstream) as out:
         write_ipc_file(out.path("sequences.arrow"), table.schema, table.to_batches(max_chunksize=4096))
         out.describe_table("sequences.arrow", rows=table.num_rows, schema=str(table.schema))

@@ -129,7 +129,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         return sae, lo, hi, examples, {**upstream, **versions}
 
     @dg.asset(
-        name="feature_samples", group_name="features", partitions_def=SHARD_FEATURES,
+        name="feature_samples", group_name="features", partitions_def=SHARD_FEATURES, code_version="1",
         deps=[dg.AssetDep(cached_activations, partition_mapping=_dimension("shard")),
               *dictionary],
         description="For each feature of the range over the shard's tokens: exact top-K activations (ties by "
@@ -149,7 +149,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             hi=hi, top_k=cfg.features.top_k, sample_k=cfg.features.samples_kept, seed=cfg.features.seed,
             batch_size=cfg.features.batch_size, device=cfg.features.device)
         seconds = time.perf_counter() - started
-        with store.writer("feature_samples", context.partition_key, code_version=asset_code_version(context), upstream={**upstream, **versions},
+        with store.writer("feature_samples", context.partition_key, code_version=asset_code_version(context),
+                          upstream={**upstream, **versions},
                           config_hash=sampling_digest(cfg)) as out:
             write_samples(out, samples)
             out.extra.update(lo=lo, hi=hi, n_tokens=samples.n_tokens)
@@ -160,7 +161,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         })
 
     @dg.asset(
-        name="feature_examples", group_name="features", partitions_def=FEATURE_RANGES,
+        name="feature_examples", group_name="features", partitions_def=FEATURE_RANGES, code_version="1",
         deps=[dg.AssetDep(feature_samples, partition_mapping=_dimension("features"))],
         description="The exact merge of every shard's feature_samples for the range (independent of sharding), "
         "and the examples each feature page shows. Its data version is the merged content's hash.",
@@ -177,7 +178,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
                                                       examples_per_level=f.examples_per_level)
         # The manifest records the inputs, but only the merged content enters the data version
         # (Manifest.content_version): Dagster ignores staleness past 100 upstream partitions.
-        with store.writer("feature_examples", frange, code_version=asset_code_version(context), upstream=upstream, config_hash=shown_digest(cfg)) as out:
+        with store.writer("feature_examples", frange, code_version=asset_code_version(context),
+                          upstream=upstream, config_hash=shown_digest(cfg)) as out:
             write_samples(out, merged)
             pq.write_table(shown, out.path(SHOWN_FILE))
             out.describe_table(SHOWN_FILE, rows=shown.num_rows)
@@ -190,7 +192,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         })
 
     @dg.asset(
-        name="context_gather", group_name="features", partitions_def=SHARDS,
+        name="context_gather", group_name="features", partitions_def=SHARDS, code_version="1",
         deps=[cached_activations, token_shards,
               dg.AssetDep(feature_examples, partition_mapping=dg.AllPartitionMapping())],
         description="Pass 1 of the context windows, sharded over the dataset: for every feature range, the "
@@ -205,7 +207,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         [tokens_manifest], token_versions = read_upstream(store, "token_shards", [shard])
         table = open_ipc_table(store.fetch(acts, ACTIVATIONS_FILE))
         hook = store.require("sae_dictionary", dictionary_key).extra["hook"]
-        with store.writer("context_gather", shard, code_version=asset_code_version(context), upstream={**upstream, **versions, **token_versions},
+        with store.writer("context_gather", shard, code_version=asset_code_version(context),
+                          upstream={**upstream, **versions, **token_versions},
                           config_hash=shown_digest(cfg)) as out:
             total = 0
             for frange, manifest in zip(ranges, examples):
@@ -223,7 +226,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         return result(out.manifest, store, {"ranges": len(ranges), "window_tokens": total})
 
     @dg.asset(
-        name="context_windows", group_name="features", partitions_def=FEATURE_RANGES,
+        name="context_windows", group_name="features", partitions_def=FEATURE_RANGES, code_version="1",
         deps=[feature_examples, dg.AssetDep(context_gather, partition_mapping=dg.AllPartitionMapping()), *dictionary],
         description="Pass 2, per feature range: each shown example's feature activation on every token of its "
         "window (features.window_before / window_after around it).",
@@ -240,14 +243,15 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             [open_ipc_table(store.fetch(g, f"tokens-{frange}.arrow")) for g in gathers],
             lambda x: sae.encode_range(x, lo, hi), lo=lo, hi=hi, batch_size=cfg.features.batch_size,
             device=cfg.features.device, where=f"context_windows[{frange}]")
-        with store.writer("context_windows", frange, code_version=asset_code_version(context), upstream={**upstream, **gather_versions},
+        with store.writer("context_windows", frange, code_version=asset_code_version(context),
+                          upstream={**upstream, **gather_versions},
                           config_hash=shown_digest(cfg)) as out:
             pq.write_table(windows, out.path(WINDOWS_FILE))
             out.describe_table(WINDOWS_FILE, rows=windows.num_rows)
         return result(out.manifest, store, {"windows": windows.num_rows})
 
     @dg.asset(
-        name="site_json", group_name="features", partitions_def=FEATURE_RANGES, pool="model",
+        name="site_json", group_name="features", partitions_def=FEATURE_RANGES, code_version="1", pool="model",
         deps=[feature_examples, context_windows, language_model, tokenizer, *dictionary],
         description="One JSON document per feature (density, max, histogram, top/random/per-level examples "
         "with context, logit effects of the decoder direction) and the range's index rows.",
@@ -268,7 +272,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             activation_levels=cfg.features.activation_levels, dictionary=dictionary_key)
         upstream.update(window_versions, language_model=model_manifest.data_version,
                         tokenizer=tok_manifest.data_version)
-        with store.writer("site_json", frange, code_version=asset_code_version(context), upstream=upstream, config_hash=shown_digest(cfg)) as out:
+        with store.writer("site_json", frange, code_version=asset_code_version(context),
+                          upstream=upstream, config_hash=shown_digest(cfg)) as out:
             rows = []
             for doc in docs:
                 out.path(site_data_file(doc["feature"])).write_text(json.dumps(doc, ensure_ascii=False))
@@ -278,7 +283,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         return result(out.manifest, store, {"features": len(rows)})
 
     @dg.asset(
-        name="feature_site", group_name="features",
+        name="feature_site", group_name="features", code_version="1",
         deps=[dg.AssetDep(site_json, partition_mapping=dg.AllPartitionMapping())],
         description="The static feature browser: index.html, app.js, style.css and one script per feature; "
         "open index.html from disk or serve the directory from any static host.",
@@ -295,14 +300,15 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
     assets = [feature_samples, feature_examples, context_gather, context_windows, site_json, feature_site]
     if neuronpedia:
         @dg.asset(
-            name="neuronpedia_export", group_name="features",
+            name="neuronpedia_export", group_name="features", code_version="1",
             deps=[dg.AssetDep(site_json, partition_mapping=dg.AllPartitionMapping())],
             description="The features in Neuronpedia's upload layout: batch-<n>.json per feature range.",
         )
         def neuronpedia_export(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
             store = storage.store()
             parts, upstream = read_upstream(store, "site_json", feature_range_keys(context.instance))
-            with store.writer("neuronpedia_export", None, code_version=asset_code_version(context), upstream=upstream) as out:
+            with store.writer("neuronpedia_export", None, code_version=asset_code_version(context),
+                              upstream=upstream) as out:
                 n_features = write_neuronpedia_batches(out, store, parts, settings.load())
             return result(out.manifest, store, {"features": n_features})
 

@@ -71,7 +71,8 @@ def sae_metrics_asset(context: dg.AssetExecutionContext, settings: RunSettings, 
               LOSS_CHECK: (metrics["loss_recovered_vs_mean"] >= cfg.sae.min_loss_recovered,
                            cfg.sae.min_loss_recovered, "loss_recovered_vs_mean")}
     histogram = sae_metrics.density_histogram(stats.feature_counts, stats.n_tokens)
-    with store.writer("sae_metrics", key, code_version=asset_code_version(context), upstream=upstream, config_hash=cfg.section_hash("sae")) as out:
+    with store.writer("sae_metrics", key, code_version=asset_code_version(context),
+                      upstream=upstream, config_hash=cfg.section_hash("sae")) as out:
         out.path("metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         density = pl.DataFrame({"feature": np.arange(len(stats.feature_counts)), "count": stats.feature_counts,
                                 "density": sae_metrics.feature_density(stats.feature_counts, stats.n_tokens)})

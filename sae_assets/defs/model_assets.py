@@ -42,7 +42,8 @@ def language_model(context: dg.AssetExecutionContext, settings: RunSettings, sto
     store = storage.store()
     tok_manifest = store.require("tokenizer", None)
     if cfg.model.kind == "named":
-        with store.writer("language_model", None, code_version=asset_code_version(context), config_hash=cfg.section_hash("model"),
+        with store.writer("language_model", None, code_version=asset_code_version(context),
+                          config_hash=cfg.section_hash("model"),
                           upstream={"tokenizer": tok_manifest.data_version}) as out:
             out.path("model_ref.json").write_text(json.dumps({"kind": "named", "name": cfg.model.name}))
             out.extra.update(kind="named", name=cfg.model.name)
@@ -59,7 +60,8 @@ def language_model(context: dg.AssetExecutionContext, settings: RunSettings, sto
     model = lm.build_embedded_model(cfg.model, vocab_size=vocab_size, context_length=tokens.shape[1])
     train = torch.from_numpy(tokens[~is_val].astype(np.int64))  # (N, T)
     val = torch.from_numpy(tokens[is_val].astype(np.int64))  # (M, T)
-    with store.writer("language_model", None, code_version=asset_code_version(context), config_hash=cfg.section_hash("model", "tokenizer"),
+    with store.writer("language_model", None, code_version=asset_code_version(context),
+                      config_hash=cfg.section_hash("model", "tokenizer"),
                       upstream=upstream) as out:
         # With attribution.capture, per-datum shifts of each step range go into this partition.
         with capture_io.capture_into(out, cfg, model, first_index[~is_val], tokens.shape[1]) as capture:

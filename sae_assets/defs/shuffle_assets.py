@@ -58,7 +58,8 @@ def shuffle_scatter(context: dg.AssetExecutionContext, settings: RunSettings, st
     num_buckets = cfg.shuffle.num_buckets
     counts_NK = sh.bucket_count_table([m.total_rows for m in manifests], num_buckets, cfg.shuffle.seed)
     table = open_ipc_table(store.fetch(manifests[job], ACTIVATIONS_FILE))
-    with store.writer("shuffle_scatter", context.partition_key, code_version=asset_code_version(context), upstream=upstream,
+    with store.writer("shuffle_scatter", context.partition_key, code_version=asset_code_version(context),
+                      upstream=upstream,
                       config_hash=cfg.section_hash("shuffle")) as out:
         paths = {k: out.path(bucket_file(k)) for k in range(num_buckets)}
         pieces = sh.scatter_batches(table.to_batches(), counts_NK[job], seed=cfg.shuffle.seed, job=job,
@@ -91,7 +92,8 @@ def shuffled_shards(context: dg.AssetExecutionContext, settings: RunSettings, st
     pieces = [open_ipc_table(store.fetch(m, bucket_file(bucket))) for m in manifests]
     expected = sh.combine_checksums(*(sh.source_checksum(p.column(schemas.TOKEN_INDEX).to_numpy()) for p in pieces))
     budget = int(cfg.shuffle.memory_budget_mb * 2**20)
-    with store.writer("shuffled_shards", context.partition_key, code_version=asset_code_version(context), upstream=upstream,
+    with store.writer("shuffled_shards", context.partition_key, code_version=asset_code_version(context),
+                      upstream=upstream,
                       config_hash=cfg.section_hash("shuffle")) as out, \
             LocalSpill(pieces[0].schema, parent=out.scratch.parent) as spill:
         batches = sh.gather_bucket(pieces, bucket=bucket, seed=cfg.shuffle.seed, memory_budget_bytes=budget,
