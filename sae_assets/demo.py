@@ -14,12 +14,25 @@ from pathlib import Path
 
 import dagster as dg
 from dagster._core.errors import DagsterAssetCheckFailedError  # not re-exported at the top level
+from dagster._core.storage.tags import (  # the run tags of a ranged run, as a UI backfill sets them
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 
 from sae_assets.core.config import load_config
 from sae_assets.defs.partitions import partition_keys, sync_partitions, training_shard_keys
 from sae_assets.definitions import ALL_CHECKS, CONFIG_ENV_VAR, build_resources, graph_assets
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def runs_for(asset: dg.AssetsDefinition, keys: list[str | None]) -> list[tuple[str | None, dict[str, str]]]:
+    """(partition_key, tags) of each run that materializes `keys`: one run per key, or one run of
+    the whole range for an asset whose backfill policy is a single run (as a UI backfill does)."""
+    policy = asset.backfill_policy
+    if len(keys) > 1 and policy is not None and policy.max_partitions_per_run is None:
+        return [(None, {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]})]
+    return [(key, {}) for key in keys]
 
 
 def materialize_all(instance: dg.DagsterInstance, config_path: str | None, *, log=print) -> dict[str, float]:
@@ -39,14 +52,14 @@ def materialize_all(instance: dg.DagsterInstance, config_path: str | None, *, lo
         keys = partition_keys(asset.partitions_def, instance)
         if name == "shuffle_scatter":  # the shuffle feeds dictionary training: training shards only
             keys = training_shard_keys(instance, config)
-        for key in keys:
+        for key, tags in runs_for(asset, keys):
             try:
                 dg.materialize(definitions, selection=dg.AssetSelection.assets(asset) - dg.AssetSelection.checks(*ALL_CHECKS),
-                               partition_key=key, instance=instance, resources=resources, run_config=QUIET)
+                               partition_key=key, tags=tags, instance=instance, resources=resources, run_config=QUIET)
             except DagsterAssetCheckFailedError as exc:
                 # The partition is materialized; its failed check is recorded and shown in the UI,
                 # and stops what is built from it. The rest of the graph goes on.
-                log(f"  {name}[{key}]: {str(exc).splitlines()[-1].strip()} (check failed)")
+                log(f"  {name}[{key or keys[0] + '...' + keys[-1]}]: {str(exc).splitlines()[-1].strip()} (check failed)")
         seconds[name] = time.perf_counter() - started
         log(f"  {name:<22} {len(keys)} partition(s) in {seconds[name]:6.1f} s")
     for check in ALL_CHECKS:

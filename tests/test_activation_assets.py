@@ -19,7 +19,7 @@ from sae_assets.core.activation_reader import ShuffledActivationReader, bf16_bit
 from sae_assets.defs.model_assets import load_language_model
 from sae_assets.defs.partitions import bucket_keys, shard_keys
 from sae_assets.definitions import ALL_ASSETS, ALL_CHECKS, build_resources
-from sae_assets.demo import materialize_all
+from sae_assets.demo import materialize_all, runs_for
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"]
 TINY = {
@@ -117,6 +117,38 @@ def test_rerun_of_the_shuffle_is_byte_identical(graph):
                    resources=resources)
     assert store.require("shuffle_scatter", "shard-0001").to_json() == scatter_before
     assert {k: store.require("shuffled_shards", k).to_json() for k in bucket_keys(instance)} == before
+
+
+def latest_materialization(instance, asset: str, partition: str) -> tuple[str, str]:
+    """(run id, data version) of the partition's latest materialization."""
+    [record] = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+    return record.run_id, record.asset_materialization.tags["dagster/data_version"]
+
+
+def test_single_run_backfill_of_the_scatter_equals_runs_per_shard(graph):
+    instance, config_path, store, _ = graph
+    shards = shard_keys(instance)
+    resources = build_resources(config_path)
+    [(key, tags)] = runs_for(next(a for a in ALL_ASSETS if a.key.path == ["shuffle_scatter"]), shards)
+    assert key is None and set(tags.values()) == {shards[0], shards[-1]}, "one run for the whole range"
+
+    def ranged_run():
+        dg.materialize(ALL_ASSETS, selection=["shuffle_scatter"], tags=tags, instance=instance, resources=resources)
+        return {k: latest_materialization(instance, "shuffle_scatter", k) for k in shards}
+
+    ranged = ranged_run()
+    ranged_manifests = {k: store.require("shuffle_scatter", k).to_json() for k in shards}
+    assert len({run for run, _ in ranged.values()}) == 1, "every shard materialized by the one run"
+    assert len({version for _, version in ranged.values()}) == 1, "Dagster gives a ranged step one version"
+    again = ranged_run()  # a new run on the same inputs: the same version, so nothing turns stale
+    assert {r for r, _ in again.values()} != {r for r, _ in ranged.values()}
+    assert {v for _, v in again.values()} == {v for _, v in ranged.values()}
+    for k in shards:  # one run per shard writes byte-identical partitions, each with its own version
+        dg.materialize(ALL_ASSETS, selection=["shuffle_scatter"], partition_key=k, instance=instance,
+                       resources=resources)
+        assert store.require("shuffle_scatter", k).to_json() == ranged_manifests[k]
+        assert latest_materialization(instance, "shuffle_scatter", k)[1] == store.require("shuffle_scatter", k).data_version
 
 
 def test_wrong_hook_name_lists_the_valid_ones(graph):

@@ -3,9 +3,11 @@
 The fixture starts `dagster dev -h 127.0.0.1 -p <free port> -w workspace.yaml` in its own
 process group, with DAGSTER_HOME in a temporary directory (queued run coordinator, two runs at
 a time, pools limited to one step at a time) and a tiny run config over local text files. The
-first test materializes the corpus group, language_model and cached_activations — through a
-partition backfill launched by GraphQL for the shard assets, and single runs for the rest —
-then edits the text of shard 1 only, rematerializes corpus_shards[shard-0001], asserts which
+first test materializes the corpus group, language_model, cached_activations and shuffle_scatter
+— through partition backfills launched by GraphQL for the shard assets (cached_activations on
+the multiprocess executor, one run per shard, its steps serialized by the "model" pool;
+shuffle_scatter under its single-run backfill policy, both shards in one run), and single runs
+for the rest — then edits the text of shard 1 only, rematerializes corpus_shards[shard-0001], asserts which
 partitions Dagster reports stale, backfills exactly those and asserts from the materialization
 records which partitions rematerialized and that nothing else did. The second test saves a
 headless-Chromium screenshot of the asset graph to test-artifacts/asset_graph.png.
@@ -39,10 +41,11 @@ from test_sae_assets import TINY
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
 S0, S1 = SHARDS = ["shard-0000", "shard-0001"]
-PARTITIONED = ["corpus_shards", "token_shards", "cached_activations"]
+PARTITIONED = ["corpus_shards", "token_shards", "cached_activations", "shuffle_scatter"]
 UNPARTITIONED = ["tokenizer", "language_model"]
 CELLS = [f"corpus_shards[{S0}]", f"corpus_shards[{S1}]", "tokenizer", f"token_shards[{S0}]", f"token_shards[{S1}]",
-         "language_model", f"cached_activations[{S0}]", f"cached_activations[{S1}]"]
+         "language_model", f"cached_activations[{S0}]", f"cached_activations[{S1}]", f"shuffle_scatter[{S0}]",
+         f"shuffle_scatter[{S1}]"]
 """Every asset partition the test materializes, as 'asset[partition]' (or 'asset')."""
 
 DAGSTER_YAML = """\
@@ -61,8 +64,11 @@ concurrency:
     op_granularity_run_buffer: 1
 """
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
-"""Run config of every run: the default executor's in-process mode, so a run loads the code
-location once (the multiprocess mode starts another Python process per step)."""
+"""Run config of most runs: the default executor's in-process mode, so a run loads the code
+location once (the multiprocess mode starts another Python process per step). The backfill of
+the model-holding shard asset runs on the multiprocess executor, as a UI-launched backfill does."""
+MULTIPROCESS: dict = {}
+"""Run config of the default executor as the UI launches it: multiprocess, a process per step."""
 START_TIMEOUT, RUN_TIMEOUT, BACKFILL_TIMEOUT = 240, 300, 420
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
 BACKFILL_DONE = {"COMPLETED", "COMPLETED_SUCCESS"}
@@ -266,6 +272,12 @@ class DagsterDev:
                           f"{e['error']['message']}{''.join(e['error'].get('stack') or [])[-2000:]}"
                           for e in errors[-3:]) or "(no error event)"
 
+    def engine_messages(self, run_id: str) -> str:
+        """The run's engine event messages (which executor ran it, step processes), one per line."""
+        events = self.gql("""query($id: ID!) { logsForRun(runId: $id) { __typename ... on EventConnection {
+            events { __typename ... on EngineEvent { message } } } } }""", {"id": run_id})["logsForRun"]
+        return "\n".join(e["message"] for e in events.get("events", []) if e["__typename"] == "EngineEvent")
+
     def runs(self, run_ids) -> dict[str, str]:
         return {run_id: self.gql("query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }",
                                  {"id": run_id})["runOrError"]["status"] for run_id in run_ids}
@@ -289,12 +301,13 @@ class DagsterDev:
         [step] = [s for s in stats if s["stepKey"] == step_key]
         return step["startTime"], step["endTime"]
 
-    def launch_backfill(self, assets: list[str], partitions: list[str], title: str) -> str:
+    def launch_backfill(self, assets: list[str], partitions: list[str], title: str,
+                        run_config: dict = IN_PROCESS) -> str:
         result = self.gql("""mutation($params: LaunchBackfillParams!) {
           launchPartitionBackfill(backfillParams: $params) {
             __typename ... on LaunchBackfillSuccess { backfillId } ... on Error { message } } }""",
                           {"params": {"partitionNames": partitions, "assetSelection": [{"path": [a]} for a in assets],
-                                      "title": title, "runConfigData": IN_PROCESS}})["launchPartitionBackfill"]
+                                      "title": title, "runConfigData": run_config}})["launchPartitionBackfill"]
         assert result["__typename"] == "LaunchBackfillSuccess", f"backfill of {assets} {partitions}: {result}"
         return result["backfillId"]
 
@@ -431,9 +444,20 @@ def test_backfill_then_one_changed_shard_is_stale_and_rematerializes_alone(dagst
     assert after["tokenizer"] == before["tokenizer"]  # ... so the tokenizer built from them stays fresh
 
     dev.wait_runs([language_model])
-    activations = [dev.launch_run(["cached_activations"], key) for key in SHARDS]
-    dev.wait_runs(activations)
-    log("language_model and cached_activations materialized")
+    # A backfill on the multiprocess executor: cached_activations (model pool, one run per shard)
+    # and shuffle_scatter (single-run backfill policy: both shards in one run, after both).
+    b_model = dev.launch_backfill(["cached_activations", "shuffle_scatter"], SHARDS, "model shards", MULTIPROCESS)
+    done = dev.wait_backfill(b_model)
+    log(f"backfill {b_model} of cached_activations and shuffle_scatter completed")
+    history = dev.materializations()
+    activations = [run for key in SHARDS for run in history[f"cached_activations[{key}]"]]
+    [scatter_run] = {run for key in SHARDS for run in history[f"shuffle_scatter[{key}]"]}
+    assert len(set(activations)) == 2 and {*activations, scatter_run} == {r["runId"] for r in done["runs"]}
+    scatter_tags = next({t["key"]: t["value"] for t in r["tags"]} for r in done["runs"] if r["runId"] == scatter_run)
+    assert (scatter_tags["dagster/asset_partition_range_start"], scatter_tags["dagster/asset_partition_range_end"]) \
+        == (S0, S1), "one ranged run for every shard of shuffle_scatter"
+    for run in activations:
+        assert "multiprocess executor" in dev.engine_messages(run), "the backfill's runs use the multiprocess executor"
     # Pools: cached_activations is in the "model" pool, limited to one step at a time.
     (start0, end0), (start1, end1) = (dev.step_interval(r, "cached_activations") for r in activations)
     assert end0 <= start1 or end1 <= start0, "two steps of the 'model' pool ran at once"

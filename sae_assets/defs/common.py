@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -56,3 +57,37 @@ def asset_code_version(context) -> str:
     """The running asset's code version, recorded in its manifests (without the `+cfg.<hash>`
     that definitions.graph_assets appends: the manifest keeps its config hash separately)."""
     return (context.assets_def.code_versions_by_key[context.asset_key] or "").split("+cfg.")[0]
+
+
+SINGLE_RUN = dg.BackfillPolicy.single_run()
+"""Backfill policy of the shard assets whose every consumer reads all their partitions
+(shuffle_scatter, context_gather): a backfill materializes the whole range in one run, which
+loads the code location and the shared inputs once instead of once per shard. Dagster 1.13
+stamps every partition of a ranged step with one data version (see `each_partition`); as
+each consumer reads every partition anyway, that loses no precision in what turns stale."""
+
+
+def each_partition(context, store: ArtifactStore,
+                   materialize_one: Callable[[str], tuple[Manifest, dict[str, Any]]]) -> dg.MaterializeResult:
+    """Materialize each partition key of the run (one, or a range under SINGLE_RUN) in order.
+
+    `materialize_one(key)` commits one partition and returns its manifest and metadata. A run of
+    one partition returns that partition's own result. A ranged run's data version is the hash of
+    its partitions' (key, manifest version) pairs, so rerunning the same range on the same inputs
+    gives the same version, and a change in any of them gives every partition a new one.
+    """
+    keys_in_run = list(context.partition_keys)
+    done = [(key, *materialize_one(key)) for key in keys_in_run]
+    if len(done) == 1:
+        _, manifest, metadata = done[0]
+        return result(manifest, store, metadata)
+    versions = {key: manifest.data_version for key, manifest, _ in done}
+    version = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in versions.items()).encode()).hexdigest()[:24]
+    return dg.MaterializeResult(data_version=dg.DataVersion(version), metadata={
+        "data_version": version,
+        "partitions_in_run": len(done),
+        "partition_versions": dg.MetadataValue.json(versions),
+        "bytes": dg.MetadataValue.int(sum(m.total_bytes for _, m, _ in done)),
+        "rows": dg.MetadataValue.int(sum(m.total_rows or 0 for _, m, _ in done)),
+        "location": f"{store.describe()}/{keys.asset_component(done[0][1].asset)}/",
+    })

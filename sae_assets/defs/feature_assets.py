@@ -28,7 +28,14 @@ from sae_assets.core import feature_windows, features, site_data
 from sae_assets.core.config import RunConfig
 from sae_assets.core.features_merge import FeatureSamples, merge_feature_samples
 from sae_assets.defs.activation_assets import ACTIVATIONS_FILE, cached_activations
-from sae_assets.defs.common import asset_code_version, config_digest, read_upstream, result
+from sae_assets.defs.common import (
+    SINGLE_RUN,
+    asset_code_version,
+    config_digest,
+    each_partition,
+    read_upstream,
+    result,
+)
 from sae_assets.defs.corpus_assets import load_tokenizer, token_shards, tokenizer
 from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary
 from sae_assets.defs.model_assets import language_model, load_language_model
@@ -193,37 +200,42 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
 
     @dg.asset(
         name="context_gather", group_name="features", partitions_def=SHARDS, code_version="1",
+        backfill_policy=SINGLE_RUN,
         deps=[cached_activations, token_shards,
               dg.AssetDep(feature_examples, partition_mapping=dg.AllPartitionMapping())],
         description="Pass 1 of the context windows, sharded over the dataset: for every feature range, the "
-        "tokens (with their cached activations) of the windows around that range's examples in this shard.",
+        "tokens (with their cached activations) of the windows around that range's examples in this shard. "
+        "A backfill runs every shard in one run.",
     )
     def context_gather(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
         cfg, store = settings.load(), storage.store()
-        shard = context.partition_key
         ranges = feature_range_keys(context.instance)
         examples, upstream = read_upstream(store, "feature_examples", ranges)
-        [acts], versions = read_upstream(store, "cached_activations", [shard])
-        [tokens_manifest], token_versions = read_upstream(store, "token_shards", [shard])
-        table = open_ipc_table(store.fetch(acts, ACTIVATIONS_FILE))
+        shown_by_range = {frange: pq.read_table(store.fetch(m, SHOWN_FILE)) for frange, m in zip(ranges, examples)}
         hook = store.require("sae_dictionary", dictionary_key).extra["hook"]
-        with store.writer("context_gather", shard, code_version=asset_code_version(context),
-                          upstream={**upstream, **versions, **token_versions},
-                          config_hash=shown_digest(cfg)) as out:
-            total = 0
-            for frange, manifest in zip(ranges, examples):
-                shown = pq.read_table(store.fetch(manifest, SHOWN_FILE))
-                spans, window_tokens = feature_windows.gather_window_tokens(
-                    shown, table, shard=shard_index(shard), hook=hook,
-                    context_length=tokens_manifest.extra["context_length"], before=cfg.features.window_before,
-                    after=cfg.features.window_after, where=f"context_gather[{shard}] for {frange}")
-                pq.write_table(spans, out.path(f"spans-{frange}.parquet"))
-                out.describe_table(f"spans-{frange}.parquet", rows=spans.num_rows)
-                rows, _ = write_ipc_file(out.path(f"tokens-{frange}.arrow"), window_tokens.schema,
-                                         window_tokens.to_batches())
-                out.describe_table(f"tokens-{frange}.arrow", rows=rows)
-                total += rows
-        return result(out.manifest, store, {"ranges": len(ranges), "window_tokens": total})
+
+        def gather_one(shard: str):
+            [acts], versions = read_upstream(store, "cached_activations", [shard])
+            [tokens_manifest], token_versions = read_upstream(store, "token_shards", [shard])
+            table = open_ipc_table(store.fetch(acts, ACTIVATIONS_FILE))
+            with store.writer("context_gather", shard, code_version=asset_code_version(context),
+                              upstream={**upstream, **versions, **token_versions},
+                              config_hash=shown_digest(cfg)) as out:
+                total = 0
+                for frange, shown in shown_by_range.items():
+                    spans, window_tokens = feature_windows.gather_window_tokens(
+                        shown, table, shard=shard_index(shard), hook=hook,
+                        context_length=tokens_manifest.extra["context_length"], before=cfg.features.window_before,
+                        after=cfg.features.window_after, where=f"context_gather[{shard}] for {frange}")
+                    pq.write_table(spans, out.path(f"spans-{frange}.parquet"))
+                    out.describe_table(f"spans-{frange}.parquet", rows=spans.num_rows)
+                    rows, _ = write_ipc_file(out.path(f"tokens-{frange}.arrow"), window_tokens.schema,
+                                             window_tokens.to_batches())
+                    out.describe_table(f"tokens-{frange}.arrow", rows=rows)
+                    total += rows
+            return out.manifest, {"ranges": len(ranges), "window_tokens": total}
+
+        return each_partition(context, store, gather_one)
 
     @dg.asset(
         name="context_windows", group_name="features", partitions_def=FEATURE_RANGES, code_version="1",

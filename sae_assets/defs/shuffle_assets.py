@@ -16,7 +16,7 @@ from resources.arrow_files import LocalSpill, open_ipc_table, write_ipc_file, wr
 from sae_assets.core import activations, schemas
 from sae_assets.core import shuffle as sh
 from sae_assets.defs.activation_assets import ACTIVATIONS_FILE, cached_activations
-from sae_assets.defs.common import asset_code_version, read_upstream, result
+from sae_assets.defs.common import SINGLE_RUN, asset_code_version, each_partition, read_upstream, result
 from sae_assets.defs.partitions import BUCKETS, SHARDS, bucket_index, bucket_keys, shard_index, training_shard_keys
 
 SHUFFLED_FILE = "shuffled.arrow"
@@ -42,8 +42,9 @@ def consistent_inputs(store, manifests) -> dict:
     partitions_def=SHARDS,
     deps=[dg.AssetDep(cached_activations, partition_mapping=dg.AllPartitionMapping())],
     code_version="1",
+    backfill_policy=SINGLE_RUN,
     description="Shuffle pass 1: each activation shard cut into K bucket files by a seeded "
-    "multivariate-hypergeometric count table (exactly uniform overall).",
+    "multivariate-hypergeometric count table (exactly uniform overall). A backfill runs every shard in one run.",
 )
 def shuffle_scatter(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
     cfg = settings.load()
@@ -51,27 +52,30 @@ def shuffle_scatter(context: dg.AssetExecutionContext, settings: RunSettings, st
     shards = training_shard_keys(context.instance, cfg)
     manifests, upstream = read_upstream(store, "cached_activations", shards)
     consistent_inputs(store, manifests)
-    if context.partition_key not in shards:
-        raise ValueError(f"shuffle_scatter[{context.partition_key}]: the shuffle feeds dictionary training, which "
-                         f"uses the first corpus.training_shards={cfg.corpus.training_shards} shards only")
-    job = shards.index(context.partition_key)
     num_buckets = cfg.shuffle.num_buckets
     counts_NK = sh.bucket_count_table([m.total_rows for m in manifests], num_buckets, cfg.shuffle.seed)
-    table = open_ipc_table(store.fetch(manifests[job], ACTIVATIONS_FILE))
-    with store.writer("shuffle_scatter", context.partition_key, code_version=asset_code_version(context),
-                      upstream=upstream,
-                      config_hash=cfg.section_hash("shuffle")) as out:
-        paths = {k: out.path(bucket_file(k)) for k in range(num_buckets)}
-        pieces = sh.scatter_batches(table.to_batches(), counts_NK[job], seed=cfg.shuffle.seed, job=job,
-                                    block_rows=cfg.shuffle.block_rows)
-        rows = write_ipc_files(paths, table.schema, pieces)
-        for k, path in paths.items():
-            out.describe_table(path.name, rows=rows[k], schema=None)
-        if [rows[k] for k in range(num_buckets)] != counts_NK[job].tolist():
-            raise RuntimeError(f"shuffle_scatter[{context.partition_key}] wrote {rows}, table says {counts_NK[job]}")
-        out.extra.update(format=manifests[job].extra["format"], shard=shard_index(context.partition_key),
-                         job=job, counts=counts_NK[job].tolist())
-    return result(out.manifest, store, {"rows_per_bucket": dg.MetadataValue.json(counts_NK[job].tolist())})
+
+    def scatter_one(shard: str):
+        if shard not in shards:
+            raise ValueError(f"shuffle_scatter[{shard}]: the shuffle feeds dictionary training, which "
+                             f"uses the first corpus.training_shards={cfg.corpus.training_shards} shards only")
+        job = shards.index(shard)
+        table = open_ipc_table(store.fetch(manifests[job], ACTIVATIONS_FILE))
+        with store.writer("shuffle_scatter", shard, code_version=asset_code_version(context),
+                          upstream=upstream, config_hash=cfg.section_hash("shuffle")) as out:
+            paths = {k: out.path(bucket_file(k)) for k in range(num_buckets)}
+            pieces = sh.scatter_batches(table.to_batches(), counts_NK[job], seed=cfg.shuffle.seed, job=job,
+                                        block_rows=cfg.shuffle.block_rows)
+            rows = write_ipc_files(paths, table.schema, pieces)
+            for k, path in paths.items():
+                out.describe_table(path.name, rows=rows[k], schema=None)
+            if [rows[k] for k in range(num_buckets)] != counts_NK[job].tolist():
+                raise RuntimeError(f"shuffle_scatter[{shard}] wrote {rows}, table says {counts_NK[job]}")
+            out.extra.update(format=manifests[job].extra["format"], shard=shard_index(shard),
+                             job=job, counts=counts_NK[job].tolist())
+        return out.manifest, {"rows_per_bucket": dg.MetadataValue.json(counts_NK[job].tolist())}
+
+    return each_partition(context, store, scatter_one)
 
 
 @dg.asset(
