@@ -12,6 +12,7 @@ import os
 import dagster as dg
 
 from resources import ArtifactStorage, RunSettings
+from sae_assets import deploy_settings
 from sae_assets.core.config import RunConfig, load_config
 from sae_assets.defs import (
     activation_assets,
@@ -85,8 +86,11 @@ def build_resources(config_path: str | None) -> dict[str, dg.ConfigurableResourc
 
 
 def build_definitions(config_path: str | None = None) -> dg.Definitions:
+    # The executor: Dagster's default (multiprocess) unless $SAE_ASSETS_EXECUTOR names another
+    # (`k8s` on a cluster: one pod per step, GPUs for the device steps; deploy/README.md).
     return dg.Definitions(assets=graph_assets(load_config(config_path)), asset_checks=ALL_CHECKS,
-                          sensors=[sensors.corpus_growth], resources=build_resources(config_path))
+                          sensors=[sensors.corpus_growth], resources=build_resources(config_path),
+                          executor=deploy_settings.executor_from_env())
 
 
 defs = build_definitions(os.environ.get(CONFIG_ENV_VAR) or None)

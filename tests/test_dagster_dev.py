@@ -60,7 +60,7 @@ concurrency:
   runs:
     max_concurrent_runs: 2
   pools:
-    default_limit: 1            # pool "model" (cached_activations, sae_dictionary, sae_metrics, site_json)
+    default_limit: 1            # pool "model" (language_model, cached_activations, sae_dictionary, sae_metrics, site_json)
     op_granularity_run_buffer: 1
 """
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}

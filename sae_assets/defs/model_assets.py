@@ -33,6 +33,7 @@ def load_all_sequences(store, partitions: list[str]) -> tuple[np.ndarray, np.nda
     group_name="model",
     deps=[token_shards, tokenizer],
     code_version="2",
+    pool="model",  # trains on the device: one model-holding step at a time
     description="The language model: the embedded TransformerLens-native model trained on the token "
     "shards with a held-out split (capturing per-datum parameter shifts when attribution.capture is on), "
     "or a reference to a named model.",
