@@ -278,8 +278,21 @@ class ArtifactStore:
             self.backend.put_bytes(Path(path).read_bytes(), keys.checkpoint_key(asset, partition, tag, Path(path).name))
 
     def drop_checkpoints(self, asset: str, partition: str | None, tag: str) -> None:
-        """Remove a finished run's checkpoints, locally and mirrored."""
-        shutil.rmtree(self._local_checkpoints(asset, partition, tag), ignore_errors=True)
+        """Remove a finished run's checkpoints, locally and mirrored.
+
+        Hidden (temp) files stay: one may be another run of the same partition writing its next
+        checkpoint right now, whose rename would fail if it vanished. That run drops its own
+        checkpoints when it finishes (tests/test_faults.py runs the two at once).
+        """
+        local = self._local_checkpoints(asset, partition, tag)
+        if local.is_dir():
+            for path in local.iterdir():
+                if path.is_file() and not path.name.startswith("."):
+                    path.unlink(missing_ok=True)
+            try:
+                local.rmdir()
+            except OSError:  # not empty: a temp file of a run still writing
+                pass
         self.backend.delete(self.backend.list_keys(keys.partition_prefix(asset, partition) + f"checkpoints/{tag}/"))
 
     # ---- reading ---------------------------------------------------------------------------

@@ -130,7 +130,10 @@ def _start(sae: SparseAutoencoder, cfg: SaeConfig, point: DictionaryPoint, path:
     generator = seeded_generator(cfg.seed, RESAMPLE_STREAM)
     checkpointer = Checkpointer(sae, optimizer, scheduler, tracker, generator,
                                 fingerprint=config_fingerprint(cfg, point, sae.d_in))
-    progress = checkpointer.load(path) if path is not None and path.exists() else Progress()
+    try:
+        progress = checkpointer.load(path) if path is not None else Progress()
+    except FileNotFoundError:  # none yet, or a concurrent run of this partition finished and dropped it
+        progress = Progress()
     return _Run(sae, optimizer, scheduler, tracker, cfg, total, progress, checkpointer)
 
 
