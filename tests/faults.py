@@ -184,9 +184,8 @@ def main(argv: list[str]) -> int:
 def prepare_home(home: Path, config_path: str) -> None:
     """A persistent sqlite instance at `home` with the config's dynamic partitions added.
 
-    Added here, once, because two runs started together would both insert the missing
-    partitions and one would fail on the unique constraint (sync_partitions is not meant to
-    race itself); a run's own sync then finds nothing to add.
+    Added here, once, so the runs a test starts together find nothing to add and start at the
+    same speed (sync_partitions also survives such a race: tests/test_growth.py).
     """
     import dagster as dg
 

@@ -5,13 +5,14 @@ instance's materialization records), and the models stay as they were."""
 
 import dagster as dg
 import pytest
+from sqlalchemy.exc import IntegrityError
 from run_configs import write_run_config
 from test_feature_assets import FEATURES, materialize
 from test_sae_assets import TINY
 
 from sae_assets.core.config import ConfigError, load_config
 from sae_assets.defs.feature_assets import read_samples
-from sae_assets.defs.partitions import feature_range_keys, shard_keys
+from sae_assets.defs.partitions import SHARDS, feature_range_keys, shard_keys, sync_partitions
 from sae_assets.defs.sensors import corpus_growth
 from sae_assets.definitions import build_resources
 from sae_assets.demo import materialize_all
@@ -91,3 +92,23 @@ def test_growth_config_is_validated():
         load_config(overrides={"corpus": {"documents_per_shard": -1}})
     with pytest.raises(ConfigError, match="corpus.training_shards"):
         load_config(overrides={"corpus": {"training_shards": -2}})
+
+
+def test_sync_partitions_survives_a_concurrent_add(tmp_path, monkeypatch):
+    """Two processes syncing one instance: the other adds a key between our read and our insert."""
+    (tmp_path / "home").mkdir()
+    instance = dg.DagsterInstance.local_temp(str(tmp_path / "home"))
+    config = load_config(write_run_config(tmp_path, TINY, {"root": str(tmp_path / "artifacts")}))
+    real_add, raced = instance.add_dynamic_partitions, []
+
+    def add_after_a_rival(kind, keys):
+        if kind == SHARDS.name and not raced:
+            raced.append(keys)
+            real_add(kind, keys[:1])  # the rival's insert lands first
+            raise IntegrityError("INSERT INTO dynamic_partitions", {}, Exception("UNIQUE constraint failed"))
+        return real_add(kind, keys)
+
+    monkeypatch.setattr(instance, "add_dynamic_partitions", add_after_a_rival)
+    sync_partitions(instance, config, num_shards=3)
+    assert raced == [["shard-0000", "shard-0001", "shard-0002"]]
+    assert shard_keys(instance) == ["shard-0000", "shard-0001", "shard-0002"]

@@ -9,6 +9,7 @@ shards with feature ranges (keys like `features-00000-00255|shard-0000`). Traini
 """
 
 import dagster as dg
+from sqlalchemy.exc import IntegrityError  # what Dagster's SQL storages raise for a duplicate key
 
 from sae_assets.core import corpus
 from sae_assets.core.config import RunConfig
@@ -111,7 +112,14 @@ def _sync(instance: dg.DagsterInstance, kind: str, wanted: list[str]) -> list[st
     existing = set(instance.get_dynamic_partitions(kind))
     missing = [k for k in wanted if k not in existing]
     if missing:
-        instance.add_dynamic_partitions(kind, missing)
+        try:
+            instance.add_dynamic_partitions(kind, missing)
+        except IntegrityError:
+            # Another process (a concurrent run, the sensor) added some of them between our read
+            # and our insert: add what is still missing.
+            now = set(instance.get_dynamic_partitions(kind))
+            if still := [k for k in missing if k not in now]:
+                instance.add_dynamic_partitions(kind, still)
     for extra in sorted(existing - set(wanted)):
         instance.delete_dynamic_partition(kind, extra)
     return missing
