@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc
 
-from resources.storage import fsync_path
+from resources.storage import fsync_path, staging_prefix
 from sae_assets.core.activation_reader import to_numpy_matrix
 
 __all__ = ["CorruptArrowFileError", "LocalSpill", "open_ipc_table", "to_numpy_matrix", "write_ipc_file",
@@ -101,7 +101,7 @@ class LocalSpill:
 
     def __init__(self, schema: pa.Schema, parent: Path | str | None = None):
         self.schema = schema
-        self.directory = Path(tempfile.mkdtemp(prefix="shuffle-spill-", dir=parent))
+        self.directory = Path(tempfile.mkdtemp(prefix=staging_prefix("shuffle-spill"), dir=parent))
         self._writers: dict[str, tuple[pa.NativeFile, pa.ipc.RecordBatchFileWriter]] = {}
 
     def _path(self, name: str) -> Path:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 import threading
 import urllib.parse
@@ -45,6 +47,41 @@ def fsync_path(path: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+_STAGING_RE = re.compile(r"^(?P<label>[a-z0-9_-]+)@(?P<host>[A-Za-z0-9._-]+)@(?P<pid>\d+)@")
+
+
+def staging_prefix(label: str) -> str:
+    """`<label>@<host>@<pid>@`: the start of a staging directory's name, naming its owner so that
+    a later writer on the same host can tell the staging of a killed process from a live one's."""
+    return f"{label}@{_HOST}@{os.getpid()}@"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def reclaim_dead_staging(scratch_root: Path) -> list[Path]:
+    """Delete the staging directories under `scratch_root` whose owner, a process on this host,
+    has died (a run killed mid-write leaves partial files of any size behind). Directories of
+    live processes, of other hosts sharing the disk, and of unknown form are left alone; a
+    reused pid only postpones a reclaim. Returns what was deleted."""
+    reclaimed = []
+    for entry in scratch_root.iterdir() if scratch_root.is_dir() else ():
+        match = _STAGING_RE.match(entry.name)
+        if (match and entry.is_dir() and match["host"] == _HOST and int(match["pid"]) != os.getpid()
+                and not _process_alive(int(match["pid"]))):
+            shutil.rmtree(entry, ignore_errors=True)
+            reclaimed.append(entry)
+    return reclaimed
 
 
 class StorageError(RuntimeError):
@@ -211,7 +248,8 @@ class ArtifactStore:
         After the block, `writer.manifest` holds the committed Manifest.
         """
         keys.partition_prefix(asset, partition)  # validate before any work is done
-        scratch = Path(tempfile.mkdtemp(prefix=f"{asset}-", dir=self.backend.scratch_dir()))
+        reclaim_dead_staging(self.backend.scratch_dir())
+        scratch = Path(tempfile.mkdtemp(prefix=staging_prefix(asset), dir=self.backend.scratch_dir()))
         writer = PartitionWriter(asset=asset, partition=partition, scratch=scratch)
         try:
             yield writer

@@ -96,7 +96,8 @@ def assert_identical(backend, reference_backend, asset: str, partition: str | No
 
 
 def staged_files(root: Path, asset: str) -> list[Path]:
-    return [p for p in (root / ".staging").glob(f"{asset}-*/*") if p.is_file() and p.stat().st_size > 0]
+    """Non-empty files in the staging directories of `asset` (named `<asset>@<host>@<pid>@...`)."""
+    return [p for p in (root / ".staging").glob(f"{asset}@*/*") if p.is_file() and p.stat().st_size > 0]
 
 
 # ---- kill -9 mid-write and mid-commit -------------------------------------------------------------
@@ -142,7 +143,8 @@ def test_kill_mid_write_loses_nothing_and_rerun_is_identical(reference, tmp_path
     run = FaultyRun.start(config_path, asset, partition, home=tmp_path / "home", fault_dir=tmp_path / "faults",
                           faults=[{"at": point, "nth": nth}], tag="killed")
     run.wait_for(point, nth)
-    if point in ("cache_batch", "scatter_piece", "gather_batch"):
+    mid_write = point in ("cache_batch", "scatter_piece", "gather_batch")
+    if mid_write:
         assert staged_files(root, asset), "the kill should land while the output is being written"
     if point == "put_manifest":
         new = set(partition_keys_stored(backend, asset, partition)) - set(held or {})
@@ -160,7 +162,10 @@ def test_kill_mid_write_loses_nothing_and_rerun_is_identical(reference, tmp_path
         assert_readable(store, asset, sibling)
 
     # The rerun is a plain run in this process (another process than the killed one, as after a crash).
+    if mid_write:
+        assert staged_files(root, asset), "the killed run's partial files stay until a writer reclaims them"
     materialize(config_path, dg.DagsterInstance.ephemeral(), asset, partition)
+    assert not staged_files(root, asset), "the rerun's writer reclaimed the dead run's staging"
     assert_identical(backend, reference, asset, partition)
     assert everything(backend, leave_out=(asset, partition)) == {
         k: v for k, v in before.items() if k != (asset, partition)}

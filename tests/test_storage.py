@@ -26,7 +26,7 @@ import pytest
 from resources import keys
 from resources.manifest import ArtifactMissingError, CorruptArtifactError, Manifest
 from resources.s3 import S3Backend
-from resources.storage import ArtifactStore, StorageError
+from resources.storage import ArtifactStore, StorageError, staging_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET, PART = "acts", "shard-0001|f0000-0255"
@@ -135,6 +135,25 @@ def test_killed_write_is_invisible(store: ArtifactStore, backend_spec: dict) -> 
     assert store.read_bytes(first, "acts.arrow") == FILES["acts.arrow"]
     # A later successful write still works and reclaims only what its predecessor referenced.
     assert write_partition(store, FILES) == first
+
+
+def test_a_writer_reclaims_the_staging_of_dead_processes_only(store: ArtifactStore) -> None:
+    scratch = store.backend.scratch_dir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # exited: its pid names no live process (barring reuse within ms)
+    ours = staging_prefix("cached_activations")
+    dead_prefix = ours.replace(f"@{os.getpid()}@", f"@{dead_pid}@")
+    leftovers = {
+        "dead": scratch / f"{dead_prefix}x1",
+        "live": scratch / f"{ours}x2",  # this process, e.g. another thread's writer
+        "other_host": scratch / (dead_prefix.replace("@", "@elsewhere-", 1) + "x3"),
+        "unknown": scratch / "cached_activations-abc",
+    }
+    for path in leftovers.values():
+        path.mkdir()
+        (path / "part.arrow").write_bytes(b"partial" * 1000)
+    write_partition(store, FILES)
+    assert {name for name, path in leftovers.items() if path.exists()} == {"live", "other_host", "unknown"}
 
 
 def test_data_without_manifest_is_no_partition(store: ArtifactStore, tmp_path: Path) -> None:
