@@ -305,7 +305,9 @@ class StorageConfig:
     prefix: str = "sae_assets"
     region: str = "us-east-1"
     cache_dir: str = ".data/s3-cache"
-    """For backend=s3: where downloaded files are kept, named by their checksum."""
+    """For backend=s3: where downloaded files are kept (named by their checksum) and outputs are
+    staged. `{run_id}` in it becomes each Dagster run's id, so runs on one machine share no local
+    files, as on a cluster (`.data/s3-cache/{run_id}`); delete such directories after the runs."""
 
     def __post_init__(self) -> None:
         if self.backend == "s3":
