@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_dagster_dev import DagsterDev, free_port
+from test_dagster_dev import DagsterDev, free_port, group_alive
 
 LOCATION = "sae_assets"
 START_TIMEOUT = 240.0
@@ -204,18 +204,6 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of the group is running (zombies do not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
 def _stop_group(proc: subprocess.Popen, first: signal.Signals, grace: float) -> None:
     """`first` to the process group (the leader and every child it started), SIGKILL after `grace` s."""
     for sig, wait in ((first, grace), (signal.SIGKILL, 10.0)):
@@ -226,10 +214,10 @@ def _stop_group(proc: subprocess.Popen, first: signal.Signals, grace: float) -> 
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             proc.poll()  # reap the leader, so it does not count as alive
-            if not _group_alive(proc.pid):
+            if not group_alive(proc.pid):
                 break
             time.sleep(0.2)
-        if not _group_alive(proc.pid):
+        if not group_alive(proc.pid):
             break
     try:
         proc.wait(timeout=10)
@@ -386,7 +374,7 @@ class Cluster(DagsterDev):
 
     def leftover_processes(self) -> list[int]:
         """Pids still alive in any of the three process groups (empty after `stop`)."""
-        return [p.pid for p in self.procs.values() if _group_alive(p.pid)]
+        return [p.pid for p in self.procs.values() if group_alive(p.pid)]
 
 
 @contextmanager

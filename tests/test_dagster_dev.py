@@ -88,6 +88,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group is still running (zombies do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 def cell(asset: str, partition: str | None) -> str:
     return f"{asset}[{partition}]" if partition else asset
 
@@ -155,16 +167,7 @@ class DagsterDev:
             self.fail(f"dagster dev exited with code {self.proc.returncode}")
 
     def _group_alive(self) -> bool:
-        """Whether any process of the group is still running (zombies do not count)."""
-        pgid = self.proc.pid
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-        return False
+        return group_alive(self.proc.pid)
 
     def _running(self) -> bool:
         exited = self.proc.poll() is not None  # reaps the group leader
