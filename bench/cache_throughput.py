@@ -40,7 +40,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def build_model(device: str):
-    from sae_assets.core import lm
+    from sae_assets.core.model import lm
     from sae_assets.core.config import ModelConfig
 
     cfg = ModelConfig(n_layers=2, d_model=128, n_heads=4, d_mlp=512, seed=0, device=device)
@@ -55,7 +55,8 @@ def variants(model, tokens_ST, first_S, *, device: str, batch_size: int, tmp: Pa
     import torch
 
     from resources.arrow_files import write_ipc_file
-    from sae_assets.core import activations, schemas
+    from sae_assets.core import schemas
+    from sae_assets.core.activations import caching as activations
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     stop = int(HOOK.split('.')[1]) + 1  # TransformerLens' stop_at_layer: stops before that block only

@@ -33,7 +33,8 @@ import _common
 
 
 def build(cfg):
-    from sae_assets.core import lm, lm_train
+    from sae_assets.core.model import lm
+    from sae_assets.core.model import training as lm_train
 
     model = lm.build_embedded_model(cfg.model, vocab_size=cfg.tokenizer.vocab_size,
                                     context_length=cfg.tokenizer.context_length)
@@ -75,7 +76,7 @@ def main() -> int:
         from sae_assets.core.attribution.capture import ShiftCapture
         from sae_assets.core.attribution.records import step_ranges
         from sae_assets.core.config import load_config
-        from sae_assets.core.lm_train import lr_at_step, train_step
+        from sae_assets.core.model.training import lr_at_step, train_step
 
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -32,9 +32,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from sae_assets.core import feature_windows, schemas, site_data
-from sae_assets.core.features import sample_activation_table
-from sae_assets.core.features_merge import merge_feature_samples
+from sae_assets.core import schemas
+from sae_assets.core.features import windows as feature_windows
+from sae_assets.core.features import site_data
+from sae_assets.core.features.sampling import sample_activation_table
+from sae_assets.core.features.merge import merge_feature_samples
 from sae_assets.core.sae.relu import ReluSae
 
 HOOK = "blocks.0.hook_resid_post"

@@ -41,7 +41,7 @@ def bare_loop(cfg, vocab_size: int, context_length: int, batches, step_seconds: 
     import torch
     import torch.nn.functional as F
 
-    from sae_assets.core import lm
+    from sae_assets.core.model import lm
 
     model = lm.build_embedded_model(cfg, vocab_size=vocab_size, context_length=context_length)
     model.train()
@@ -91,7 +91,8 @@ def main() -> int:
         import numpy as np
         import torch
 
-        from sae_assets.core import lm, lm_train
+        from sae_assets.core.model import lm
+        from sae_assets.core.model import training as lm_train
         from sae_assets.core.config import load_config
         from sae_assets.defs import corpus_assets, model_assets
         from sae_assets.defs.partitions import shard_keys, sync_partitions

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from resources.storage import fsync_path, staging_prefix
-from sae_assets.core.activation_reader import to_numpy_matrix
+from sae_assets.core.activations.reader import to_numpy_matrix
 
 __all__ = ["CorruptArrowFileError", "LocalSpill", "open_ipc_table", "to_numpy_matrix", "write_ipc_file",
            "write_ipc_files"]

@@ -120,7 +120,7 @@ def install(points: _Points) -> None:
     """Wrap every fault point (a point nobody asked for only counts its hits)."""
     from resources.s3 import S3Backend
     from resources.storage import ArtifactStore, LocalBackend
-    from sae_assets.core import activations
+    from sae_assets.core.activations import caching as activations
     from sae_assets.core import shuffle as sh
     from sae_assets.core.sae import checkpoint
     from sae_assets.defs import dictionary_assets

@@ -14,8 +14,10 @@ import pytest
 import torch
 from run_configs import write_run_config
 from resources.arrow_files import open_ipc_table
-from sae_assets.core import activations, schemas, tokenization
-from sae_assets.core.activation_reader import ShuffledActivationReader, bf16_bits_to_float32, to_numpy_matrix
+from sae_assets.core import schemas
+from sae_assets.core.activations import caching as activations
+from sae_assets.core.corpus import tokenization
+from sae_assets.core.activations.reader import ShuffledActivationReader, bf16_bits_to_float32, to_numpy_matrix
 from sae_assets.defs.model_assets import load_language_model
 from sae_assets.defs.partitions import bucket_keys, shard_keys
 from sae_assets.definitions import ALL_ASSETS, ALL_CHECKS, build_resources

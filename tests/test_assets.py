@@ -15,7 +15,9 @@ import yaml
 
 from resources import ArtifactStorage
 from resources.arrow_files import open_ipc_table
-from sae_assets.core import lm, schemas, tokenization
+from sae_assets.core import schemas
+from sae_assets.core.model import lm
+from sae_assets.core.corpus import tokenization
 from sae_assets.defs.model_assets import load_all_sequences, load_language_model
 from sae_assets.defs.partitions import shard_keys
 from sae_assets.definitions import ALL_ASSETS, build_resources

@@ -9,7 +9,8 @@ import pytest
 from run_configs import write_run_config
 
 from resources.manifest import Manifest
-from sae_assets.core import lm, schemas
+from sae_assets.core import schemas
+from sae_assets.core.model import lm
 from sae_assets.core.config import load_config
 from sae_assets.defs import capture_io
 from sae_assets.defs.attribution_assets import SHIFTS_FILE, STEPS_FILE, TABLE_FILES

@@ -24,8 +24,8 @@ from sae_assets.core.attribution.records import step_ranges
 from sae_assets.core.attribution.tensors import DEFAULT_KINDS, TENSOR_KINDS, track
 from sae_assets.core.attribution.topk import DatumTopK
 from sae_assets.core.config import ConfigError, ModelConfig, config_from_dict
-from sae_assets.core.lm import build_embedded_model, next_token_loss
-from sae_assets.core.lm_train import train_language_model, train_step
+from sae_assets.core.model.lm import build_embedded_model, next_token_loss
+from sae_assets.core.model.training import train_language_model, train_step
 
 VOCAB, CTX, B = 40, 12, 6
 CFG = ModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, batch_size=B, train_tokens=B * CTX * 8,

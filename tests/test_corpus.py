@@ -7,7 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sae_assets.core import corpus, schemas, tokenization
+from sae_assets.core import schemas
+from sae_assets.core.corpus import documents as corpus
+from sae_assets.core.corpus import tokenization
 from sae_assets.core.config import CorpusConfig
 
 

@@ -20,7 +20,7 @@ from test_sae_assets import TINY
 
 from resources.arrow_files import open_ipc_table, write_ipc_file
 from sae_assets.core import schemas
-from sae_assets.core.activation_reader import to_numpy_matrix
+from sae_assets.core.activations.reader import to_numpy_matrix
 from sae_assets.core.config import load_config
 from sae_assets.core.sae import io as sae_io
 from sae_assets.core.sae.relu import ReluSae

@@ -36,7 +36,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 def corpus_files(directory: Path) -> list[str]:
     """Forty short documents of prose and code, each quoting the payloads."""
-    import sae_assets.core.corpus as corpus
+    import sae_assets.core.corpus.documents as corpus
 
     prose = (corpus.__doc__ or "") + (json.__doc__ or "") + (http.server.__doc__ or "")
     paths = []

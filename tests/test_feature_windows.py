@@ -10,9 +10,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from sae_assets.core import feature_windows, schemas, site_data
-from sae_assets.core.features import sample_activation_table
-from sae_assets.core.features_merge import merge_feature_samples
+from sae_assets.core import schemas
+from sae_assets.core.features import windows as feature_windows
+from sae_assets.core.features import site_data
+from sae_assets.core.features.sampling import sample_activation_table
+from sae_assets.core.features.merge import merge_feature_samples
 from sae_assets.core.sae.relu import ReluSae
 from sae_assets.core.sae.topk import TopKSae
 
@@ -160,7 +162,7 @@ def test_feature_documents_and_neuronpedia_layout() -> None:
 
 
 def test_token_strings_show_partial_characters_as_bytes() -> None:
-    from sae_assets.core.tokenization import train_bpe
+    from sae_assets.core.corpus.tokenization import train_bpe
 
     tokenizer = train_bpe(["h\u00e9llo w\u00f6rld \u201cquoted\u201d \u2014 tick \u2713"] * 50, 300)
     strings = site_data.token_strings(tokenizer)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sae_assets.core.features import (
+from sae_assets.core.features.sampling import (
     DEFAULT_HIST_EDGES,
     FeatureRangeSampler,
     FeatureSamples,
@@ -26,7 +26,7 @@ from sae_assets.core.features import (
     feature_keys,
     feature_token_hash,
 )
-from sae_assets.core.features_merge import merge_feature_samples
+from sae_assets.core.features.merge import merge_feature_samples
 from sae_assets.core.schemas import global_token_index
 
 SEED = 1234

@@ -1,4 +1,4 @@
-"""Tests for sae_assets.core.lm and lm_train: the embedded TL-native model, its training loop,
+"""Tests for sae_assets.core.model.lm and lm_train: the embedded TL-native model, its training loop,
 save/load, hook-name checks, the hashed split, and a named model booted offline from a tiny
 GPT-2 written to a temporary directory. Tiny shapes throughout; the file runs in seconds."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sae_assets.core.config import ModelConfig, replace
-from sae_assets.core.lm import (
+from sae_assets.core.model.lm import (
     build_embedded_model,
     check_hook_names,
     evaluate_loss,
@@ -26,7 +26,7 @@ from sae_assets.core.lm import (
     split_is_validation,
     unigram_entropy,
 )
-from sae_assets.core.lm_train import batch_indices, lr_at_step, train_language_model
+from sae_assets.core.model.training import batch_indices, lr_at_step, train_language_model
 
 VOCAB, CTX = 32, 16
 TINY = ModelConfig(n_layers=1, d_model=32, n_heads=2, d_mlp=64, batch_size=16, train_tokens=16 * CTX * 120,

@@ -10,7 +10,7 @@ import torch
 from dagster._core.errors import DagsterAssetCheckFailedError
 from run_configs import write_run_config
 
-from sae_assets.core import sae_data
+from sae_assets.core.sae import data as sae_data
 from sae_assets.core.config import load_config
 from sae_assets.core.sae import io as sae_io
 from sae_assets.core.sae.training import config_fingerprint
@@ -99,7 +99,7 @@ def test_sae_training_never_sees_heldout_tokens(trained):
     _, config_path, store, _ = trained
     cfg = load_config(config_path)
     from resources.arrow_files import open_ipc_table
-    from sae_assets.core.activation_reader import ShuffledActivationReader
+    from sae_assets.core.activations.reader import ShuffledActivationReader
 
     tables = [open_ipc_table(store.fetch(store.require("shuffled_shards", k), "shuffled.arrow"))
               for k in ("bucket-0000", "bucket-0001")]

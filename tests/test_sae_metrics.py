@@ -1,4 +1,4 @@
-"""Tests for sae_assets.core.sae_metrics: reconstruction stats, density summaries and loss
+"""Tests for sae_assets.core.sae.metrics: reconstruction stats, density summaries and loss
 recovered, against hand-made dictionaries whose answers are known (identity = perfect,
 zeros = zero ablation, a gate that keeps some tokens and zeroes the rest) on a 1-layer
 embedded model trained for a few steps. Runs in seconds on CPU."""
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from sae_assets.core.config import ModelConfig
-from sae_assets.core.lm import build_embedded_model, evaluate_loss, forward_logits, next_token_loss
-from sae_assets.core.lm_train import train_language_model
-from sae_assets.core.sae_metrics import (
+from sae_assets.core.model.lm import build_embedded_model, evaluate_loss, forward_logits, next_token_loss
+from sae_assets.core.model.training import train_language_model
+from sae_assets.core.sae.metrics import (
     _replace_once,
     dead_fraction,
     dense_fraction,

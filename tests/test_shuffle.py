@@ -20,7 +20,7 @@ import torch
 
 from resources.arrow_files import CorruptArrowFileError, LocalSpill, open_ipc_table, write_ipc_file
 from sae_assets.core import shuffle as sh
-from sae_assets.core.activation_reader import ShuffledActivationReader, to_numpy_matrix
+from sae_assets.core.activations.reader import ShuffledActivationReader, to_numpy_matrix
 from sae_assets.core.schemas import activation_schema, global_token_index, shard_of_token
 
 HOOK = "blocks.0.hook_resid_post"

@@ -10,7 +10,10 @@ import dagster as dg
 
 from resources import ArtifactStorage, RunSettings
 from resources.arrow_files import open_ipc_table, write_ipc_file
-from sae_assets.core import activations, lm, schemas, tokenization
+from sae_assets.core import schemas
+from sae_assets.core.activations import caching as activations
+from sae_assets.core.model import lm
+from sae_assets.core.corpus import tokenization
 from sae_assets.defs.common import asset_code_version, read_upstream, result
 from sae_assets.defs.corpus_assets import token_shards
 from sae_assets.defs.model_assets import language_model, load_language_model

@@ -15,7 +15,7 @@ import polars as pl
 import pyarrow.compute as pc
 
 from resources import ArtifactStorage, RunSettings
-from sae_assets.core import lm
+from sae_assets.core.model import lm
 from sae_assets.core.attribution import analysis, tables
 from sae_assets.core.attribution.tensors import TensorLayout
 from sae_assets.defs import capture_io

@@ -24,7 +24,7 @@ from sae_assets.core.attribution.capture import ShiftCapture
 from sae_assets.core.attribution.records import RangeCapture, step_ranges
 from sae_assets.core.attribution.tensors import TensorLayout
 from sae_assets.core.config import RunConfig
-from sae_assets.core.lm_train import training_steps
+from sae_assets.core.model.training import training_steps
 
 PARQUET = {"compression": "zstd"}
 

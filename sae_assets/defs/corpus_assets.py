@@ -16,7 +16,9 @@ from tokenizers import Tokenizer
 
 from resources import ArtifactStorage, RunSettings
 from resources.arrow_files import write_ipc_file
-from sae_assets.core import corpus, schemas, tokenization
+from sae_assets.core import schemas
+from sae_assets.core.corpus import documents as corpus
+from sae_assets.core.corpus import tokenization
 from sae_assets.defs.common import asset_code_version, read_upstream, result
 from sae_assets.defs.partitions import SHARDS, shard_index, training_shard_keys
 

@@ -16,8 +16,8 @@ import torch
 
 from resources import ArtifactStorage, RunSettings
 from resources.arrow_files import open_ipc_table
-from sae_assets.core import sae_data
-from sae_assets.core.activation_reader import ShuffledActivationReader
+from sae_assets.core.sae import data as sae_data
+from sae_assets.core.activations.reader import ShuffledActivationReader
 from sae_assets.core.sae import io as sae_io
 from sae_assets.core.sae.build import build_sae
 from sae_assets.core.sae.training import SaeTrainingError, config_fingerprint, train_sae

@@ -24,9 +24,11 @@ import pyarrow.parquet as pq
 
 from resources import ArtifactStorage, RunSettings
 from resources.arrow_files import open_ipc_table, write_ipc_file
-from sae_assets.core import feature_windows, features, site_data
+from sae_assets.core.features import windows as feature_windows
+from sae_assets.core.features import sampling as features
+from sae_assets.core.features import site_data
 from sae_assets.core.config import RunConfig
-from sae_assets.core.features_merge import FeatureSamples, merge_feature_samples
+from sae_assets.core.features.merge import FeatureSamples, merge_feature_samples
 from sae_assets.defs.activation_assets import ACTIVATIONS_FILE, cached_activations
 from sae_assets.defs.common import (
     SINGLE_RUN,
@@ -346,7 +348,7 @@ def _check_gathers_current(gathers, frange: str, examples) -> None:
 def _density_markdown(counts, n_tokens: int) -> str:
     import numpy as np
 
-    from sae_assets.core import sae_metrics
+    from sae_assets.core.sae import metrics as sae_metrics
 
     histogram = sae_metrics.density_histogram(np.asarray(counts), n_tokens)
     return bar_chart_markdown(histogram.edges[:-1], histogram.counts, xlabel="log10 feature density",

@@ -16,7 +16,9 @@ import polars as pl
 import torch
 
 from resources import ArtifactStorage, RunSettings
-from sae_assets.core import activations, sae_data, sae_metrics
+from sae_assets.core.activations import caching as activations
+from sae_assets.core.sae import data as sae_data
+from sae_assets.core.sae import metrics as sae_metrics
 from sae_assets.defs.common import asset_code_version, result
 from sae_assets.defs.corpus_assets import token_shards
 from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary

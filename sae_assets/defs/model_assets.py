@@ -14,7 +14,9 @@ import torch
 
 from resources import ArtifactStorage, RunSettings
 from resources.arrow_files import open_ipc_table
-from sae_assets.core import lm, lm_train, tokenization
+from sae_assets.core.model import lm
+from sae_assets.core.model import training as lm_train
+from sae_assets.core.corpus import tokenization
 from sae_assets.defs import capture_io
 from sae_assets.defs.common import asset_code_version, read_upstream, result
 from sae_assets.defs.corpus_assets import token_shards, tokenizer

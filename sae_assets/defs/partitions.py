@@ -11,7 +11,7 @@ shards with feature ranges (keys like `features-00000-00255|shard-0000`). Traini
 import dagster as dg
 from sqlalchemy.exc import IntegrityError  # what Dagster's SQL storages raise for a duplicate key
 
-from sae_assets.core import corpus
+from sae_assets.core.corpus import documents as corpus
 from sae_assets.core.config import RunConfig
 
 SHARDS = dg.DynamicPartitionsDefinition(name="shards")
@@ -169,7 +169,7 @@ def step_range_keys_for(config: RunConfig) -> list[str]:
     if not config.attribution.capture or config.model.kind != "embedded":
         return []
     from sae_assets.core.attribution.records import step_ranges
-    from sae_assets.core.lm_train import training_steps
+    from sae_assets.core.model.training import training_steps
 
     steps = training_steps(config.model, config.tokenizer.context_length)
     return [step_range_key(a, b) for a, b in step_ranges(steps, config.attribution.steps_per_range)]

@@ -11,7 +11,7 @@ from the old shards is recomputed: their inputs did not change. Tests: tests/tes
 import dagster as dg
 
 from resources import ArtifactStorage, RunSettings
-from sae_assets.core import corpus
+from sae_assets.core.corpus import documents as corpus
 from sae_assets.defs.partitions import SHARDS, shard_key, shard_keys
 
 SHARD_ASSETS = [dg.AssetKey("corpus_shards"), dg.AssetKey("token_shards"), dg.AssetKey("cached_activations")]

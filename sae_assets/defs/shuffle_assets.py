@@ -13,7 +13,8 @@ import numpy as np
 
 from resources import ArtifactStorage, RunSettings
 from resources.arrow_files import LocalSpill, open_ipc_table, write_ipc_file, write_ipc_files
-from sae_assets.core import activations, schemas
+from sae_assets.core import schemas
+from sae_assets.core.activations import caching as activations
 from sae_assets.core import shuffle as sh
 from sae_assets.defs.activation_assets import ACTIVATIONS_FILE, cached_activations
 from sae_assets.defs.common import SINGLE_RUN, asset_code_version, each_partition, read_upstream, result

@@ -11,7 +11,7 @@ break the statement.
 import json
 from importlib import resources as package_files
 
-from sae_assets.core import site_data
+from sae_assets.core.features import site_data
 
 STATIC_FILES = ("index.html", "app.js", "style.css")
 INDEX_ROWS_FILE = "index-rows.json"

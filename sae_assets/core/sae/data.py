@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from sae_assets.core import schemas
-from sae_assets.core.activation_reader import ShuffledActivationReader
-from sae_assets.core.lm import split_is_validation
+from sae_assets.core.activations.reader import ShuffledActivationReader
+from sae_assets.core.model.lm import split_is_validation
 
 
 def sequence_ids(token_index_N: np.ndarray, context_length: int) -> np.ndarray:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sae_assets.core.activation_reader import as_float32, to_numpy_matrix
-from sae_assets.core.features_merge import FeatureSamples, build_feature_samples, merge_feature_samples
+from sae_assets.core.activations.reader import as_float32, to_numpy_matrix
+from sae_assets.core.features.merge import FeatureSamples, build_feature_samples, merge_feature_samples
 
 __all__ = ["DEFAULT_HIST_EDGES", "FeatureRangeSampler", "FeatureSamples", "feature_keys", "feature_token_hash",
            "merge_feature_samples", "sample_activation_table"]

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from sae_assets.core.features_merge import FeatureSamples
+from sae_assets.core.features.merge import FeatureSamples
 
 # Letter key: W features in the range, D model width, V vocabulary, N logit effects kept.
 

@@ -28,8 +28,8 @@ import pyarrow as pa
 import torch
 
 from sae_assets.core import schemas
-from sae_assets.core.activation_reader import as_float32, to_numpy_matrix
-from sae_assets.core.features_merge import FeatureSamples
+from sae_assets.core.activations.reader import as_float32, to_numpy_matrix
+from sae_assets.core.features.merge import FeatureSamples
 
 # Letter key: E shown examples, U unique window tokens, L window slots (sum of window lengths),
 # D hook width, W features in the range, B tokens encoded per step.

@@ -2,7 +2,7 @@
 
 The embedded model is a small TL-native transformer (`TransformerBridge.boot_native`, no Hub,
 no `transformers` weights) whose weights are a pure function of `ModelConfig.seed`; it is
-trained by `sae_assets.core.lm_train` and kept on disk as `model.safetensors` (TL-format state
+trained by `sae_assets.core.model.training` and kept on disk as `model.safetensors` (TL-format state
 dict) plus `model_config.json` (the exact architecture to rebuild it). A named model is any
 causal LM `transformers` can load from a Hub name or a local directory, wrapped with
 `TransformerBridge.boot_transformers`. Both expose the same hook names

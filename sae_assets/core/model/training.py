@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 
 from sae_assets.core.config import ModelConfig
-from sae_assets.core.lm import evaluate_loss, next_token_loss
+from sae_assets.core.model.lm import evaluate_loss, next_token_loss
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sae_assets.core.lm import check_hook_names, model_device, next_token_loss
+from sae_assets.core.model.lm import check_hook_names, model_device, next_token_loss
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge

@@ -1,0 +1,2 @@
+"""Model stage: the language model (`lm`: build, boot, load, hook checks, losses) and its
+training loop (`training`)."""
