@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export DAGSTER_HOME := $(CURDIR)/.data/dagster_home
 
-.PHONY: install browser postgres demo test ui bench clean
+.PHONY: install browser postgres demo test ui bench gc clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench: install
 	$(PY) bench/lm_train_overhead.py
 	$(PY) bench/capture_overhead.py
 	$(PY) bench/feature_sampling.py
+
+# Remove artifact versions past retention (storage.gc_grace_hours, storage.gc_keep_versions in the
+# run config named by $SAE_ASSETS_CONFIG); `make gc GC_ARGS=--dry-run` only reports.
+gc: install
+	$(PY) -m resources.gc $(GC_ARGS)
 
 clean:
 	rm -rf .data

@@ -29,7 +29,7 @@ from botocore.exceptions import (
 )
 
 from resources import keys
-from resources.storage import Backend, StorageError
+from resources.storage import Backend, StorageError, StoredObject
 
 _MiB = 1024 * 1024
 _DELETE_BATCH = 1000  # the S3 DeleteObjects limit
@@ -258,6 +258,17 @@ class S3Backend(Backend):
             for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
                 found.extend(
                     obj["Key"][len(self.prefix):] for obj in page.get("Contents", []) if not obj["Key"].endswith("/")
+                )
+        return sorted(found)
+
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        full = self._full(prefix, directory=True) if prefix else self.prefix
+        found = []
+        with self._errors("list", prefix):
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                found.extend(
+                    StoredObject(obj["Key"][len(self.prefix):], int(obj["Size"]), obj["LastModified"].timestamp())
+                    for obj in page.get("Contents", []) if not obj["Key"].endswith("/")
                 )
         return sorted(found)
 

@@ -1,11 +1,15 @@
 """Artifact storage: one interface, a local-filesystem and an S3 backend, manifest-last writes.
 
 `ArtifactStore` owns the protocol every asset uses: stage files in a scratch directory, then
-`commit` uploads each under a content-addressed key and writes `manifest.json` last, so a
-killed write leaves only unreferenced files that readers never see, and a rerun that fails
-part-way leaves the previous manifest and its files untouched. Reads go through the
-manifest and verify sizes and sha256 checksums. A `Backend` moves bytes: `LocalBackend`
-here, `S3Backend` in resources/s3.py. Contract tests for both: tests/test_storage.py.
+`commit` uploads each under a content-addressed key, keeps the manifest in the partition's
+history and writes `manifest.json` last, so a killed write leaves only unreferenced files
+that readers never see, and a rerun that fails part-way leaves the previous manifest and its
+files untouched. `commit` deletes nothing: superseded versions stay, readable through
+`manifest_at`, until resources/gc.py collects them past retention, so a reader holding an
+older manifest and two writers racing on one partition always find their files. Reads go
+through the manifest and verify sizes and sha256 checksums. A `Backend` moves bytes:
+`LocalBackend` here, `S3Backend` in resources/s3.py. Contract tests for both:
+tests/test_storage.py.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from resources import keys
 from resources.manifest import ArtifactMissingError, CorruptArtifactError, FileEntry, Manifest
@@ -88,6 +92,15 @@ class StorageError(RuntimeError):
     """The storage backend cannot be reached or refused an operation; the message says where."""
 
 
+class StoredObject(NamedTuple):
+    """One stored object as `Backend.list_objects` reports it."""
+
+    key: str
+    size: int
+    mtime: float
+    """When it was last put (POSIX seconds): the file's st_mtime, or S3's LastModified."""
+
+
 class Backend(ABC):
     """Moves bytes under keys relative to a root. Implementations must make each put atomic."""
 
@@ -127,6 +140,11 @@ class Backend(ABC):
     def list_keys(self, prefix: str) -> list[str]: ...
 
     @abstractmethod
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        """Objects under prefix with sizes and modification times, sorted by key. A local
+        backend also lists its hidden temp files (`keys.is_temp_name`) beside them."""
+
+    @abstractmethod
     def delete(self, keys_to_delete: list[str]) -> None: ...
 
 
@@ -155,8 +173,9 @@ class LocalBackend(Backend):
     def put_file(self, local_path: Path, key: str) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        tmp = target.with_name(keys.temp_name(target.name))
         fsync_path(local_path)  # the manifest written next must never point at unflushed bytes
+        os.utime(local_path)  # mtime = put time, as S3's LastModified: resources/gc.py's grace counts from it
         try:
             os.rename(local_path, tmp)  # same filesystem: no copy
         except OSError:
@@ -166,7 +185,7 @@ class LocalBackend(Backend):
     def put_bytes(self, data: bytes, key: str) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        tmp = target.with_name(keys.temp_name(target.name))
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -190,6 +209,22 @@ class LocalBackend(Backend):
         found = (p.relative_to(self.root) for p in base.rglob("*") if p.is_file())
         # Skip staging and temp files: any component starting with '.' (".staging/", ".x.tmp").
         return sorted(str(rel) for rel in found if not any(part.startswith(".") for part in rel.parts))
+
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        base = self._path(prefix) if prefix else self.root
+        found = []
+        for path in base.rglob("*") if base.exists() else ():
+            rel = path.relative_to(self.root)
+            if any(part.startswith(".") for part in rel.parts[:-1]) or (
+                    rel.name.startswith(".") and not keys.is_temp_name(rel.name)):
+                continue  # staging, caches, checkpoints
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # renamed or deleted since the listing
+                continue
+            if path.is_file():
+                found.append(StoredObject(str(rel), stat.st_size, stat.st_mtime))
+        return sorted(found)
 
     def delete(self, keys_to_delete: list[str]) -> None:
         for key in keys_to_delete:
@@ -279,14 +314,12 @@ class ArtifactStore:
             asset=writer.asset, partition=writer.partition, files=files, config_hash=config_hash,
             code_version=code_version, upstream=dict(sorted(upstream.items())), extra=writer.extra,
         )
-        try:
-            previous = self.manifest(writer.asset, writer.partition)
-        except CorruptArtifactError:  # an unreadable manifest must not block its own repair
-            previous = None
-        self.backend.put_bytes(manifest.to_json(), keys.manifest_key(writer.asset, writer.partition))
-        if previous is not None:  # the old files are unreachable now; reclaim their space
-            live = {entry.key for entry in files.values()}
-            self.backend.delete([e.key for e in previous.files.values() if e.key not in live])
+        # History first, so every manifest that ever became current can be found by its version.
+        # Nothing is deleted: a reader of the previous manifest, or a racing writer whose content
+        # is the previous version, still finds its files (resources/gc.py reclaims space later).
+        data = manifest.to_json()
+        self.backend.put_bytes(data, keys.history_key(writer.asset, writer.partition, manifest.data_version))
+        self.backend.put_bytes(data, keys.manifest_key(writer.asset, writer.partition))
         return manifest
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -341,6 +374,38 @@ class ArtifactStore:
         if data is None:
             return None
         return Manifest.from_json(data, where=f"{self.describe()}/{key}")
+
+    def manifest_at(self, asset: str, partition: str | None, version: str) -> Manifest:
+        """The manifest whose `data_version` or `content_version` is `version`: the current one or
+        one kept in the partition's history (the newest such if several share a content version).
+
+        This is how a data version shown in the Dagster UI resolves to its files while the
+        garbage collector retains it; past retention it raises ArtifactMissingError.
+        """
+        where = keys.describe(asset, partition)
+        current = self.manifest(asset, partition)
+        if current is not None and version in (current.data_version, current.content_version):
+            return current
+        if keys.is_manifest_hash(version):
+            key = keys.history_key(asset, partition, version)
+            data = self.backend.get_bytes(key)
+            if data is not None:
+                found = Manifest.from_json(data, where=f"{self.describe()}/{key}")
+                if found.data_version == version:
+                    return found
+            history = sorted(self.backend.list_objects(keys.history_prefix(asset, partition)),
+                             key=lambda obj: obj.mtime, reverse=True)
+            for obj in history:
+                data = None if keys.is_temp_name(obj.key.rsplit("/", 1)[-1]) else self.backend.get_bytes(obj.key)
+                if data is not None:
+                    found = Manifest.from_json(data, where=f"{self.describe()}/{obj.key}")
+                    if found.content_version == version:
+                        return found
+        raise ArtifactMissingError(
+            f"{where} has no version {version!r}: it is neither the current manifest's data or content "
+            f"version nor in its history under {self.describe()}/{keys.history_prefix(asset, partition)} "
+            "(collected by the garbage collector past retention, or never committed)"
+        )
 
     def require(self, asset: str, partition: str | None) -> Manifest:
         manifest = self.manifest(asset, partition)

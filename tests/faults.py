@@ -266,7 +266,8 @@ class FaultyRun:
 
 
 def snapshot(backend, asset: str, partition: str | None) -> dict[str, bytes] | None:
-    """{key: raw bytes} of a partition's manifest and every file it lists (None: no manifest).
+    """{key: raw bytes} of a partition's manifest, its history entry and every file it lists
+    (None: no manifest).
 
     Raw backend bytes, not verified reads: a comparison must see exactly what is stored.
     """
@@ -278,7 +279,8 @@ def snapshot(backend, asset: str, partition: str | None) -> dict[str, bytes] | N
     if data is None:
         return None
     manifest = Manifest.from_json(data, where=manifest_key)
-    found = {manifest_key: data}
+    history_key = keys.history_key(asset, partition, manifest.data_version)
+    found = {manifest_key: data, history_key: backend.get_bytes(history_key)}
     for entry in manifest.files.values():
         found[entry.key] = backend.get_bytes(entry.key)
     return found

@@ -25,27 +25,26 @@ import dagster as dg
 import pytest
 import torch
 from faults import FaultyRun, copy_assets, copy_partition, materialize, partition_keys_stored, snapshot
-from run_configs import write_run_config
+from support import TINY, overlay, write_run_config
 
-from resources.manifest import CorruptArtifactError
+from resources import keys
+from resources.manifest import CorruptArtifactError, Manifest
 from resources.s3 import S3Backend
 from resources.storage import ArtifactStore, LocalBackend
 from sae_assets.core.sae import io as sae_io
 
 POINT = "relu-w64-l1_0.3"
-TINY = {
-    "corpus": {"source": "embedded", "num_shards": 2, "max_documents": 150},
-    "tokenizer": {"vocab_size": 300, "context_length": 16},
-    "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "d_mlp": 64, "train_tokens": 4000,
-              "batch_size": 8, "warmup_steps": 2, "val_fraction": 0.1},
-    "attribution": {"capture": False},
-    "activations": {"hook_points": ["blocks.0.hook_resid_post"], "dtype": "float16", "batch_size": 16},
+CONFIG = overlay(
+    TINY,
+    model={"train_tokens": 4000},
+    attribution={"capture": False},
+    activations={"dtype": "float16"},
     # Small blocks and a budget below one bucket: many scatter pieces, and a spilling second pass.
-    "shuffle": {"num_buckets": 2, "memory_budget_mb": 0.05, "block_rows": 256},
-    "sae": {"sweep": [{"architecture": "relu", "width": 64, "sparsity": 0.3}], "train_tokens": 12800,
-            "batch_size": 128, "resample_steps": [40], "rewarm_steps": 5, "lr_warmup_steps": 5,
-            "checkpoint_every": 25, "dead_after_tokens": 3000, "eval_sequences": 8},
-}
+    shuffle={"memory_budget_mb": 0.05, "block_rows": 256},
+    sae={"sweep": [{"architecture": "relu", "width": 64, "sparsity": 0.3}]},
+)
+"""support.TINY with a shorter training run and no capture, half-precision activations, a
+spilling shuffle and one SAE (POINT), checkpointed every 25 steps."""
 GRAPH = [("corpus_shards", ["shard-0000", "shard-0001"]), ("tokenizer", [None]),
          ("token_shards", ["shard-0000", "shard-0001"]), ("language_model", [None]),
          ("cached_activations", ["shard-0000", "shard-0001"]), ("shuffle_scatter", ["shard-0000", "shard-0001"]),
@@ -58,7 +57,7 @@ def upstream_of(asset: str) -> list[str]:
 
 
 def local_config(directory: Path, root: Path, **sections) -> str:
-    return write_run_config(directory, TINY, {"root": str(root)}, **sections)
+    return write_run_config(directory, CONFIG, {"root": str(root)}, **sections)
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +85,21 @@ def assert_readable(store: ArtifactStore, asset: str, partition: str | None) -> 
 
 def assert_identical(backend, reference_backend, asset: str, partition: str | None) -> None:
     """The partition's manifest and files equal the reference run's, byte for byte, and
-    nothing else is stored under it (superseded versions reclaimed, no stray version)."""
+    nothing else is stored under it but the superseded versions that its history lists (kept
+    for resources/gc.py: no commit deletes), complete; no stray version."""
     got, want = snapshot(backend, asset, partition), snapshot(reference_backend, asset, partition)
     assert got is not None, f"{asset}[{partition}] has no manifest"
     assert got.keys() == want.keys(), "stored under other keys than the undisturbed run"
     for key in want:
         assert got[key] == want[key], f"{key} differs from the undisturbed run's"
-    assert partition_keys_stored(backend, asset, partition) == sorted(want)
+    stored = partition_keys_stored(backend, asset, partition)
+    history = keys.history_prefix(asset, partition)
+    superseded = set()
+    for key in stored:
+        if key.startswith(history) and key not in want:
+            older = Manifest.from_json(backend.get_bytes(key), where=key)
+            superseded |= {key, *(entry.key for entry in older.files.values())}
+    assert stored == sorted(set(want) | superseded)
 
 
 def staged_files(root: Path, asset: str) -> list[Path]:
@@ -212,7 +219,7 @@ def test_killed_sae_training_resumes_from_its_checkpoint_bit_identically(referen
 def s3_config(directory: Path, server, prefix: str, cache: Path) -> str:
     storage = {"backend": "s3", "endpoint_url": server.endpoint_url, "bucket": server.bucket, "prefix": prefix,
                "cache_dir": str(cache)}
-    return write_run_config(directory, TINY, storage)
+    return write_run_config(directory, CONFIG, storage)
 
 
 def s3_env(server) -> dict[str, str]:
