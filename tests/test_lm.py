@@ -108,7 +108,42 @@ def test_batch_indices_are_seeded_full_and_cover_each_epoch():
     assert sorted(flat[:10].tolist()) == list(range(10))  # epoch one is a permutation
     assert torch.equal(flat, torch.cat(list(batch_indices(10, 4, 5, seed=3))))
     assert not torch.equal(flat, torch.cat(list(batch_indices(10, 4, 5, seed=4))))
-    assert torch.cat(list(batch_indices(2, 5, 1, seed=0))).shape == (5,)  # N < B still fills a batch
+    assert torch.equal(flat[:8], torch.cat(list(batch_indices(10, 4, 2, seed=3))))  # a prefix of a longer run
+
+
+SIZE_PAIRS = [(n, b) for n in (1, 2, 3, 5, 7, 10, 11, 16, 31, 64) for b in (1, 2, 3, 4, 6, 9, 16, 31) if b <= n]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_batch_indices_never_repeat_a_sequence_within_a_batch(seed):
+    assert any(b < n < 2 * b for n, b in SIZE_PAIRS) and any(n % b for n, b in SIZE_PAIRS)
+    for n, b in SIZE_PAIRS:
+        steps = 5 * n // b + 7  # several epochs, ending mid-epoch
+        for step, batch in enumerate(batch_indices(n, b, steps, seed)):
+            assert batch.shape == (b,) and batch.dtype == torch.int64
+            assert len(set(batch.tolist())) == b, f"N={n} B={b} batch {step} repeats: {batch.tolist()}"
+            assert 0 <= int(batch.min()) and int(batch.max()) < n
+
+
+def test_batch_indices_use_every_sequence_equally_often_and_once_per_epoch():
+    for n, b in SIZE_PAIRS:
+        for steps in (1, n // b + 1, 3 * n // b + 2, 7 * n // b):
+            flat = torch.cat(list(batch_indices(n, b, max(steps, 1), seed=5)))
+            counts = torch.bincount(flat, minlength=n)
+            assert int(counts.max() - counts.min()) <= 1, f"N={n} B={b} steps={steps}: {counts.tolist()}"
+        flat = torch.cat(list(batch_indices(n, b, 4 * n, seed=5)))
+        for epoch in range(len(flat) // n):  # every whole epoch of the stream is a permutation
+            assert sorted(flat[epoch * n:(epoch + 1) * n].tolist()) == list(range(n)), (n, b, epoch)
+
+
+def test_batch_size_above_the_sequence_count_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"model\.batch_size=5 .*training sequences \(2\)"):
+        batch_indices(2, 5, 1, seed=0)
+    with pytest.raises(ValueError, match=r"model\.batch_size=0"):
+        batch_indices(4, 0, 1, seed=0)
+    cfg = replace(TINY, batch_size=16)
+    with pytest.raises(ValueError, match=r"model\.batch_size=16 .*\(8\)"):
+        train_language_model(tiny_model(cfg), successor_corpus(8, 0), successor_corpus(4, 1), cfg)
 
 
 def test_evaluate_loss_matches_cross_entropy_and_ignores_batch_size():

@@ -76,8 +76,14 @@ class ShiftCapture:
         return keep
 
     def begin_step(self, step: int, batch_index: torch.Tensor) -> None:
-        """Arm the hooks for training step `step` on rows `batch_index` (B,) of the training set."""
-        self._batch, self._step = batch_index.detach().to("cpu", torch.int64), step
+        """Arm the hooks for training step `step` on rows `batch_index` (B,) of the training set.
+
+        The rows must be distinct: a datum's shift is recorded once per step, under its id."""
+        batch = batch_index.detach().to("cpu", torch.int64)
+        if len(torch.unique(batch)) != len(batch):
+            raise ValueError(f"training step {step} holds a training row twice ({batch.tolist()}); per-datum "
+                             "capture needs distinct rows in a batch, as sae_assets.core.model.training.batch_indices draws them")
+        self._batch, self._step = batch, step
         self._inputs = [None] * len(self._modules)
         self._grads = [None] * len(self._modules)
 

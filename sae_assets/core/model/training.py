@@ -1,8 +1,8 @@
 """Training the embedded language model: a small, measured loop over fixed-length sequences.
 
 `train_language_model` runs AdamW on next-token cross-entropy with a linear-warmup /
-cosine-decay learning rate (`lr_at_step`), gradient-norm clipping and batches drawn from a
-seeded stream of permutations (`batch_indices`) until `ModelConfig.train_tokens` tokens have
+cosine-decay learning rate (`lr_at_step`), gradient-norm clipping and repeat-free batches
+drawn from seeded epoch permutations (`batch_indices`) until `ModelConfig.train_tokens` tokens have
 been seen, evaluating on held-out sequences along the way. It returns a `TrainResult` with the
 loss curve and the training throughput (evaluation time excluded). A non-finite loss or
 gradient stops training with an error naming the step. An optional capture
@@ -77,16 +77,40 @@ def lr_at_step(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int
 
 
 def batch_indices(n_sequences: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
-    """`steps` index batches (B,) drawn from back-to-back seeded permutations of range(N).
+    """`steps` index batches (B,) into range(N), each free of repeats, from seeded epochs.
 
-    Every sequence appears once per epoch; a batch may straddle two epochs, so every batch is
-    full even when N is not a multiple of B (or smaller than B).
+    The law: epoch e is the permutation pi_e = randperm(N) drawn from one generator seeded
+    with `seed`, and batches are taken from it in order. When fewer than B indices of the
+    current epoch remain, the batch takes all r of them and then the first B - r entries of
+    pi_(e+1) that are not among those r; the entries it skipped stay, in their order, at the
+    front of epoch e+1's remainder. So no batch holds a sequence twice, every epoch uses
+    every sequence exactly once, and over any run the counts of any two sequences differ by
+    at most one. When B divides N this is plain back-to-back permutations.
+
+    Raises ValueError unless 1 <= B <= N (a batch of distinct sequences needs B of them).
     """
+    if n_sequences < 1 or not 1 <= batch_size <= n_sequences:
+        raise ValueError(f"model.batch_size={batch_size} must be between 1 and the number of training "
+                         f"sequences ({n_sequences}): a batch holds distinct sequences; lower model.batch_size "
+                         "or add data")
+    return _distinct_batches(n_sequences, batch_size, steps, seed)
+
+
+def _distinct_batches(n_sequences: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """The generator behind batch_indices (which checks its arguments before the first batch)."""
     generator = torch.Generator().manual_seed(seed)
-    pool = torch.empty(0, dtype=torch.int64)
+    pool = torch.empty(0, dtype=torch.int64)  # what is left of the current epoch, in order
     for _ in range(steps):
-        while pool.numel() < batch_size:
-            pool = torch.cat([pool, torch.randperm(n_sequences, generator=generator)])
+        if pool.numel() < batch_size:
+            fresh = torch.randperm(n_sequences, generator=generator)
+            taken = torch.zeros(n_sequences, dtype=torch.bool)
+            taken[pool] = True
+            free_positions = (~taken[fresh]).nonzero().squeeze(1)[: batch_size - pool.numel()]
+            keep = torch.ones(n_sequences, dtype=torch.bool)
+            keep[free_positions] = False
+            yield torch.cat([pool, fresh[free_positions]])
+            pool = fresh[keep]
+            continue
         yield pool[:batch_size]
         pool = pool[batch_size:]
 
