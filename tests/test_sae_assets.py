@@ -1,37 +1,24 @@
 """sae_dictionary and sae_metrics on a tiny graph: sweep partitions, SAELens layout, metrics,
 checks that fail visibly, and refusal of bad input."""
 
+import itertools
 import json
+import re
 
 import dagster as dg
 import numpy as np
 import pytest
 import torch
 from dagster._core.errors import DagsterAssetCheckFailedError
-from run_configs import write_run_config
+from support import SWEEP, TINY, write_run_config
 
 from sae_assets.core.sae import data as sae_data
 from sae_assets.core.config import load_config
 from sae_assets.core.sae import io as sae_io
-from sae_assets.core.sae.training import config_fingerprint
-from sae_assets.defs.dictionary_assets import load_dictionary
+from sae_assets.defs.dictionary_assets import SAE_DICTIONARY, load_dictionary, set_up_dictionary, training_stream
 from sae_assets.defs.partitions import dictionary_keys, sync_partitions
 from sae_assets.definitions import ALL_ASSETS, ALL_CHECKS, build_resources
 from sae_assets.demo import materialize_all
-
-SWEEP = [{"architecture": "relu", "width": 64, "sparsity": 0.3}, {"architecture": "topk", "width": 64, "sparsity": 4}]
-TINY = {
-    "corpus": {"source": "embedded", "num_shards": 2, "max_documents": 150},
-    "tokenizer": {"vocab_size": 300, "context_length": 16},
-    "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "d_mlp": 64, "train_tokens": 6000,
-              "batch_size": 8, "warmup_steps": 2, "val_fraction": 0.1},
-    "activations": {"hook_points": ["blocks.0.hook_resid_post"], "batch_size": 16},
-    "shuffle": {"num_buckets": 2},
-    "sae": {"sweep": SWEEP, "train_tokens": 12800, "batch_size": 128, "resample_steps": [40],
-            "rewarm_steps": 5, "lr_warmup_steps": 5, "checkpoint_every": 25, "eval_sequences": 8,
-            "dead_after_tokens": 3000, "max_dead_fraction": 1.0, "min_loss_recovered": -100.0},
-}
-
 
 def config_file(directory, root, **sections):
     return write_run_config(directory, TINY, {"root": str(root)}, **sections)
@@ -67,13 +54,22 @@ def test_training_curve_covers_the_run_and_the_lr_decays(trained):
     instance, _, store, _ = trained
     import polars as pl
 
+    expected = {}
     for key in dictionary_keys(instance):
         manifest = store.require("sae_dictionary", key)
         frame = pl.read_parquet(store.fetch(manifest, "training_curve.parquet"))
         assert set(frame.columns) >= {"step", "loss", "mse", "l0", "dead_fraction", "lr"}
         assert frame["step"][-1] == manifest.extra["steps"] == 12800 // 128
         assert frame["lr"][-1] < 0.1 * frame["lr"].max(), "the LR decays to ~0 at the end"
-        assert manifest.extra["resamples"] >= 0
+        # A resample happens at each sae.resample_steps step inside the run (50; 150 is past its
+        # 100 steps) where features are dead. The curve row of step s holds the dead fraction
+        # after s batches, which is what the resample at step s sees.
+        dead_at = dict(zip(frame["step"].to_list(), frame["dead_fraction"].to_list()))
+        due = [s for s in (50, 150) if 0 < s < manifest.extra["steps"]]
+        assert due == [50] and all(s in dead_at for s in due), "the curve must log each resample step"
+        expected[key] = sum(dead_at[s] > 0 for s in due)
+        assert manifest.extra["resamples"] == expected[key], (key, dead_at)
+    assert max(expected.values()) >= 1, f"no point had dead features to resample: {expected}"
 
 
 def test_metrics_are_recorded_with_their_checks(trained):
@@ -96,28 +92,68 @@ def test_metrics_are_recorded_with_their_checks(trained):
 
 
 def test_sae_training_never_sees_heldout_tokens(trained):
-    _, config_path, store, _ = trained
+    instance, config_path, store, _ = trained
     cfg = load_config(config_path)
     from resources.arrow_files import open_ipc_table
-    from sae_assets.core.activations.reader import ShuffledActivationReader
 
-    tables = [open_ipc_table(store.fetch(store.require("shuffled_shards", k), "shuffled.arrow"))
-              for k in ("bucket-0000", "bucket-0001")]
-    reader = ShuffledActivationReader(tables, hook=cfg.sae_hook, batch_size=64, seed=0, with_token_index=True)
-    index = np.concatenate([i.numpy() for _, i in reader.epoch(0)])
-    held = sae_data.heldout_tokens(index, 16, cfg.model.val_fraction, cfg.model.seed)
-    assert 0 < held.sum() < len(held)
-    stream = sae_data.training_batches(reader, batch_size=64, start_step=0, context_length=16,
-                                       val_fraction=cfg.model.val_fraction, split_seed=cfg.model.seed)
-    rows = sum(len(next(stream)) for _ in range(int((~held).sum()) // 64))
-    assert rows == (int((~held).sum()) // 64) * 64
-    later = sae_data.training_batches(reader, batch_size=64, start_step=3, context_length=16,
-                                      val_fraction=cfg.model.val_fraction, split_seed=cfg.model.seed)
-    again = sae_data.training_batches(reader, batch_size=64, start_step=0, context_length=16,
-                                      val_fraction=cfg.model.val_fraction, split_seed=cfg.model.seed)
+    manifests = [store.require("shuffled_shards", k) for k in ("bucket-0000", "bucket-0001")]
+    stream = training_stream(store, manifests, cfg)  # the batches sae_dictionary trains on
+    every = np.concatenate([open_ipc_table(store.fetch(m, "shuffled.arrow")).column("token_index").to_numpy()
+                            for m in manifests])
+    held = sae_data.heldout_tokens(every, 16, cfg.model.val_fraction, cfg.model.seed)
+    assert 0 < held.sum() < len(held) == stream.reader.num_rows
+    training_rows = np.sort(every[~held])  # rows of the shuffled shards minus held-out rows
+    rows, batch = len(training_rows), cfg.sae.batch_size
+    steps = {store.require("sae_dictionary", key).extra["steps"] for key in dictionary_keys(instance)}
+    assert steps == {12800 // batch}
+    import polars as pl
+
+    for key in dictionary_keys(instance):  # every step trained on one full batch
+        curve = pl.read_parquet(store.fetch(store.require("sae_dictionary", key), "training_curve.parquet"))
+        assert curve["tokens"][-1] == 12800
+    # decode the rows of the batches the run used, and of the same stream on to two whole epochs
+    covered = max(12800 // batch, -(-2 * rows // batch))
+    used = np.concatenate([index.numpy() for _, index in itertools.islice(stream.indexed(0), covered)])
+    assert len(used) == covered * batch
+    assert not sae_data.heldout_tokens(used, 16, cfg.model.val_fraction, cfg.model.seed).any()
+    for epoch in range(2):  # each epoch trains on every training row exactly once
+        assert np.array_equal(np.sort(used[epoch * rows:(epoch + 1) * rows]), training_rows), f"epoch {epoch}"
+    later, again = stream.batches(3), stream.batches(0)
     for _ in range(3):
         next(again)
     assert torch.equal(next(later), next(again)), "batch s must not depend on where the stream started"
+
+
+def shuffled_table(hook, first_index, rows, width, nan_rows=(), scale=1.0):
+    """A shuffled-bucket-like table: token_index and one hook column (rows, width) float32."""
+    import pyarrow as pa
+
+    acts = (np.random.default_rng(first_index).normal(size=(rows, width)) * scale).astype(np.float32)
+    acts[list(nan_rows)] = np.nan
+    return pa.table({"token_index": pa.array(np.arange(first_index, first_index + rows, dtype=np.int64)),
+                     hook: pa.FixedSizeListArray.from_arrays(pa.array(acts.ravel()), width)})
+
+
+def test_sae_set_up_on_nan_inputs_names_the_partition_bucket_and_token():
+    cfg = load_config(overrides=TINY)
+    key, shard_1 = "relu-w64-l1_0.3", 1 << 40  # bucket 1 holds tokens of token shard 1
+    held = sae_data.heldout_tokens(shard_1 + np.arange(200), 16, cfg.model.val_fraction, cfg.model.seed)
+    bad = int(np.flatnonzero(~held)[7])  # a row training uses
+    tables = [shuffled_table(cfg.sae_hook, 0, 200, 32), shuffled_table(cfg.sae_hook, shard_1, 200, 32, [bad])]
+    stream = sae_data.TrainingStream.for_run(tables, cfg, bucket_names=["shuffled_shards[bucket-0000]",
+                                                                       "shuffled_shards[bucket-0001]"])
+    with pytest.raises(ValueError) as err:
+        set_up_dictionary(key, 32, cfg, stream)
+    assert re.fullmatch(
+        rf"sae_dictionary\[{re.escape(key)}\]: cannot set up the SAE: \d+ of the 1024 rows of the initialisation "
+        rf"sample \(the first 8 training batches\) hold NaN or inf; the first is global token index {shard_1 + bad} "
+        rf"\(shard 1, offset {bad}\) in shuffled bucket shuffled_shards\[bucket-0001\]", str(err.value)), str(err.value)
+    zeros = [shuffled_table(cfg.sae_hook, 0, 200, 32, scale=0.0)]
+    with pytest.raises(ValueError, match=rf"sae_dictionary\[{re.escape(key)}\]: cannot set up the SAE: "
+                                         r"cannot scale inputs: their mean norm is 0\.0"):
+        set_up_dictionary(key, 32, cfg, sae_data.TrainingStream.for_run(zeros, cfg))
+    sae = set_up_dictionary(key, 32, cfg, sae_data.TrainingStream.for_run(tables[:1], cfg))
+    assert torch.isfinite(sae.W_dec).all() and sae.width == 64
 
 
 def test_adding_a_sweep_point_adds_one_partition_and_retrains_nothing(trained):
@@ -127,9 +163,9 @@ def test_adding_a_sweep_point_adds_one_partition_and_retrains_nothing(trained):
                         sae={"sweep": [*SWEEP, {"architecture": "topk", "width": 32, "sparsity": 2}]})
     added = sync_partitions(instance, load_config(grown))
     assert added["dictionaries"] == ["topk-w32-k2"]
-    old, new = load_config(config_path).sae, load_config(grown).sae
-    for point in old.sweep:  # the fingerprint that keys each dictionary ignores the rest of the sweep
-        assert config_fingerprint(old, point, 32) == config_fingerprint(new, point, 32)
+    old, new = load_config(config_path), load_config(grown)
+    for point in old.sae.sweep:  # the config hash that keys each dictionary ignores the rest of the sweep
+        assert SAE_DICTIONARY.config_hash(old, point.key) == SAE_DICTIONARY.config_hash(new, point.key)
     dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets("sae_dictionary"),
                    partition_key="topk-w32-k2", instance=instance, resources=build_resources(grown))
     assert {k: store.require("sae_dictionary", k).to_json() for k in before} == before

@@ -325,10 +325,16 @@ def test_nan_input_raises_naming_the_step_and_keeps_last_good_checkpoint(toy, tm
 
 def test_resume_refuses_a_checkpoint_of_another_config(toy, tmp_path):
     cfg = _cfg(RELU, 4)
-    train_sae(build_sae(RELU, D, cfg, _sample(toy)), toy_batches(toy, B), cfg, RELU, checkpoint_dir=tmp_path)
+    train_sae(build_sae(RELU, D, cfg, _sample(toy)), toy_batches(toy, B), cfg, RELU, checkpoint_dir=tmp_path,
+              fingerprint="lr-1e-3")
     other = replace(cfg, learning_rate=1e-4)
     with pytest.raises(ValueError, match="another run"):
-        train_sae(build_sae(RELU, D, other, _sample(toy)), toy_batches(toy, B), other, RELU, checkpoint_dir=tmp_path)
+        train_sae(build_sae(RELU, D, other, _sample(toy)), toy_batches(toy, B), other, RELU, checkpoint_dir=tmp_path,
+                  fingerprint="lr-1e-4")
+    # The same fingerprint resumes (here: a finished run, so no step is taken).
+    again = train_sae(build_sae(RELU, D, cfg, _sample(toy)), toy_batches(toy, B), cfg, RELU, checkpoint_dir=tmp_path,
+                      fingerprint="lr-1e-3")
+    assert again.steps == 4 and again.tokens_per_second == 0.0
 
 
 def test_batches_running_out_is_an_error(toy):
@@ -388,3 +394,15 @@ def test_save_load_round_trip_in_saelens_layout(toy, tmp_path, point):
         assert torch.equal(got_f != 0, f != 0)
         assert torch.allclose(got_f, f, rtol=1e-4, atol=1e-5) and torch.allclose(got_hat, x_hat, rtol=1e-4, atol=1e-5)
     assert torch.equal(export_tensors(sae)["W_enc"], tensors["W_enc"])
+
+
+def test_decoder_directions_are_in_the_models_units():
+    sae = ReluSae(8, 16, l1_coefficient=1.0)
+    sae.set_input_scale_from(torch.randn(64, 8) * 5)
+    x_BD = torch.randn(4, 8) * 5
+    f_BF = sae.encode(x_BD)
+    # Decoding is linear in f: x_hat - (b_dec / s) = f @ decoder_directions().
+    expected = sae.decode(f_BF) - (sae.b_dec / sae.input_scale)
+    assert torch.allclose(f_BF @ sae.decoder_directions(), expected, atol=1e-5)
+    assert torch.equal(sae.decoder_directions(3, 5), sae.decoder_directions()[3:5])
+    assert not sae.decoder_directions().requires_grad

@@ -1,7 +1,9 @@
 """Tests for sae_assets.core.sae.metrics: reconstruction stats, density summaries and loss
 recovered, against hand-made dictionaries whose answers are known (identity = perfect,
 zeros = zero ablation, a gate that keeps some tokens and zeroes the rest) on a 1-layer
-embedded model trained for a few steps. Runs in seconds on CPU."""
+embedded model trained for a few steps; the one-call evaluation (sae_assets.core.sae.evaluation)
+against them, its standard errors, and the evaluation samples (sae_assets.core.sae.data). Runs
+in seconds on CPU."""
 
 from __future__ import annotations
 
@@ -11,7 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from sae_assets.core.config import ModelConfig
+from sae_assets.core import schemas
+from sae_assets.core.config import ModelConfig, RunConfig, SaeConfig, TokenizerConfig
+from sae_assets.core.model.lm import split_is_validation
+from sae_assets.core.sae.data import evaluation_sample, sample_sequences
+from sae_assets.core.sae.evaluation import evaluate_dictionary, ratio_and_se
 from sae_assets.core.model.lm import build_embedded_model, evaluate_loss, forward_logits, next_token_loss
 from sae_assets.core.model.training import train_language_model
 from sae_assets.core.sae.metrics import (
@@ -270,3 +276,128 @@ def test_density_summaries_and_histogram():
         feature_density(counts, 0)
     with pytest.raises(ValueError, match="whole number of steps"):
         density_histogram(counts, tokens, step=0.3)
+
+
+# --- the one-call evaluation --------------------------------------------------------------------
+
+
+def noisy_corpus(n, seed):
+    """(n, CTX) numpy: successor sequences with ~5% random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randint(0, VOCAB, (n, CTX), generator=g)
+    return torch.where(torch.rand(n, CTX, generator=g) < 0.05, noise, successor_corpus(n, seed + 1)).numpy()
+
+
+def test_evaluation_agrees_with_the_streaming_functions(model):
+    eval_ST, mean_ST, density_ST = noisy_corpus(12, 10), noisy_corpus(6, 20), noisy_corpus(20, 30)
+    for sae in (Gate(), identity(), zeros()):
+        got = evaluate_dictionary(model, sae, RESID, eval_ST, mean_ST, density_ST, batch_size=5)
+        mean_D = hook_acts(model, torch.from_numpy(mean_ST), RESID).double().mean(dim=(0, 1))
+        recovered = loss_recovered(model, sae, torch.from_numpy(eval_ST), RESID, batch_size=4, mean_activation=mean_D)
+        stats = reconstruction_stats(sae, [hook_acts(model, torch.from_numpy(eval_ST), RESID).reshape(-1, D)])
+        density = reconstruction_stats(sae, [hook_acts(model, torch.from_numpy(density_ST), RESID).reshape(-1, D)])
+        m = got.metrics
+        assert m["l0"] == pytest.approx(stats.l0) and m["mse"] == pytest.approx(stats.mse, abs=1e-9)
+        assert m["fvu"] == pytest.approx(stats.fvu, rel=1e-9, abs=1e-12)
+        for name, field in (("clean_loss", "clean_loss"), ("sae_loss", "sae_loss"), ("kl_divergence", "kl_divergence"),
+                            ("zero_ablation_loss", "zero_ablation_loss"), ("mean_ablation_loss", "mean_ablation_loss"),
+                            ("loss_recovered", "recovered_vs_zero"), ("loss_recovered_vs_mean", "recovered_vs_mean")):
+            assert m[name] == pytest.approx(getattr(recovered, field), abs=1e-9), name
+        assert np.array_equal(got.feature_counts, density.feature_counts)  # dead features: the density sample
+        assert got.density_tokens == m["dead_counted_over_tokens"] == 20 * CTX
+        assert m["dead_fraction"] == dead_fraction(density.feature_counts)
+        assert m["eval_tokens"] == 12 * CTX and m["eval_sequences"] == 12 and m["mean_ablation_tokens"] == 6 * CTX
+        assert got.histogram.never_fired + got.histogram.counts.sum() == len(got.feature_counts)
+
+
+def test_mean_ablation_takes_its_mean_from_the_mean_sequences_only(model):
+    eval_ST, mean_ST = noisy_corpus(8, 10), noisy_corpus(8, 40)
+    got = evaluate_dictionary(model, Gate(), RESID, eval_ST, mean_ST, eval_ST, batch_size=8).metrics
+    own = evaluate_dictionary(model, Gate(), RESID, eval_ST, eval_ST, eval_ST, batch_size=8).metrics
+    from_mean = hook_acts(model, torch.from_numpy(mean_ST), RESID).double().mean(dim=(0, 1))
+    expected = loss_recovered(model, Gate(), torch.from_numpy(eval_ST), RESID, batch_size=8, mean_activation=from_mean)
+    assert got["mean_ablation_loss"] == pytest.approx(expected.mean_ablation_loss, abs=1e-9)
+    assert got["mean_ablation_loss"] != pytest.approx(own["mean_ablation_loss"], abs=1e-6)
+    assert got["sae_loss"] == own["sae_loss"] and got["loss_recovered"] == own["loss_recovered"]
+
+
+def test_standard_errors_are_positive_and_shrink_with_more_sequences(model):
+    tokens_ST = noisy_corpus(96, 50)
+    few = evaluate_dictionary(model, Gate(), RESID, tokens_ST[:6], tokens_ST[-8:], tokens_ST[:6], batch_size=16)
+    many = evaluate_dictionary(model, Gate(), RESID, tokens_ST[:88], tokens_ST[-8:], tokens_ST[:88], batch_size=16)
+    for name in ("fvu_se", "loss_recovered_se", "loss_recovered_vs_mean_se"):
+        assert 0 < many.metrics[name] < few.metrics[name] and math.isfinite(few.metrics[name]), name
+        assert many.metrics[name] < 0.6 * few.metrics[name], name  # ~ 1 / sqrt(sequences)
+    perfect = evaluate_dictionary(model, identity(), RESID, tokens_ST[:6], tokens_ST[-8:], tokens_ST[:6], batch_size=16)
+    assert perfect.metrics["loss_recovered_se"] == 0.0 and perfect.metrics["fvu_se"] == 0.0
+    single = evaluate_dictionary(model, Gate(), RESID, tokens_ST[:1], tokens_ST[-8:], tokens_ST[:1], batch_size=16)
+    assert math.isnan(single.metrics["loss_recovered_se"])
+
+
+def test_ratio_standard_error_matches_the_spread_over_repeated_samples():
+    g = np.random.default_rng(0)
+    def draw(m):
+        b = g.gamma(4.0, 1.0, m)
+        return b * 0.6 + g.normal(0, 0.5, m), b
+    estimates, errors = [], []
+    for _ in range(2000):
+        a, b = draw(40)
+        r, se = ratio_and_se(torch.from_numpy(a), torch.from_numpy(b))
+        estimates.append(r)
+        errors.append(se)
+    assert np.mean(estimates) == pytest.approx(0.6, abs=0.01)
+    assert np.mean(errors) == pytest.approx(np.std(estimates), rel=0.1)
+    assert all(math.isnan(v) for v in ratio_and_se(torch.ones(3), torch.zeros(3)))
+
+
+# --- the evaluation samples -----------------------------------------------------------------------
+
+
+def shard_first_indices(sequences_per_shard, shards):
+    """(S,) first global token indices of `shards` token shards of `sequences_per_shard` sequences."""
+    offsets = np.arange(sequences_per_shard, dtype=np.int64) * CTX
+    return np.concatenate([schemas.global_token_index(k, offsets) for k in range(shards)])
+
+
+def run_config(**sae):
+    return RunConfig(tokenizer=TokenizerConfig(context_length=CTX), model=ModelConfig(val_fraction=0.25, seed=3),
+                     sae=SaeConfig(**{"eval_sequences": 16, "dead_after_tokens": 40 * CTX, "seed": 5, **sae}))
+
+
+def test_evaluation_sequences_are_spread_over_all_shards_and_ignore_row_grouping():
+    first_S = shard_first_indices(200, 4)
+    cfg = run_config()
+    sample = evaluation_sample(first_S, cfg)
+    picked = first_S[sample.eval_S]
+    held = split_is_validation(first_S, 0.25, 3)
+    assert len(picked) == 16 and held[sample.eval_S].all()
+    shards = set(schemas.shard_of_token(picked).tolist())
+    assert len(shards) >= 3, f"evaluation sequences come from shards {shards} only"
+    assert np.array_equal(picked, np.sort(picked))
+    # the old rule (the first held-out sequences in global order) took them all from shard 0
+    assert set(schemas.shard_of_token(np.sort(first_S[held])[:16]).tolist()) == {0}
+    # the same sequences, grouped by shard in another order, or shuffled: the same sample
+    for order in (np.arange(len(first_S))[::-1], np.random.default_rng(1).permutation(len(first_S)),
+                  np.concatenate([np.flatnonzero(schemas.shard_of_token(first_S) == k) for k in (2, 0, 3, 1)])):
+        again = evaluation_sample(first_S[order], cfg)
+        assert np.array_equal(first_S[order][again.eval_S], picked)
+        assert np.array_equal(first_S[order][again.mean_S], first_S[sample.mean_S])
+    # one shard holding every sequence: the sample is spread over all of it, not its start
+    one = shard_first_indices(800, 1)
+    spread = one[evaluation_sample(one, cfg).eval_S] // CTX
+    assert spread.max() - spread.min() > 400
+    assert not np.array_equal(picked, first_S[evaluation_sample(first_S, run_config(seed=6)).eval_S])
+
+
+def test_mean_sequences_are_training_sequences_and_dead_features_get_a_larger_sample():
+    first_S = shard_first_indices(200, 4)
+    sample = evaluation_sample(first_S, run_config())
+    held = split_is_validation(first_S, 0.25, 3)
+    assert len(sample.mean_S) == 16 and not held[sample.mean_S].any(), "the mean must come from training tokens"
+    assert held[sample.density_S].all() and len(sample.density_S) == 40  # dead_after_tokens / CTX sequences
+    assert set(sample.eval_S) <= set(sample.density_S)
+    few = sample_sequences(first_S, heldout=True, val_fraction=0.25, split_seed=3, seed=5, count=10**6)
+    assert len(few) == held.sum()  # a count above what exists takes all of it
+    assert len(evaluation_sample(first_S, run_config(dead_after_tokens=0)).density_S) == 16
+    with pytest.raises(ValueError, match="sae.eval_sequences=0"):
+        evaluation_sample(first_S, run_config(eval_sequences=0))

@@ -2,7 +2,7 @@
 
 Training reads the shuffled buckets through the epoch-reshuffling reader, skips the tokens
 the language model held out (sae_metrics scores on those), checkpoints into a directory
-keyed by the config fingerprint and the input data versions (mirrored to S3 when that is the
+keyed by the manifest's config hash and the input data versions (mirrored to S3 when that is the
 backend), and resumes from it after a kill. The SAE is saved as cfg.json +
 sae_weights.safetensors in one directory, the layout SAELens loads.
 """
@@ -12,16 +12,15 @@ import json
 
 import dagster as dg
 import polars as pl
-import torch
 
 from resources import ArtifactStorage, RunSettings
 from resources.arrow_files import open_ipc_table
 from sae_assets.core.sae import data as sae_data
-from sae_assets.core.activations.reader import ShuffledActivationReader
 from sae_assets.core.sae import io as sae_io
 from sae_assets.core.sae.build import build_sae
-from sae_assets.core.sae.training import SaeTrainingError, config_fingerprint, train_sae
-from sae_assets.defs.common import asset_code_version, read_upstream, result
+from sae_assets.core.sae.training import SaeTrainingError, train_sae
+from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.identity import AssetIdentity, dictionary_point
 from sae_assets.defs.partitions import DICTIONARIES, bucket_index, bucket_keys
 from sae_assets.defs.plots import line_chart_markdown
 from sae_assets.defs.shuffle_assets import SHUFFLED_FILE, consistent_inputs, shuffled_shards
@@ -40,12 +39,36 @@ def shuffled_inputs(context, store, cfg):
     return manifests, upstream, fmt["hook_widths"][hook]
 
 
-@dg.asset(
+SAE_DICTIONARY = AssetIdentity(
+    "sae_dictionary", version="1", pool="model", device="sae.device", partition_config=dictionary_point,
+    keys=("sae_hook", *(f"sae.{key}" for key in (
+        "train_tokens", "batch_size", "learning_rate", "lr_warmup_steps", "lr_decay_fraction", "l1_warmup_fraction",
+        "init", "resample", "resample_steps", "rewarm_after_resample", "rewarm_steps", "dead_after_tokens", "aux_k",
+        "aux_coefficient", "seed")),
+        # The held-out split that training skips.
+        "model.val_fraction", "model.seed", "tokenizer.context_length"))
+
+
+def training_stream(store, manifests, cfg) -> sae_data.TrainingStream:
+    """What sae_dictionary trains on: the shuffled buckets of `manifests`, held-out tokens dropped."""
+    return sae_data.TrainingStream.for_run([open_ipc_table(store.fetch(m, SHUFFLED_FILE)) for m in manifests], cfg,
+                                           bucket_names=[f"shuffled_shards[{m.partition}]" for m in manifests])
+
+
+def set_up_dictionary(key: str, d_in: int, cfg, stream: sae_data.TrainingStream):
+    """The SAE of partition `key` before its first step: input scale and decoder initialised from
+    the first INIT_SAMPLE_BATCHES training batches. A bad sample (NaN/inf rows, all zeros) is a
+    ValueError naming the partition and, for a non-finite row, its token and shuffled bucket."""
+    try:
+        return build_sae(cfg.sae.point(key), d_in, cfg.sae, stream.init_sample(INIT_SAMPLE_BATCHES)).to(cfg.sae.device)
+    except ValueError as exc:
+        raise ValueError(f"sae_dictionary[{key}]: cannot set up the SAE: {exc}") from exc
+
+
+@SAE_DICTIONARY.asset(
     group_name="dictionary",
     partitions_def=DICTIONARIES,
     deps=[dg.AssetDep(shuffled_shards, partition_mapping=dg.AllPartitionMapping())],
-    code_version="1",
-    pool="model",
     description="A sparse autoencoder trained on the shuffled activations for one sweep point "
     "(architecture, width, sparsity); cfg.json + sae_weights.safetensors as SAELens loads them.",
 )
@@ -55,30 +78,23 @@ def sae_dictionary(context: dg.AssetExecutionContext, settings: RunSettings, sto
     key = context.partition_key
     point = cfg.sae.point(key)
     manifests, upstream, d_in = shuffled_inputs(context, store, cfg)
-    reader = ShuffledActivationReader([open_ipc_table(store.fetch(m, SHUFFLED_FILE)) for m in manifests],
-                                      hook=cfg.sae_hook, batch_size=cfg.sae.batch_size, seed=cfg.sae.seed,
-                                      with_token_index=True)
+    stream = training_stream(store, manifests, cfg)
 
     def batches(start_step: int):  # batch s is a pure function of s: resumes are exact
-        stream = sae_data.training_batches(reader, batch_size=cfg.sae.batch_size, start_step=start_step,
-                                           context_length=cfg.tokenizer.context_length,
-                                           val_fraction=cfg.model.val_fraction, split_seed=cfg.model.seed)
-        return (x.to(cfg.sae.device) for x in stream)
+        return (x.to(cfg.sae.device) for x in stream.batches(start_step))
 
-    sample_ND = torch.cat([b.cpu() for _, b in zip(range(INIT_SAMPLE_BATCHES), batches(0))])
-    sae = build_sae(point, d_in, cfg.sae, sample_ND).to(cfg.sae.device)
-    tag = hashlib.sha256(json.dumps([config_fingerprint(cfg.sae, point, d_in), upstream], sort_keys=True)
-                         .encode()).hexdigest()[:16]
+    sae = set_up_dictionary(key, d_in, cfg, stream)
+    fingerprint = SAE_DICTIONARY.config_hash(cfg, key)
+    tag = hashlib.sha256(json.dumps([fingerprint, upstream], sort_keys=True).encode()).hexdigest()[:16]
     checkpoints = store.checkpoint_dir("sae_dictionary", key, tag)
     try:
-        outcome = train_sae(sae, batches, cfg.sae, point, checkpoint_dir=checkpoints,
+        outcome = train_sae(sae, batches, cfg.sae, point, checkpoint_dir=checkpoints, fingerprint=fingerprint,
                             on_checkpoint=lambda path, step: store.mirror_checkpoint("sae_dictionary", key, tag, path))
     except SaeTrainingError as exc:
         raise SaeTrainingError(f"sae_dictionary[{key}]: {exc}; the last good checkpoint stays in {checkpoints}",
                                step=exc.step) from exc
     curve = pl.DataFrame(outcome.curve)
-    with store.writer("sae_dictionary", key, code_version=asset_code_version(context), upstream=upstream,
-                      config_hash=config_fingerprint(cfg.sae, point, d_in)) as out:
+    with SAE_DICTIONARY.writer(store, cfg, key, upstream=upstream) as out:
         sae_io.save_sae(sae.cpu(), out.scratch, hook_name=cfg.sae_hook, extra={"sae_assets_partition": key})
         curve.write_parquet(out.path("training_curve.parquet"))
         out.extra.update(point=point.key, architecture=point.architecture, width=point.width,

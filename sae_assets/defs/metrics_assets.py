@@ -1,11 +1,14 @@
 """Dictionary group: sae_metrics [dictionary], the evaluation of each trained SAE.
 
-Scores on the language model's held-out sequences (never seen by SAE training): L0, MSE,
-fraction of variance unexplained, loss recovered with the reconstruction spliced in at the
-hook point (zero- and mean-ablation baselines, KL divergence), dead and dense fractions and
-a feature-density histogram. Two asset checks with thresholds from the config (dead
-fraction, loss recovered) are evaluated in the same step; their outcome is also written to
-the manifest so that feature assets can refuse a dictionary that failed them.
+Scores a uniform, seeded sample of the language model's held-out sequences (never seen by SAE
+training; `core.sae.data.evaluation_sample`): L0, MSE, fraction of variance unexplained, loss
+recovered with the reconstruction spliced in at the hook point (zero- and mean-ablation
+baselines, the mean taken over training tokens, KL divergence), with standard errors; dead
+and dense fractions and a feature-density histogram over at least sae.dead_after_tokens
+held-out tokens (`core.sae.evaluation.evaluate_dictionary` does all of it). Two asset checks
+with thresholds from the config (dead fraction, loss recovered) are evaluated in the same
+step; their outcome is also written to the manifest so that feature assets can refuse a
+dictionary that failed them.
 """
 
 import json
@@ -13,13 +16,12 @@ import json
 import dagster as dg
 import numpy as np
 import polars as pl
-import torch
 
 from resources import ArtifactStorage, RunSettings
-from sae_assets.core.activations import caching as activations
 from sae_assets.core.sae import data as sae_data
-from sae_assets.core.sae import metrics as sae_metrics
-from sae_assets.defs.common import asset_code_version, result
+from sae_assets.core.sae.evaluation import evaluate_dictionary
+from sae_assets.defs.common import result
+from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.corpus_assets import token_shards
 from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary
 from sae_assets.defs.model_assets import language_model, load_all_sequences, load_language_model
@@ -30,13 +32,19 @@ DEAD_CHECK = "dead_fraction_below_threshold"
 LOSS_CHECK = "loss_recovered_above_threshold"
 
 
-@dg.asset(
-    name="sae_metrics",
+SAE_METRICS = AssetIdentity(
+    "sae_metrics", version="2", pool="model", device="sae.device",
+    keys=("sae.eval_sequences", "sae.max_dead_fraction", "sae.min_loss_recovered", "sae.seed",
+          # Dead features are counted over at least this many held-out tokens (whole sequences).
+          "sae.dead_after_tokens", "tokenizer.context_length",
+          # Which sequences are held out, and which shards they come from.
+          "model.val_fraction", "model.seed", "corpus.training_shards"))
+
+
+@SAE_METRICS.asset(
     group_name="dictionary",
     partitions_def=DICTIONARIES,
     deps=[sae_dictionary, language_model, dg.AssetDep(token_shards, partition_mapping=dg.AllPartitionMapping())],
-    code_version="1",
-    pool="model",
     check_specs=[
         dg.AssetCheckSpec(DEAD_CHECK, asset="sae_metrics", blocking=True,
                           description="Dead features (never firing on held-out tokens) <= sae.max_dead_fraction"),
@@ -55,33 +63,25 @@ def sae_metrics_asset(context: dg.AssetExecutionContext, settings: RunSettings, 
     model, model_manifest = load_language_model(store, device=device)
     hook = sae_manifest.extra["hook"]
     tokens_ST, first_S, upstream = load_all_sequences(store, training_shard_keys(context.instance, cfg))
-    eval_ST = sae_data.heldout_sequences(tokens_ST, first_S, val_fraction=cfg.model.val_fraction,
-                                         seed=cfg.model.seed, limit=cfg.sae.eval_sequences)
     upstream.update({f"sae_dictionary[{key}]": sae_manifest.data_version, "language_model": model_manifest.data_version})
-    batch = max(1, cfg.activations.batch_size)
-    with torch.no_grad():
-        stats = sae_metrics.reconstruction_stats(
-            sae, activations.hook_activations(model, eval_ST, hook, batch_size=batch, device=device))
-        recovered = sae_metrics.loss_recovered(model, sae, torch.from_numpy(eval_ST.astype(np.int64)).to(device),
-                                               hook, batch_size=batch,
-                                               mean_activation=torch.from_numpy(stats.activation_mean).float())
-    metrics = sae_metrics.summary(stats, recovered)
+    sample = sae_data.evaluation_sample(first_S, cfg)
+    evaluation = evaluate_dictionary(model, sae, hook, tokens_ST[sample.eval_S], tokens_ST[sample.mean_S],
+                                     tokens_ST[sample.density_S], batch_size=max(1, cfg.activations.batch_size))
+    metrics = evaluation.metrics
     checks = {DEAD_CHECK: (metrics["dead_fraction"] <= cfg.sae.max_dead_fraction, cfg.sae.max_dead_fraction,
                            "dead_fraction"),
               # Against mean ablation: zeroing a residual stream is so poor a baseline that a
               # dictionary with every feature dead still "recovers" most of the loss against it.
               LOSS_CHECK: (metrics["loss_recovered_vs_mean"] >= cfg.sae.min_loss_recovered,
                            cfg.sae.min_loss_recovered, "loss_recovered_vs_mean")}
-    histogram = sae_metrics.density_histogram(stats.feature_counts, stats.n_tokens)
-    with store.writer("sae_metrics", key, code_version=asset_code_version(context),
-                      upstream=upstream, config_hash=cfg.section_hash("sae")) as out:
+    with SAE_METRICS.writer(store, cfg, key, upstream=upstream) as out:
         out.path("metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        density = pl.DataFrame({"feature": np.arange(len(stats.feature_counts)), "count": stats.feature_counts,
-                                "density": sae_metrics.feature_density(stats.feature_counts, stats.n_tokens)})
+        density = pl.DataFrame({"feature": np.arange(len(evaluation.feature_counts)),
+                                "count": evaluation.feature_counts, "density": evaluation.feature_density})
         density.write_parquet(out.path("feature_density.parquet"))
         out.describe_table("feature_density.parquet", rows=density.height)
         out.extra.update(metrics=metrics, checks={name: bool(ok) for name, (ok, _, _) in checks.items()})
-    return _with_checks(out.manifest, store, metrics, histogram, checks)
+    return _with_checks(out.manifest, store, metrics, evaluation.histogram, checks)
 
 
 def _with_checks(manifest, store, metrics, histogram, checks) -> dg.MaterializeResult:

@@ -6,8 +6,10 @@ MSE, fraction of variance unexplained and per-feature firing counts, with memory
 one batch. `feature_density`, `dead_fraction`, `dense_fraction` and `density_histogram` turn
 the counts into the sparsity numbers and plot data. `loss_recovered` splices the
 reconstruction into a TransformerLens 4 `TransformerBridge` at a hook point and compares the
-next-token loss with the clean model and with zero and mean ablation (DESIGN.md, "Loss
-recovered"). Pure torch/numpy; tests: tests/test_sae_metrics.py.
+next-token loss with the clean model and with zero and mean ablation (0% = the ablation's
+loss, 100% = the clean loss); `spliced_losses` gives the same per sequence for one batch. The
+evaluation sae_metrics records is assembled from these in `sae_assets.core.sae.evaluation`.
+Pure torch/numpy; tests: tests/test_sae_metrics.py.
 """
 
 from __future__ import annotations
@@ -95,14 +97,14 @@ class LossRecovered(NamedTuple):
     """Predicted tokens every mean is over: M * (T - 1) for tokens (M, T)."""
 
 
-def _dictionary_widths(sae: Dictionary) -> tuple[int, int]:
+def dictionary_widths(sae: Dictionary) -> tuple[int, int]:
     w = sae.W_dec
     if w.ndim != 2:
         raise ValueError(f"dictionary W_dec must have shape (F, D), got {tuple(w.shape)}")
     return int(w.shape[0]), int(w.shape[1])
 
 
-def _check_activations(
+def check_activations(
     x_ND: torch.Tensor, width: int, where: str, row_name: Callable[[int], str] = "row {}".format
 ) -> None:
     """Raise ValueError for a width that is not the dictionary's or for NaN/inf, saying where."""
@@ -181,12 +183,12 @@ def reconstruction_stats(sae: Dictionary, batches: Iterable[torch.Tensor]) -> Re
     Raises ValueError for a width that is not the dictionary's, for NaN/inf (naming the batch
     and row) and for an empty stream.
     """
-    n_features, width = _dictionary_widths(sae)
+    n_features, width = dictionary_widths(sae)
     sums = _ReconstructionSums(n_features, width)
     for i, x_ND in enumerate(batches):
         x_ND = torch.as_tensor(x_ND)
         where = f"activation batch {i}"
-        _check_activations(x_ND, width, where, lambda r, base=sums.n: f"row {r} (row {base + r} of the stream)")
+        check_activations(x_ND, width, where, lambda r, base=sums.n: f"row {r} (row {base + r} of the stream)")
         if x_ND.shape[0] == 0:
             continue
         f_NF, x_hat_ND = reconstruct(sae, x_ND)
@@ -254,23 +256,27 @@ def _replace_once(replacement: Callable[[torch.Tensor], torch.Tensor]) -> Callab
     return hook_fn
 
 
-def _kl_sum(clean_BTV: torch.Tensor, other_BTV: torch.Tensor) -> float:
-    """Sum over positions 0..T-2 of KL(clean || other) of the next-token distributions."""
+def _kl_sums(clean_BTV: torch.Tensor, other_BTV: torch.Tensor) -> torch.Tensor:
+    """(B,) float64: per sequence, the sum over positions 0..T-2 of KL(clean || other)."""
     log_p = F.log_softmax(clean_BTV[:, :-1].float(), dim=-1)  # (B, T-1, V)
     log_q = F.log_softmax(other_BTV[:, :-1].float(), dim=-1)
     kl_BT = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (B, T-1)
-    return float(kl_BT.double().sum())
+    return kl_BT.double().sum(dim=1).cpu()
 
 
-def _loss_sum(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> float:
-    """Summed next-token cross-entropy, per-token values added in float64."""
-    return float(next_token_loss(logits_BTV, tokens_BT, reduction="none").double().sum())
+def _loss_sums(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
+    """(B,) float64: per sequence, the summed next-token cross-entropy."""
+    loss_N = next_token_loss(logits_BTV, tokens_BT, reduction="none").double()
+    return loss_N.reshape(tokens_BT.shape[0], -1).sum(dim=1).cpu()
 
 
-def _spliced_sums(model, sae, batch_BT, hook_name, width, first, mean_D) -> tuple[dict[str, float], torch.Tensor]:
-    """Loss sums of one batch (clean, sae, zero, mean if given, KL) and its hook activations (N, D).
+def spliced_losses(model, sae, batch_BT, hook_name, width, first, mean_D) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-sequence (B,) float64 loss sums of one batch, and its hook activations (B*T, D).
 
-    `first` is the index of the batch's first sequence in the evaluation tokens (for errors).
+    The sums are over the T-1 predicted tokens of each sequence: 'clean', 'sae' (the
+    reconstruction spliced in), 'zero' (zero ablation), 'mean' (mean ablation, only when
+    `mean_D` is given) and 'kl' (KL(clean || spliced)). `first` is the index of the batch's
+    first sequence in the evaluation tokens (for errors).
     """
     captured: list[torch.Tensor] = []
 
@@ -280,7 +286,7 @@ def _spliced_sums(model, sae, batch_BT, hook_name, width, first, mean_D) -> tupl
     clean_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(hook_name, capture)])
     acts_ND = captured[0].reshape(-1, captured[0].shape[-1])  # (B*T, D)
     seq_len = batch_BT.shape[1]
-    _check_activations(acts_ND, width, f"hook {hook_name!r}",
+    check_activations(acts_ND, width, f"hook {hook_name!r}",
                        lambda r: f"token sequence {first + r // seq_len}, position {r % seq_len}")
 
     def splice(act: torch.Tensor) -> torch.Tensor:
@@ -289,22 +295,22 @@ def _spliced_sums(model, sae, batch_BT, hook_name, width, first, mean_D) -> tupl
     sae_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(hook_name, _replace_once(splice))])
     zero_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(hook_name, _replace_once(torch.zeros_like))])
     sums = {
-        "clean": _loss_sum(clean_BTV, batch_BT),
-        "sae": _loss_sum(sae_BTV, batch_BT),
-        "zero": _loss_sum(zero_BTV, batch_BT),
-        "kl": _kl_sum(clean_BTV, sae_BTV),
+        "clean": _loss_sums(clean_BTV, batch_BT),
+        "sae": _loss_sums(sae_BTV, batch_BT),
+        "zero": _loss_sums(zero_BTV, batch_BT),
+        "kl": _kl_sums(clean_BTV, sae_BTV),
     }
     if mean_D is not None:
-        sums["mean"] = _mean_ablated_sum(model, batch_BT, hook_name, mean_D)
+        sums["mean"] = _mean_ablated_sums(model, batch_BT, hook_name, mean_D)
     return sums, acts_ND
 
 
-def _mean_ablated_sum(model, batch_BT: torch.Tensor, hook_name: str, mean_D: torch.Tensor) -> float:
+def _mean_ablated_sums(model, batch_BT: torch.Tensor, hook_name: str, mean_D: torch.Tensor) -> torch.Tensor:
     def fill(act: torch.Tensor) -> torch.Tensor:
         return mean_D.to(device=act.device, dtype=act.dtype).expand_as(act).contiguous()
 
     logits_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(hook_name, _replace_once(fill))])
-    return _loss_sum(logits_BTV, batch_BT)
+    return _loss_sums(logits_BTV, batch_BT)
 
 
 def _recovered(ablated: float, spliced: float, clean: float) -> float:
@@ -335,10 +341,10 @@ def loss_recovered(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_hook_names(model, [hook_name])
-    _, width = _dictionary_widths(sae)
+    _, width = dictionary_widths(sae)
     mean_D = None if mean_activation is None else torch.as_tensor(mean_activation).reshape(-1)
     if mean_D is not None:
-        _check_activations(mean_D.reshape(1, -1), width, "mean_activation")
+        check_activations(mean_D.reshape(1, -1), width, "mean_activation")
     device = model_device(model)
     was_training = model.training
     model.eval()
@@ -347,15 +353,15 @@ def loss_recovered(
         act_sum_D, act_rows = torch.zeros(width, dtype=torch.float64), 0
         for start in range(0, tokens.shape[0], batch_size):
             batch_BT = tokens[start : start + batch_size].to(device)
-            sums, acts_ND = _spliced_sums(model, sae, batch_BT, hook_name, width, start, mean_D)
+            sums, acts_ND = spliced_losses(model, sae, batch_BT, hook_name, width, start, mean_D)
             act_sum_D += acts_ND.double().sum(dim=0).cpu()
             act_rows += acts_ND.shape[0]
             for key, value in sums.items():
-                totals[key] = totals.get(key, 0.0) + value
+                totals[key] = totals.get(key, 0.0) + float(value.sum())
         if mean_D is None:
             mean_D = act_sum_D / act_rows
             totals["mean"] = sum(
-                _mean_ablated_sum(model, tokens[s : s + batch_size].to(device), hook_name, mean_D)
+                float(_mean_ablated_sums(model, tokens[s : s + batch_size].to(device), hook_name, mean_D).sum())
                 for s in range(0, tokens.shape[0], batch_size)
             )
     finally:
@@ -367,16 +373,3 @@ def loss_recovered(
         recovered_vs_zero=_recovered(zero, spliced, clean), recovered_vs_mean=_recovered(mean, spliced, clean),
         kl_divergence=totals["kl"] / n, n_tokens=n,
     )
-
-
-def summary(stats: ReconstructionStats, recovered: LossRecovered, *, dense_threshold: float = 0.1) -> dict[str, float]:
-    """The flat {name: value} record of one evaluation, as stored and shown."""
-    return {
-        "l0": stats.l0, "mse": stats.mse, "mse_per_element": stats.mse_per_element, "fvu": stats.fvu,
-        "loss_recovered": recovered.recovered_vs_zero, "loss_recovered_vs_mean": recovered.recovered_vs_mean,
-        "clean_loss": recovered.clean_loss, "sae_loss": recovered.sae_loss,
-        "zero_ablation_loss": recovered.zero_ablation_loss, "mean_ablation_loss": recovered.mean_ablation_loss,
-        "kl_divergence": recovered.kl_divergence, "dead_fraction": dead_fraction(stats.feature_counts),
-        "dense_fraction": dense_fraction(stats.feature_counts, stats.n_tokens, dense_threshold),
-        "eval_tokens": float(stats.n_tokens),
-    }

@@ -17,11 +17,9 @@ Tests: tests/test_sae_core.py.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -74,14 +72,6 @@ def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(sae.parameters(), lr=lr, betas=ADAM_BETAS)
 
 
-def config_fingerprint(cfg: SaeConfig, point: DictionaryPoint, d_in: int) -> str:
-    """Hash of everything that shapes the trained weights (not device, cadence or eval knobs)."""
-    ignored = {"sweep", "device", "checkpoint_every", "eval_sequences", "max_dead_fraction", "min_loss_recovered"}
-    payload = {k: v for k, v in asdict(cfg).items() if k not in ignored}
-    payload.update(point=asdict(point), d_in=d_in)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x_BD: Tensor, info: StepInfo,
                lr: float, *, max_grad_norm: float | None = MAX_GRAD_NORM) -> LossOutput:
     """One optimizer step on a batch; raises SaeTrainingError (nothing changed) if not finite."""
@@ -118,7 +108,8 @@ class _Run:
     checkpointer: Checkpointer
 
 
-def _start(sae: SparseAutoencoder, cfg: SaeConfig, point: DictionaryPoint, path: Path | None) -> _Run:
+def _start(sae: SparseAutoencoder, cfg: SaeConfig, point: DictionaryPoint, path: Path | None,
+           fingerprint: str) -> _Run:
     if sae.architecture != point.architecture or sae.width != point.width:
         raise ValueError(f"the SAE ({sae.architecture}, width {sae.width}) does not match sweep point {point.key}")
     device = torch.device(cfg.device)
@@ -129,7 +120,7 @@ def _start(sae: SparseAutoencoder, cfg: SaeConfig, point: DictionaryPoint, path:
     tracker = DeadFeatureTracker(sae.width, cfg.dead_after_tokens, device)
     generator = seeded_generator(cfg.seed, RESAMPLE_STREAM)
     checkpointer = Checkpointer(sae, optimizer, scheduler, tracker, generator,
-                                fingerprint=config_fingerprint(cfg, point, sae.d_in))
+                                fingerprint=fingerprint)
     try:
         progress = checkpointer.load(path) if path is not None else Progress()
     except FileNotFoundError:  # none yet, or a concurrent run of this partition finished and dropped it
@@ -184,10 +175,14 @@ def _checkpoint(run: _Run, path: Path, on_checkpoint: OnCheckpoint | None) -> No
 
 def train_sae(sae: SparseAutoencoder, batches: Batches, cfg: SaeConfig, point: DictionaryPoint, *,
               checkpoint_dir: Path | None = None, on_checkpoint: OnCheckpoint | None = None,
-              log_every: int = 50) -> TrainOutcome:
-    """Train `sae` in place (resuming from `checkpoint_dir` if it holds a checkpoint)."""
+              log_every: int = 50, fingerprint: str = "") -> TrainOutcome:
+    """Train `sae` in place (resuming from `checkpoint_dir` if it holds a checkpoint).
+
+    `fingerprint` names the configuration the weights come from (sae_dictionary passes its
+    manifest's config hash); a checkpoint written under another fingerprint is refused.
+    """
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    run = _start(sae, cfg, point, path)
+    run = _start(sae, cfg, point, path, fingerprint)
     started, start_tokens = time.perf_counter(), run.progress.tokens
     if run.progress.step < run.total:
         for x_BD in batches(run.progress.step):
