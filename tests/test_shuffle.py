@@ -5,13 +5,19 @@ Uniformity is tested statistically on the real scatter -> gather path over many 
 count table against its hypergeometric law, chi-square of the (source row x output
 position) table, and the mean Spearman correlation of source index and output position.
 The equal-cut scheme goes through the same path and the same count-table statistic must
-reject it. Seeds are fixed, so the tests are deterministic; thresholds are p > 1e-4 for
-"uniform" and p < 1e-12 for "detected". Chi-square p-values are computed here (no scipy).
+reject it. Marginals and rank correlation miss laws such as a random cyclic shift, so the
+full law is tested too: 4 rows through scatter and a gather forced to spill (and recurse),
+each of the 24 orders equally likely over 2400 seeds. Seeds are fixed, so the tests are
+deterministic; thresholds are p > 1e-4 for "uniform" and p < 1e-12 for "detected".
+Chi-square p-values are computed here (no scipy). The shuffle plan, the mixture of plans it
+prevents, and the NaN/inf refusal are tested on the core functions the assets call.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +26,7 @@ import torch
 
 from resources.arrow_files import CorruptArrowFileError, LocalSpill, open_ipc_table, write_ipc_file
 from sae_assets.core import shuffle as sh
+from sae_assets.core.shuffle_plan import ShufflePlan, ShufflePlanError
 from sae_assets.core.activations.reader import ShuffledActivationReader, to_numpy_matrix
 from sae_assets.core.schemas import activation_schema, global_token_index, shard_of_token
 
@@ -28,6 +35,7 @@ ROWS = [7, 13, 5, 15]  # N=4 uneven shards, T=40 rows
 K = 3
 T = sum(ROWS)
 SEEDS = 1000
+LAW_SEEDS = 2400  # 100 expected per order of 4 rows
 
 
 # ---------------------------------------------------------------- fixtures and pipeline
@@ -63,8 +71,9 @@ class DictSpill:
 
 
 def run_shuffle(shards, seed, *, k=K, table_fn=None, budget=1 << 30, spill=None,
-                input_chunk=None, block_rows=sh.SCATTER_BLOCK_ROWS) -> list[pa.Table]:
-    """The real path: count table, one scatter per shard, one gather per bucket."""
+                input_chunk=None, block_rows=sh.SCATTER_BLOCK_ROWS, stats=None) -> list[pa.Table]:
+    """The real path: count table, one scatter per shard, one gather per bucket (each bucket's
+    GatherStats appended to `stats` if given)."""
     rows = [s.num_rows for s in shards]
     table = table_fn(rows, k) if table_fn else sh.bucket_count_table(rows, k, seed)
     pieces = [[[] for _ in range(k)] for _ in shards]  # [job][bucket] -> batches
@@ -76,10 +85,13 @@ def run_shuffle(shards, seed, *, k=K, table_fn=None, budget=1 << 30, spill=None,
     outputs = []
     for b in range(k):
         tables = [pa.Table.from_batches(pieces[j][b], schema=schema) for j in range(len(shards))]
+        bucket_stats = sh.GatherStats()
         out = sh.gather_bucket(tables, bucket=b, seed=seed, memory_budget_bytes=budget,
                                spill_write=spill and spill.write, spill_read=spill and spill.read,
-                               block_rows=block_rows)
+                               block_rows=block_rows, stats=bucket_stats)
         outputs.append(pa.Table.from_batches(list(out), schema=schema))
+        if stats is not None:
+            stats.append(bucket_stats)
     return outputs
 
 
@@ -246,6 +258,34 @@ def test_multinomial_fallback_is_uniform(monkeypatch):
     assert p_positions > 1e-4 and p_spearman > 1e-4, (p_positions, p_spearman)
 
 
+@pytest.mark.parametrize("rows, k, passes", [
+    pytest.param([4], 1, 3, id="one-bucket-recursing"),  # 4 rows -> sub-buckets [2, 1, 1] -> [1, 1]
+    pytest.param([1, 3], 2, 2, id="two-shards-two-buckets"),  # the count table, then a spill per bucket
+])
+def test_every_order_of_four_rows_is_equally_likely_through_spills(rows, k, passes):
+    """The full permutation law, on the path the assets use with a forced extra pass: every
+    one of the 4! orders appears, and a chi-square test over LAW_SEEDS seeds accepts them as
+    equally likely. (A uniform random cyclic shift has uniform marginals and zero mean rank
+    correlation, so only a test of the law itself rules it out.)"""
+    shards = make_shards(rows)
+    source = output_index(shards)  # ascending global token indices
+    budget = int(1.5 * shards[-1].nbytes / shards[-1].num_rows)  # below 2 rows: every bucket spills
+    seen = Counter()
+    for seed in range(LAW_SEEDS):
+        stats, spill = [], DictSpill()
+        outputs = run_shuffle(shards, seed, k=k, budget=budget, spill=spill, stats=stats)
+        assert [s.passes for s in stats] == [passes] * k and all(s.spilled_rows > 0 for s in stats)
+        seen[tuple(np.searchsorted(source, output_index(outputs)).tolist())] += 1
+    orders = list(itertools.permutations(range(4)))
+    assert set(seen) == set(orders), f"orders never drawn: {sorted(set(orders) - set(seen))}"
+    expected = LAW_SEEDS / len(orders)
+    stat = sum((seen[o] - expected) ** 2 / expected for o in orders)
+    assert chi2_sf(stat, len(orders) - 1) > 1e-4, (stat, seen.most_common(3), seen.most_common()[-3:])
+    in_memory = []
+    run_shuffle(shards, 0, k=k, stats=in_memory)
+    assert [(s.passes, s.spilled_rows) for s in in_memory] == [(1, 0)] * k
+
+
 def test_deterministic_through_files_and_independent_of_batching(tmp_path):
     """Shards -> IPC files -> scatter files -> gather with LocalSpill -> output files, 3 times."""
     rows = [900, 1300, 40, 700]
@@ -321,6 +361,73 @@ def test_scatter_and_gather_refuse_bad_input():
     with pytest.raises(ValueError, match="job 1: schema"):
         list(sh.gather_bucket([shards[0], shards[1].drop_columns(["token_id"])], bucket=0, seed=0,
                               memory_budget_bytes=1 << 20))
+
+
+def test_pieces_cut_by_two_plans_do_not_fill_the_buckets_and_the_plan_says_so():
+    """The issue's mixture: job 0 cut by a 2-shard table, jobs 1 and 2 by the 3-shard one."""
+    shards = make_shards([6, 6, 6])
+    old = ShufflePlan.draw(["shard-0000", "shard-0001"], [6, 6], num_buckets=2, seed=0)
+    new = ShufflePlan.draw(["shard-0000", "shard-0001", "shard-0002"], [6, 6, 6], num_buckets=2, seed=0)
+    rows_JK = [old.table[0], new.table[1], new.table[2]]  # what each scatter job wrote per bucket
+    pieces = [[pa.Table.from_batches([p for b, p in sh.scatter_batches(shard.to_batches(), rows_JK[j], seed=0, job=j)
+                                      if b == k], schema=shard.schema) for k in range(2)]
+              for j, shard in enumerate(shards)]
+    gathered = [sum(batch.num_rows for batch in sh.gather_bucket([pieces[j][k] for j in range(3)], bucket=k, seed=0,
+                                                                 memory_budget_bytes=1 << 20)) for k in range(2)]
+    assert gathered == [10, 8] and new.capacities.tolist() == [9, 9]  # silently wrong without the plan
+    names = [f"shuffle_scatter[{s}]" for s in new.shards]
+    with pytest.raises(ShufflePlanError, match=r"bucket 0 would gather 10 rows .* capacity .* is 9 .*"
+                                               r"shuffle_scatter\[shard-0000\] has 3 rows, the plan says 2"):
+        new.check_pieces(0, [pieces[j][0].num_rows for j in range(3)], names, where="shuffled_shards[bucket-0000]")
+    new.check_pieces(0, new.table[:, 0].tolist(), names, where="unused")  # the pieces one plan cuts fit
+
+
+def test_plan_round_trips_and_refuses_what_it_was_not_drawn_for():
+    plan = ShufflePlan.draw(["shard-0000", "shard-0001"], ROWS[:2], num_buckets=K, seed=5)
+    assert np.array_equal(plan.table, sh.bucket_count_table(ROWS[:2], K, seed=5)) and not plan.table.flags.writeable
+    again = ShufflePlan.from_json(plan.to_json(), where="plan.json")
+    assert again.to_json() == plan.to_json() and again.digest == plan.digest
+    assert ShufflePlan.draw(["shard-0000", "shard-0001"], [7, 14], K, 5).digest != plan.digest
+    assert plan.job("shard-0001", where="w") == 1
+    with pytest.raises(ShufflePlanError, match=r"s\[shard-0002\]: the plan .* does not list shard-0002; it was drawn "
+                                               r"for 2 shards \[shard-0000, shard-0001\]; replan"):
+        plan.job("shard-0002", where="s[shard-0002]", hint="replan")
+    with pytest.raises(ShufflePlanError, match="drawn for num_buckets=3, seed=5; the config says .* seed=6"):
+        plan.check_config(K, 6, where="w")
+    for bad, why in [(b"{}", "KeyError"), (plan.to_json().replace(b"[7,13]", b"[7,12]"), "rows do not sum"),
+                     (plan.to_json().replace(b'"num_buckets":3', b'"num_buckets":2'), "reshape")]:
+        assert bad != plan.to_json() or why == "KeyError"
+        with pytest.raises(ShufflePlanError, match=f"plan.json: .*{why}"):
+            ShufflePlan.from_json(bad, where="plan.json")
+
+
+def with_value(shard: pa.Table, column: str, row: int, bits_or_value) -> pa.Table:
+    """`shard` with the first element of `column` at `row` replaced (a float, or bfloat16 bits)."""
+    values = shard.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False).copy()
+    width = shard.schema.field(column).type.list_size
+    values[row * width] = bits_or_value
+    array = pa.FixedSizeListArray.from_arrays(pa.array(values), width)
+    return shard.set_column(shard.schema.get_field_index(column), shard.schema.field(column), array)
+
+
+@pytest.mark.parametrize("dtype, bad", [("float32", np.nan), ("float16", np.inf), ("float16", -np.inf),
+                                        ("bfloat16", 0x7FC0), ("bfloat16", 0xFF80)])
+def test_finite_batches_names_the_first_nan_or_inf_row(dtype, bad):
+    shard = make_shards([50], width=4, dtype=dtype)[0]
+    assert [b.num_rows for b in sh.finite_batches(shard.to_batches(max_chunksize=16), where="w")] == [16, 16, 16, 2]
+    assert make_shards([1], dtype="bfloat16")[0].column(HOOK).combine_chunks().flatten().type == pa.uint16()
+    poisoned = with_value(with_value(shard, HOOK, 37, bad), HOOK, 41, bad)
+    token_index = poisoned.column("token_index")[37].as_py()
+    passed = []
+    with pytest.raises(sh.NonFiniteActivationError, match=rf"shuffle_scatter\[shard-0000\] reading x: 2 row\(s\) "
+                                                          rf"of a batch hold NaN or inf in {HOOK}, the first at "
+                                                          rf"token_index {token_index};"):
+        where = "shuffle_scatter[shard-0000] reading x"
+        for batch in sh.finite_batches(poisoned.to_batches(max_chunksize=16), where=where):
+            passed.append(batch.num_rows)
+    assert passed == [16, 16]  # streamed: the clean batches before it went through
+    largest = {"float32": 3.4e38, "float16": 65504.0, "bfloat16": 0x7F7F}[dtype]  # finite extremes pass
+    list(sh.finite_batches(with_value(shard, HOOK, 3, largest).to_batches(), where="w"))
 
 
 def test_arrow_files_atomic_write_and_corruption(tmp_path):

@@ -1,23 +1,25 @@
 """Exact uniform out-of-core shuffle of Arrow tables: scatter to K buckets, gather, recurse.
 
-Anthropic's multi-pass shuffle, made exactly uniform. Pass 0: every one of N scatter jobs
-computes the same (N, K) count table (`bucket_count_table`, multivariate hypergeometric,
-seeded by (seed, pass) only), labels its shard's rows with a uniformly random arrangement
-of exactly `counts[i, k]` labels k (`scatter_batches`, streamed in fixed row blocks so the
-result does not depend on how the input is batched), and hands each bucket's pieces to the
-caller's writers. Gather (`gather_bucket`): concatenate bucket k's pieces in job order and
-permute them in memory, or, above the memory budget, split them the same way into K2
-sub-buckets spilled through caller callables and recurse. All randomness is a PCG64 stream
-keyed on (seed, pass, path, job|bucket), so retries are byte-identical. Cutting each job's
-slice into K *equal* parts (`equal_cut_count_table`) is stratified, not uniform; it exists
-only so tests/test_shuffle.py can show the statistics catch it. Pure numpy + pyarrow.
+Anthropic's multi-pass shuffle, made exactly uniform. Pass 0: the (N, K) count table
+(`bucket_count_table`, multivariate hypergeometric, seeded by (seed, pass) only) is drawn
+once (core/shuffle_plan.py keeps it with the shards it is for); every scatter job labels its
+shard's rows with a uniformly random arrangement of exactly `counts[i, k]` labels k
+(`scatter_batches`, streamed in fixed row blocks so the result does not depend on how the
+input is batched), and hands each bucket's pieces to the caller's writers. Gather
+(`gather_bucket`): concatenate bucket k's pieces in job order and permute them in memory,
+or, above the memory budget, split them the same way into K2 sub-buckets spilled through
+caller callables and recurse (`GatherStats` reports the depth used). `finite_batches`
+refuses NaN/inf rows while streaming. All randomness is a PCG64 stream keyed on (seed,
+pass, path, job|bucket), so retries are byte-identical. Cutting each job's slice into K
+*equal* parts (`equal_cut_count_table`) is stratified, not uniform; it exists only so
+tests/test_shuffle.py can show the statistics catch it. Pure numpy + pyarrow.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +38,10 @@ SpillRead = Callable[[str], pa.Table]  # every batch written to the name, in ord
 
 class PermutationError(ValueError):
     """The shuffled rows are not a permutation of the input rows (rows lost or duplicated)."""
+
+
+class NonFiniteActivationError(ValueError):
+    """A row to shuffle holds NaN or inf."""
 
 
 def _rng(purpose: int, seed: int, pass_index: int, *ids: int) -> np.random.Generator:
@@ -149,7 +155,7 @@ def gather_bucket(
     memory_budget_bytes: int, spill_write: SpillWrite | None = None,
     spill_read: SpillRead | None = None, pass_index: int = 0, path: tuple[int, ...] = (),
     schema: pa.Schema | None = None, batch_rows: int = OUTPUT_BATCH_ROWS,
-    block_rows: int = SCATTER_BLOCK_ROWS,
+    block_rows: int = SCATTER_BLOCK_ROWS, stats: GatherStats | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Yield bucket `bucket` (of pass `pass_index`) uniformly permuted, in batches of `batch_rows`.
 
@@ -159,6 +165,7 @@ def gather_bucket(
     K2 = ceil(bytes / budget) sub-buckets by the same table+labelling method at pass
     `pass_index + 1`, each spilled via `spill_write(name, batch)` / `spill_read(name)`, then
     gathered in turn (recursively). The order depends on seed, block_rows and the budget.
+    `stats`, if given, records the passes and spilled rows it took (complete once exhausted).
     """
     if schema is None:
         if not pieces:
@@ -167,14 +174,25 @@ def gather_bucket(
     if memory_budget_bytes < 1 or batch_rows < 1:
         raise ValueError(f"memory_budget_bytes ({memory_budget_bytes}) and batch_rows ({batch_rows}) "
                          "must be >= 1")
-    plan = _Plan(schema, seed, memory_budget_bytes, spill_write, spill_read, block_rows)
+    gather = _Gather(schema, seed, memory_budget_bytes, spill_write, spill_read, block_rows, pass_index,
+                     GatherStats() if stats is None else stats)
     tables = [_as_table(p, schema, f"job {j}") for j, p in enumerate(pieces)]
-    yield from _rebatch(plan.gather(tables, bucket, pass_index, path), schema, batch_rows)
+    yield from _rebatch(gather.gather(tables, bucket, pass_index, path), schema, batch_rows)
+
+
+@dataclass
+class GatherStats:
+    """What one gather_bucket call did, filled in while it runs."""
+
+    passes: int = 0
+    """Passes over the bucket's rows: 1 if it fit the budget, else 1 + the deepest spill level."""
+    spilled_rows: int = 0
+    """Rows written to spill files, summed over every level."""
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """What stays fixed while gather recurses: schema, seed, budget, spill callables."""
+class _Gather:
+    """What stays fixed while gather recurses: schema, seed, budget, spill callables, stats."""
 
     schema: pa.Schema
     seed: int
@@ -182,6 +200,8 @@ class _Plan:
     spill_write: SpillWrite | None
     spill_read: SpillRead | None
     block_rows: int
+    first_pass: int
+    stats: GatherStats = field(compare=False)
 
     def gather(self, tables: list[pa.Table], bucket: int, pass_index: int,
                path: tuple[int, ...]) -> Iterator[pa.RecordBatch]:
@@ -189,6 +209,7 @@ class _Plan:
         if nbytes <= self.budget or sum(rows) <= 1:
             table = pa.concat_tables(tables) if tables else self.schema.empty_table()
             table = table.combine_chunks()  # the copy the budget is for
+            self.stats.passes = max(self.stats.passes, pass_index - self.first_pass + 1)
             perm = _rng(_PERMUTE, self.seed, pass_index, *path, bucket).permutation(table.num_rows)
             for start in range(0, table.num_rows, OUTPUT_BATCH_ROWS):  # (n,) -> batches
                 yield _one_batch(table.take(perm[start:start + OUTPUT_BATCH_ROWS]))
@@ -207,6 +228,7 @@ class _Plan:
                                      pass_index=sub_pass, path=sub_path, block_rows=self.block_rows)
             for k, piece in pieces:
                 self.spill_write(names[k], piece)
+                self.stats.spilled_rows += piece.num_rows
                 written.add(k)
         for k in range(k2):  # sub-buckets in order: their concatenation is the bucket, permuted
             sub = [_as_table(self.spill_read(names[k]), self.schema, names[k])] if k in written else []
@@ -239,6 +261,34 @@ def _rebatch(batches: Iterable[pa.RecordBatch], schema: pa.Schema, rows: int) ->
             pending, count = rest.to_batches(), rest.num_rows
     if count:
         yield _one_batch(pa.Table.from_batches(pending, schema=schema))
+
+
+def finite_batches(batches: Iterable[pa.RecordBatch], *, where: str,
+                   index_column: str = "token_index") -> Iterator[pa.RecordBatch]:
+    """Pass `batches` through, raising NonFiniteActivationError at the first NaN or inf row.
+
+    Checks every fixed-size-list column (activations; uint16 ones are bfloat16 bits) one batch
+    at a time, so it adds one boolean mask of a batch to peak memory. The error names `where`,
+    the column and the row's `index_column` value (its global token index).
+    """
+    for batch in batches:
+        for name, column in zip(batch.schema.names, batch.columns):
+            if not pa.types.is_fixed_size_list(column.type):
+                continue
+            values = column.flatten().to_numpy(zero_copy_only=False)  # (n * d,)
+            if values.dtype == np.uint16:  # bfloat16 bits: NaN and inf have every exponent bit set
+                bad = (values & np.uint16(0x7F80)) == np.uint16(0x7F80)
+            elif values.dtype.kind == "f":
+                bad = ~np.isfinite(values)
+            else:
+                continue
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0]) // column.type.list_size
+                index = batch.column(index_column)[row].as_py() if index_column in batch.schema.names else None
+                raise NonFiniteActivationError(
+                    f"{where}: {int(bad.reshape(len(column), -1).any(axis=1).sum())} row(s) of a batch hold NaN "
+                    f"or inf in {name}, the first at {index_column} {index}; refusing to shuffle them")
+        yield batch
 
 
 def source_checksum(token_index: np.ndarray) -> tuple[int, int]:
