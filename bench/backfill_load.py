@@ -146,8 +146,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from cluster import postgres_bin, postgres_server, run_times, running_cluster
-    from run_configs import write_run_config
-    from test_sae_assets import TINY
+    from support import TINY, write_run_config
 
     bin_dir = postgres_bin()
     if bin_dir is None:

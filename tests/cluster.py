@@ -6,9 +6,9 @@ writes a dagster.yaml whose run, event-log and schedule storage is that Postgres
 from DAGSTER_PG_* environment variables, never in the file), with the QueuedRunCoordinator,
 a run limit and pools. `Cluster` starts a code server, the webserver and the daemon as three
 processes, each in its own process group, and drives them through `DagsterDev`'s GraphQL
-client. The three share only Postgres: the webserver and the daemon get neither the run config
-nor artifact credentials, and runs are launched by the code server, the only process that
-reads the run config. Used by tests/test_cluster.py and bench/backfill_load.py.
+client (tests/dev_server.py). The three share only Postgres: the webserver and the daemon get
+neither the run config nor artifact credentials, and runs are launched by the code server, the
+only process that reads the run config. Used by tests/test_cluster.py and bench/backfill_load.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_dagster_dev import DagsterDev, free_port, group_alive
+from dev_server import DagsterDev, free_port, group_alive
 
 LOCATION = "sae_assets"
 START_TIMEOUT = 240.0

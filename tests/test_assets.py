@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from support import TINY, overlay
 
 from resources import ArtifactStorage
 from resources.arrow_files import open_ipc_table
@@ -23,16 +24,21 @@ from sae_assets.defs.partitions import shard_keys
 from sae_assets.definitions import ALL_ASSETS, build_resources
 from sae_assets.demo import materialize_all
 
-TINY = {
-    "corpus": {"source": "embedded", "num_shards": 2, "max_documents": 400},
-    "tokenizer": {"vocab_size": 512, "context_length": 32},
-    "model": {"n_layers": 1, "d_model": 64, "n_heads": 2, "d_mlp": 128, "train_tokens": 60000,
-              "batch_size": 16, "learning_rate": 0.01, "warmup_steps": 5, "val_fraction": 0.1},
-    "activations": {"hook_points": ["blocks.0.hook_resid_post"]},
-    "sae": {"sweep": [{"architecture": "topk", "width": 64, "sparsity": 4}], "train_tokens": 4096,
-            "batch_size": 256, "resample_steps": [], "eval_sequences": 4, "min_loss_recovered": -100.0,
-            "max_dead_fraction": 1.0},
-}
+CONFIG = overlay(
+    TINY,
+    corpus={"max_documents": 400},
+    tokenizer={"vocab_size": 512, "context_length": 32},
+    model={"d_model": 64, "d_mlp": 128, "train_tokens": 60000, "batch_size": 16, "learning_rate": 0.01,
+           "warmup_steps": 5},
+    activations={"batch_size": 32},
+    shuffle={"num_buckets": 4},
+    sae={"sweep": [{"architecture": "topk", "width": 64, "sparsity": 4}], "train_tokens": 4096, "batch_size": 256,
+         "resample_steps": [], "eval_sequences": 4, "lr_warmup_steps": 50, "rewarm_steps": 50,
+         "checkpoint_every": 200, "dead_after_tokens": 200000},
+)
+"""support.TINY with a bigger model on longer sequences, which must beat the unigram entropy by a
+nat, and one small SAE; activations.batch_size, shuffle.num_buckets and the last four sae keys
+at their defaults."""
 
 
 def write_config(path, data):
@@ -44,7 +50,7 @@ def write_config(path, data):
 def built(tmp_path_factory):
     """One materialization of the four assets, shared by the tests of this module."""
     root = tmp_path_factory.mktemp("artifacts")
-    config_path = write_config(root.parent / "tiny.yaml", {**TINY, "storage": {"root": str(root)}})
+    config_path = write_config(root.parent / "tiny.yaml", {**CONFIG, "storage": {"root": str(root)}})
     instance = dg.DagsterInstance.ephemeral()
     materialize_all(instance, config_path, log=lambda *_: None)
     store = build_resources(config_path)["storage"].store()
@@ -122,7 +128,7 @@ def test_empty_corpus_fails_clearly_and_keeps_the_old_partition(built, tmp_path)
     before = store.require("corpus_shards", "shard-0000").to_json()
     (tmp_path / "tiny.txt").write_text("too short")
     root = yaml.safe_load(open(config_path))["storage"]["root"]
-    bad = write_config(tmp_path / "bad.yaml", {**TINY, "storage": {"root": root},
+    bad = write_config(tmp_path / "bad.yaml", {**CONFIG, "storage": {"root": root},
                                                "corpus": {"source": "local", "paths": [str(tmp_path / "tiny.txt")],
                                                           "num_shards": 2}})
     with pytest.raises(Exception, match="the corpus is empty"):

@@ -6,7 +6,7 @@ import dagster as dg
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from run_configs import write_run_config
+from support import TINY, overlay, write_run_config
 
 from resources.manifest import Manifest
 from sae_assets.core import schemas
@@ -25,14 +25,10 @@ from sae_assets.defs.partitions import (
 )
 from sae_assets.definitions import ALL_ASSETS, build_resources, defs
 
-TINY = {
-    "corpus": {"source": "embedded", "num_shards": 2, "max_documents": 150},
-    "tokenizer": {"vocab_size": 300, "context_length": 16},
-    "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "d_mlp": 64, "train_tokens": 6000,
-              "batch_size": 8, "warmup_steps": 2, "val_fraction": 0.1},
-    "attribution": {"top_k": 16, "steps_per_range": 20, "heuristic_min_count": 3, "heuristic_top_relative": 20,
-                    "heuristic_top_count": 3, "ablation_units": 2, "ablation_windows": 8},
-}
+CONFIG = overlay(TINY, attribution={"top_k": 16, "steps_per_range": 20, "heuristic_min_count": 3,
+                                     "heuristic_top_relative": 20, "heuristic_top_count": 3, "ablation_units": 2,
+                                     "ablation_windows": 8})
+"""support.TINY with a small attribution section: three step ranges, few units to ablate."""
 UPSTREAM = ("corpus_shards", "tokenizer", "token_shards", "language_model")
 ATTRIBUTION = ("parameter_shifts", "attribution_tables")
 
@@ -51,7 +47,7 @@ def materialize(instance, config_path, names):
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
     directory = tmp_path_factory.mktemp("attribution")
-    config_path = write_run_config(directory, TINY, {"root": str(directory / "artifacts")})
+    config_path = write_run_config(directory, CONFIG, {"root": str(directory / "artifacts")})
     instance = dg.DagsterInstance.ephemeral()
     materialize(instance, config_path, UPSTREAM + ATTRIBUTION)
     return instance, config_path, build_resources(config_path)["storage"].store(), directory
@@ -160,8 +156,8 @@ def test_a_range_outside_training_is_refused(graph):
 def test_changed_capture_settings_are_refused_until_retraining(graph):
     instance, config_path, store, directory = graph
     before = store.require("parameter_shifts", "steps-000001-000020").to_json()
-    changed = write_run_config(directory, TINY, {"root": str(load_config(config_path).storage.root)},
-                               attribution={**TINY["attribution"], "top_k": 8})
+    changed = write_run_config(directory, CONFIG, {"root": str(load_config(config_path).storage.root)},
+                               attribution={"top_k": 8})
     with pytest.raises(Exception, match=r"captured with attribution.top_k=16 but the config says 8; "
                                         "rematerialize language_model"):
         dg.materialize(ALL_ASSETS, selection=dg.AssetSelection.assets("parameter_shifts"),
@@ -173,8 +169,7 @@ def test_changed_capture_settings_are_refused_until_retraining(graph):
 
 def test_capture_off_trains_the_same_weights_and_writes_empty_tables(graph, tmp_path):
     _, config_path, store, _ = graph
-    off = write_run_config(tmp_path, TINY, {"root": str(tmp_path / "artifacts")},
-                           attribution={**TINY["attribution"], "capture": False})
+    off = write_run_config(tmp_path, CONFIG, {"root": str(tmp_path / "artifacts")}, attribution={"capture": False})
     instance = dg.DagsterInstance.ephemeral()
     materialize(instance, off, UPSTREAM + ATTRIBUTION)
     assert step_range_keys(instance) == []

@@ -20,9 +20,8 @@ import uuid
 import dagster as dg
 import pytest
 from cluster import PgServer, peak_concurrency, postgres_server, require_postgres, run_times, running_cluster
-from run_configs import write_run_config
-from test_dagster_dev import log, write_corpus
-from test_sae_assets import TINY
+from dev_server import log, write_corpus
+from support import TINY, write_run_config
 
 from resources import ArtifactStorage
 from resources.s3 import S3Backend

@@ -47,8 +47,9 @@ CONFIG = overlay(
 spilling shuffle and one SAE (POINT), checkpointed every 25 steps."""
 GRAPH = [("corpus_shards", ["shard-0000", "shard-0001"]), ("tokenizer", [None]),
          ("token_shards", ["shard-0000", "shard-0001"]), ("language_model", [None]),
-         ("cached_activations", ["shard-0000", "shard-0001"]), ("shuffle_scatter", ["shard-0000", "shard-0001"]),
-         ("shuffled_shards", ["bucket-0000", "bucket-0001"]), ("sae_dictionary", [POINT])]
+         ("cached_activations", ["shard-0000", "shard-0001"]), ("shuffle_plan", [None]),
+         ("shuffle_scatter", ["shard-0000", "shard-0001"]), ("shuffled_shards", ["bucket-0000", "bucket-0001"]),
+         ("sae_dictionary", [POINT])]
 ASSETS = [asset for asset, _ in GRAPH]
 
 

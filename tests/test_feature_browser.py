@@ -16,8 +16,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from browser import headless_chromium, require_chromium
-from run_configs import write_run_config
-from test_sae_assets import TINY
+from support import TINY, write_run_config
 
 from sae_assets.definitions import build_resources
 from sae_assets.demo import materialize_all

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
+from support import HOOK, SHARD_SEQUENCE_LENGTH, SHARD_WIDTH, shard_table
 
 from sae_assets.core import schemas
 from sae_assets.core.features import windows as feature_windows
@@ -18,20 +18,7 @@ from sae_assets.core.features.merge import merge_feature_samples
 from sae_assets.core.sae.relu import ReluSae
 from sae_assets.core.sae.topk import TopKSae
 
-T, D, F = 10, 6, 12
-HOOK = "blocks.0.hook_resid_post"
-
-
-def shard_table(shard: int, n_sequences: int, seed: int, dtype: str = "float32") -> pa.Table:
-    """A cached_activations-like table: row r is offset r; activations (N, D)."""
-    rng = np.random.default_rng(seed)
-    n = n_sequences * T
-    x = rng.normal(size=(n, D)).astype(np.float32)
-    values = pa.array(x.reshape(-1), pa.float32()) if dtype == "float32" else pa.array(x.reshape(-1).astype(np.float16))
-    return pa.table({"token_index": schemas.global_token_index(shard, np.arange(n)),
-                     "token_id": rng.integers(0, 50, n).astype(np.int32),
-                     HOOK: pa.FixedSizeListArray.from_arrays(values, D)},
-                    schema=schemas.activation_schema({HOOK: D}, dtype))
+T, D, F = SHARD_SEQUENCE_LENGTH, SHARD_WIDTH, 12  # tokens per sequence, activation width, features
 
 
 def make_sae(kind: str) -> torch.nn.Module:

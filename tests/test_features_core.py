@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from support import brute_force
 
 from sae_assets.core.features.sampling import (
-    DEFAULT_HIST_EDGES,
     FeatureRangeSampler,
     FeatureSamples,
     _INT64_MIN,
@@ -42,25 +42,6 @@ def make_data(n: int = 600, f: int = 24, density: float = 0.3, seed: int = 0) ->
     offsets = rng.choice(10 * n, size=n, replace=False)
     tok = global_token_index(0, offsets) + (rng.integers(0, 3, n) << 40)  # three "shards", shuffled
     return x.astype(np.float32), tok.astype(np.int64)
-
-
-def brute_force(x: np.ndarray, tok: np.ndarray, lo: int, hi: int, top_k: int, sample_k: int, seed: int,
-                edges=DEFAULT_HIST_EDGES) -> dict:
-    edges = np.asarray(edges)
-    top, sample, stats = [], [], []
-    for f in range(lo, hi):
-        active = np.nonzero(x[:, f] > 0)[0]
-        v, t = x[active, f], tok[active]
-        o = np.lexsort((t, -v))[:top_k]
-        top += [(f, r, t[i], v[i]) for r, i in enumerate(o)]
-        h = feature_token_hash(seed, f, t)
-        o = np.lexsort((t, h))[:sample_k]
-        sample += [(f, r, h[i], t[i], v[i]) for r, i in enumerate(o)]
-        bins = np.clip(np.searchsorted(edges, v.astype(np.float64), side="right") - 1, 0, len(edges) - 2)
-        stats.append((f, len(v), v.astype(np.float64).sum(), v.max() if len(v) else 0.0,
-                      np.bincount(bins, minlength=len(edges) - 1)))
-    cols = lambda rows, n: [np.array([r[j] for r in rows]) for j in range(n)]  # noqa: E731
-    return {"top": cols(top, 4), "sample": cols(sample, 5), "stats": stats}
 
 
 def run(x: np.ndarray, tok: np.ndarray, lo: int, hi: int, *, batch: int, top_k: int = 5, sample_k: int | None = None,

@@ -6,9 +6,7 @@ instance's materialization records), and the models stay as they were."""
 import dagster as dg
 import pytest
 from sqlalchemy.exc import IntegrityError
-from run_configs import write_run_config
-from test_feature_assets import FEATURES, materialize
-from test_sae_assets import TINY
+from support import FEATURES, TINY, materialize, write_run_config
 
 from sae_assets.core.config import ConfigError, load_config
 from sae_assets.defs.feature_assets import read_samples

@@ -46,8 +46,7 @@ import pytest
 import yaml
 from botocore.config import Config
 from dagster._serdes import serialize_value
-from run_configs import write_run_config
-from test_sae_assets import TINY
+from support import TINY, write_run_config
 
 from resources import ArtifactStorage, RunSettings, keys
 from resources.s3 import S3Backend
