@@ -20,6 +20,8 @@ from sae_assets.defs import (
     corpus_assets,
     dictionary_assets,
     feature_assets,
+    identity,
+    maintenance,
     metrics_assets,
     model_assets,
     sensors,
@@ -36,6 +38,7 @@ ALL_ASSETS = [
     attribution_assets.parameter_shifts,
     attribution_assets.attribution_tables,
     activation_assets.cached_activations,
+    shuffle_assets.shuffle_plan,
     shuffle_assets.shuffle_scatter,
     shuffle_assets.shuffled_shards,
     dictionary_assets.sae_dictionary,
@@ -45,39 +48,12 @@ ALL_ASSETS = [
 ALL_CHECKS = [shuffle_assets.shuffle_is_permutation]
 
 
-# The config sections that decide each asset's own output. Their hash joins the asset's
-# code_version, so editing a value marks exactly the assets that read it stale in Dagster
-# (their children follow once they are rematerialized and their data versions change).
-CONFIG_SECTIONS = {
-    "corpus_shards": ("corpus",), "tokenizer": ("corpus", "tokenizer"), "token_shards": ("corpus", "tokenizer"),
-    "language_model": ("model", "tokenizer"), "parameter_shifts": ("model", "attribution"),
-    "attribution_tables": ("model", "attribution"), "cached_activations": ("activations",),
-    "shuffle_scatter": ("shuffle",), "shuffled_shards": ("shuffle",), "sae_dictionary": ("sae",),
-    "sae_metrics": ("sae",), "feature_samples": ("features",), "feature_examples": ("features",),
-    "context_gather": ("features",), "context_windows": ("features",), "site_json": ("features",),
-    "feature_site": ("features",), "neuronpedia_export": ("features", "model"),
-}
-PER_PARTITION_KEYS = {"sae": ("sweep",)}
-"""Keys left out of the hash because each partition carries its own part (a sweep point)."""
-
-
-def config_code_version(asset: dg.AssetsDefinition, config: RunConfig) -> str:
-    """`<code_version>+cfg.<hash of the asset's config sections>`; every asset declares the first part."""
-    name = asset.key.to_user_string()
-    base = asset.code_versions_by_key[asset.key]
-    if not base:
-        raise ValueError(f"asset {name} declares no code_version")
-    sections = CONFIG_SECTIONS.get(name, ())
-    return f"{base}+cfg.{config.section_hash(*sections, omit=PER_PARTITION_KEYS)[:10]}"
-
-
 def graph_assets(config: RunConfig) -> list[dg.AssetsDefinition]:
     """Every asset of a run: ALL_ASSETS, then the feature browser of features.dictionary, each
-    with the config's hash in its code version."""
+    with the code version its identity declaration derives from the config (defs/identity.py)."""
     assets = [*ALL_ASSETS, *feature_assets.build_feature_assets(config.feature_dictionary.key,
                                                                  neuronpedia=config.features.neuronpedia_export)]
-    return [a.map_asset_specs(lambda spec, a=a: spec.replace_attributes(code_version=config_code_version(a, config)))
-            for a in assets]
+    return identity.with_config_versions(assets, config)
 
 
 def build_resources(config_path: str | None) -> dict[str, dg.ConfigurableResource]:
@@ -89,7 +65,8 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
     # The executor: Dagster's default (multiprocess) unless $SAE_ASSETS_EXECUTOR names another
     # (`k8s` on a cluster: one pod per step, GPUs for the device steps; deploy/README.md).
     return dg.Definitions(assets=graph_assets(load_config(config_path)), asset_checks=ALL_CHECKS,
-                          sensors=[sensors.corpus_growth], resources=build_resources(config_path),
+                          sensors=[sensors.corpus_growth], jobs=[maintenance.garbage_collection_job],
+                          schedules=[maintenance.garbage_collection_schedule], resources=build_resources(config_path),
                           executor=deploy_settings.executor_from_env())
 
 

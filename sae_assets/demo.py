@@ -20,6 +20,7 @@ from dagster._core.storage.tags import (  # the run tags of a ranged run, as a U
 )
 
 from sae_assets.core.config import load_config
+from sae_assets.defs.identity import identity_of
 from sae_assets.defs.partitions import partition_keys, sync_partitions, training_shard_keys
 from sae_assets.definitions import ALL_CHECKS, CONFIG_ENV_VAR, build_resources, graph_assets
 
@@ -50,7 +51,7 @@ def materialize_all(instance: dg.DagsterInstance, config_path: str | None, *, lo
         name = asset.key.to_user_string()
         started = time.perf_counter()
         keys = partition_keys(asset.partitions_def, instance)
-        if name == "shuffle_scatter":  # the shuffle feeds dictionary training: training shards only
+        if identity_of(asset).training_shards_only:
             keys = training_shard_keys(instance, config)
         for key, tags in runs_for(asset, keys):
             try:

@@ -4,7 +4,7 @@ steps that hold a model ask Kubernetes for.
 Locally (and in docker-compose) every run uses Dagster's default executor, one process per
 step inside the run worker. On Kubernetes, `SAE_ASSETS_EXECUTOR=k8s` makes every step its own
 pod (dagster-k8s `k8s_job_executor`), and `SAE_ASSETS_K8S_GPUS=<n>` gives the pods of the
-device steps (`DEVICE_ASSETS`: those whose config section sets a torch device) n GPUs, a
+device steps (`device_assets()`: those whose identity declares a torch device) n GPUs, a
 toleration for GPU-node taints and, optionally, a node selector. The GPU request is the
 executor's `per_step_k8s_config`, keyed by op name, so the asset modules stay free of
 deployment details; `device_op_tags()` is the same request as `dagster-k8s/config` op tags
@@ -36,17 +36,12 @@ USER_DEFINED_K8S_CONFIG_KEY = "dagster-k8s/config"
 GPU_RESOURCE = "nvidia.com/gpu"
 """The extended resource the NVIDIA device plugin advertises on GPU nodes."""
 
-DEVICE_ASSETS: dict[str, str] = {
-    "language_model": "model.device",
-    "attribution_tables": "model.device",
-    "cached_activations": "activations.device",
-    "sae_dictionary": "sae.device",
-    "sae_metrics": "sae.device",
-    "feature_samples": "features.device",
-    "context_windows": "features.device",
-    "site_json": "features.device",
-}
-"""Assets that run torch on the device of a config key; their op names equal the asset names."""
+def device_assets() -> dict[str, str]:
+    """{asset: config key of its torch device}, from each asset's identity declaration (its op
+    name equals the asset name). The asset modules must be loaded (definitions loads them)."""
+    from sae_assets.defs.identity import device_assets as declared
+
+    return declared()
 
 
 def device_step_k8s_config(gpus: int, node_selector: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -87,8 +82,8 @@ def parse_node_selector(text: str) -> dict[str, str]:
 
 def k8s_executor_defaults(gpus: int, node_selector: Mapping[str, str] | None = None,
                           max_concurrent: int = 16) -> dict[str, Any]:
-    """k8s_job_executor config: GPU requests for DEVICE_ASSETS when gpus > 0, and a per-run cap."""
-    per_step = {name: device_step_k8s_config(gpus, node_selector) for name in DEVICE_ASSETS} if gpus else {}
+    """k8s_job_executor config: GPU requests for the device assets when gpus > 0, and a per-run cap."""
+    per_step = {name: device_step_k8s_config(gpus, node_selector) for name in device_assets()} if gpus else {}
     return {"max_concurrent": max_concurrent, "per_step_k8s_config": per_step}
 
 

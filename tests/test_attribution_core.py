@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 import torch
 
-from sae_assets.core.attribution import ablation, heuristic, tables
+from sae_assets.core.attribution import ablation, analysis, heuristic, tables
 from sae_assets.core.attribution.capture import ShiftCapture
 from sae_assets.core.attribution.records import step_ranges
 from sae_assets.core.attribution.tensors import DEFAULT_KINDS, TENSOR_KINDS, track
@@ -198,6 +198,23 @@ def test_capture_leaves_the_trained_weights_identical():
     assert max(r.steps.column("sum_check_error").to_numpy().max() for r in got) < 1e-2
 
 
+def test_each_step_records_each_datum_once_when_batches_straddle_epochs():
+    generator = torch.Generator().manual_seed(1)
+    train, val = torch.randint(0, VOCAB, (9, CTX), generator=generator), torch.randint(0, VOCAB, (4, CTX))
+    got, model = [], tiny_model()  # 9 rows, batches of 6: every other batch straddles two epochs
+    with ShiftCapture(model, datum_ids=np.arange(9) * 10, top_k=5, ranges=step_ranges(8, 8),
+                      sink=got.append) as capture:
+        train_language_model(model, train, val, CFG, capture=capture)
+    shifts = pl.from_arrow(got[0].shifts)
+    per_datum = shifts.group_by("step", "datum_id").len()
+    assert per_datum.height == 8 * B and (per_datum["len"] == 5).all(), "one top-k per (step, datum)"
+    seen = per_datum.group_by("datum_id").len()["len"]
+    assert seen.len() == 9 and seen.max() - seen.min() <= 1
+    with ShiftCapture(tiny_model(), datum_ids=np.arange(9), top_k=5, ranges=[(1, 1)], sink=got.append) as capture:
+        with pytest.raises(ValueError, match=r"training step 3 holds a training row twice \(\[4, 1, 4\]\)"):
+            capture.begin_step(3, torch.tensor([4, 1, 4]))
+
+
 def test_streaming_topk_matches_brute_force_and_orders_canonically():
     generator = torch.Generator().manual_seed(3)
     parts = [torch.randn(4, n, generator=generator) for n in (5, 300, 17, 1)]
@@ -370,3 +387,12 @@ def test_non_finite_shifts_name_the_step():
     data = batches(3)
     with pytest.raises(ValueError, match=r"blocks.0.attn.q.weight are not finite at step 1\b"):
         run_capture(model, optimizer, data, top_k=3, lr=float("inf"))
+
+
+def test_training_corpus_counts_unigrams_over_the_training_rows_only():
+    tokens_ST = np.array([[0, 1, 1], [2, 2, 2], [1, 3, 3]])
+    first_S = np.array([0, 3, 6])
+    train_S = np.array([True, False, True])
+    corpus = analysis.training_corpus(tokens_ST, first_S, train_S, ["a", "b", "c", "d", "e"])
+    assert corpus.datum_ids.tolist() == [0, 6] and corpus.tokens.tolist() == [[0, 1, 1], [1, 3, 3]]
+    assert corpus.train_freq.tolist() == [1 / 6, 3 / 6, 0.0, 2 / 6, 0.0]  # the held-out row's 2s are not counted

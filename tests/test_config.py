@@ -2,7 +2,7 @@
 
 import pytest
 
-from sae_assets.core.config import ConfigError, RunConfig, config_from_dict, load_config
+from sae_assets.core.config import ConfigError, RunConfig, config_from_dict, config_hash, config_keys, load_config
 
 
 def test_packaged_default_loads_and_matches_dataclass_defaults():
@@ -55,8 +55,15 @@ def test_bad_yaml_file_is_named(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_section_hash_tracks_only_its_sections():
+def test_config_hash_covers_exactly_the_values_given():
     base = RunConfig()
     other = config_from_dict({"model": {"learning_rate": 0.001}})
-    assert base.section_hash("corpus") == other.section_hash("corpus")
-    assert base.section_hash("model") != other.section_hash("model")
+    assert config_hash({"corpus.source": base.value_at("corpus.source")}) == \
+        config_hash({"corpus.source": other.value_at("corpus.source")})
+    assert config_hash({"model.learning_rate": base.value_at("model.learning_rate")}) != \
+        config_hash({"model.learning_rate": other.value_at("model.learning_rate")})
+    assert base.value_at("sae_hook") == "blocks.1.hook_resid_post"  # derived values resolve too
+    assert base.value_at("feature_dictionary")["architecture"] == "relu"
+    with pytest.raises(ConfigError, match="config key 'model.nope' does not exist"):
+        base.value_at("model.nope")
+    assert "sae.checkpoint_every" in config_keys() and "storage.root" in config_keys()

@@ -18,7 +18,7 @@ def test_definitions_hold_every_asset_with_group_description_and_code_version():
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert {"corpus_shards", "tokenizer", "token_shards", "language_model", "cached_activations",
-            "shuffle_scatter", "shuffled_shards", "sae_dictionary", "sae_metrics"} <= keys
+            "shuffle_plan", "shuffle_scatter", "shuffled_shards", "sae_dictionary", "sae_metrics"} <= keys
     for asset in graph_assets(load_config()):
         for key in asset.keys:
             assert asset.group_names_by_key[key] in GROUPS
@@ -35,7 +35,10 @@ def test_lineage_follows_the_design():
                for k in graph.get_all_asset_keys()}
     assert parents["token_shards"] == {"corpus_shards", "tokenizer"}
     assert parents["cached_activations"] == {"token_shards", "language_model"}
-    assert parents["shuffled_shards"] == {"shuffle_scatter"}
+    # The count table depends on every shard: one plan that each scatter and gather reads.
+    assert parents["shuffle_plan"] == {"cached_activations"}
+    assert parents["shuffle_scatter"] == {"shuffle_plan", "cached_activations"}
+    assert parents["shuffled_shards"] == {"shuffle_plan", "shuffle_scatter"}
     assert parents["sae_dictionary"] == {"shuffled_shards"}
     assert "sae_dictionary" in parents["sae_metrics"]
     assert parents["feature_samples"] == {"cached_activations", "sae_dictionary", "sae_metrics"}
@@ -54,10 +57,11 @@ def test_a_config_value_changes_the_code_version_of_exactly_the_assets_that_read
     changed = {"features": {"top_k": 7}}
     after = code_versions(changed)
     differ = {name for name in base if base[name] != after[name]}
-    assert differ == {"feature_samples", "feature_examples", "context_gather", "context_windows", "site_json",
-                      "feature_site"}
+    assert differ == {"feature_samples", "feature_examples"}  # the rest follow by their inputs' data versions
+    after = code_versions({"features": {"window_before": 3}})
+    assert {name for name in base if base[name] != after[name]} == {"context_gather", "context_windows"}
     after = code_versions({"shuffle": {"seed": 3}})
-    assert {name for name in base if base[name] != after[name]} == {"shuffle_scatter", "shuffled_shards"}
+    assert {name for name in base if base[name] != after[name]} == {"shuffle_plan", "shuffle_scatter", "shuffled_shards"}
     # A new sweep point is a new partition, not a change to the existing ones.
     sweep = [{"architecture": "relu", "width": 1024, "sparsity": 5}, {"architecture": "topk", "width": 1024, "sparsity": 32},
              {"architecture": "topk", "width": 2048, "sparsity": 64}]
@@ -92,3 +96,10 @@ def test_a_bad_config_named_by_the_environment_fails_at_load(tmp_path):
                          env={**os.environ, "SAE_ASSETS_CONFIG": str(bad)})
     assert out.returncode != 0
     assert "unknown config key 'shuffle.buckets'" in out.stderr
+
+
+def test_the_code_location_offers_garbage_collection_as_a_job_and_a_stopped_schedule():
+    job = defs.resolve_job_def("garbage_collection_job")
+    assert [node.name for node in job.nodes] == ["collect_garbage"]
+    [schedule] = [s for s in defs.schedules if s.job_name == "garbage_collection_job"]
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED

@@ -128,7 +128,7 @@ def test_the_pools_of_the_instance_are_the_pools_the_assets_use():
     assert set(pools.values()) == {"model"}, "a new pool needs a limit in deploy/dagster.yaml and helm/values.yaml"
     text = (DEPLOY / "dagster.yaml").read_text()
     assert all(name in text for name in pools), "dagster.yaml lists the assets of the model pool"
-    assert set(pools) <= set(deploy_settings.DEVICE_ASSETS), "model-pool assets get a GPU on Kubernetes"
+    assert set(pools) <= set(deploy_settings.device_assets()), "model-pool assets get a GPU on Kubernetes"
 
 
 # --- deploy/helm/values.yaml ----------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_helm_code_deployment_builds_the_k8s_executor_with_gpu_steps(code_deploy
                            jobs=[dg.define_asset_job("device_steps", selection=["sae_dictionary", "sae_metrics"])])
     run_config = dg.validate_run_config(graph.resolve_job_def("device_steps"), {})
     per_step = run_config["execution"]["k8s"]["per_step_k8s_config"]
-    assert set(per_step) == set(deploy_settings.DEVICE_ASSETS)
+    assert set(per_step) == set(deploy_settings.device_assets())
     gpus = int(code_deployment["env"]["SAE_ASSETS_K8S_GPUS"])
     assert per_step["sae_dictionary"]["container_config"]["resources"]["limits"] == {"nvidia.com/gpu": str(gpus)}
     max_concurrent = int(code_deployment["env"]["SAE_ASSETS_K8S_MAX_CONCURRENT"])
@@ -299,9 +299,9 @@ def test_device_assets_are_real_ops_that_read_a_device_setting():
     from sae_assets.definitions import defs
 
     op_names = {a.node_def.name for a in defs.assets}
-    assert set(deploy_settings.DEVICE_ASSETS) <= op_names, "per_step_k8s_config is keyed by op name"
+    assert set(deploy_settings.device_assets()) <= op_names, "per_step_k8s_config is keyed by op name"
     config = load_config()
-    for asset, key in deploy_settings.DEVICE_ASSETS.items():
+    for asset, key in deploy_settings.device_assets().items():
         section, field = key.split(".")
         assert getattr(getattr(config, section), field) == "cpu", f"{asset}: {key} is not a device setting"
 

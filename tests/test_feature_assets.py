@@ -12,11 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.errors import DagsterAssetCheckFailedError
-from run_configs import write_run_config
-from test_feature_windows import HOOK, shard_table
-from test_features_core import brute_force
-from test_sae_assets import TINY
+from dagster._core.loader import LoadingContextForTest
+from support import FEATURES, HOOK, TINY, brute_force, materialize, shard_table, write_run_config
 
 from resources.arrow_files import open_ipc_table, write_ipc_file
 from sae_assets.core import schemas
@@ -25,19 +24,17 @@ from sae_assets.core.config import load_config
 from sae_assets.core.sae import io as sae_io
 from sae_assets.core.sae.relu import ReluSae
 from sae_assets.defs.feature_assets import FeatureInputError, read_samples
-from sae_assets.defs.partitions import FEATURE_RANGES, feature_range_keys, shard_keys, sync_partitions
+from sae_assets.defs.identity import identity_of
+from sae_assets.defs.partitions import (
+    FEATURE_RANGES,
+    dictionary_keys,
+    feature_range_keys,
+    partition_keys,
+    shard_keys,
+    sync_partitions,
+)
 from sae_assets.definitions import ALL_CHECKS, build_resources, graph_assets
-from sae_assets.demo import QUIET, materialize_all
-
-FEATURES = {"range_width": 24, "top_k": 4, "random_examples": 3, "activation_levels": 2, "examples_per_level": 2,
-            "batch_size": 100, "window_before": 5, "window_after": 2, "neuronpedia_export": True}
-
-
-def materialize(instance, config_path, names, partition=None):
-    assets = graph_assets(load_config(config_path))
-    chosen = [a for a in assets if a.key.to_user_string() in names]
-    return dg.materialize([*assets, *ALL_CHECKS], selection=dg.AssetSelection.assets(*chosen), partition_key=partition,
-                          instance=instance, resources=build_resources(config_path), run_config=QUIET)
+from sae_assets.demo import materialize_all
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +161,98 @@ def test_rerun_is_byte_identical_and_keeps_the_version(graph):
         materialize(instance, config_path, {name}, frange)
     assert store.require("feature_samples", str(cell)).to_json() == cell_before
     assert {a: store.require(a, frange).to_json() for a in before} == before
+
+
+def test_every_manifest_is_written_under_its_assets_identity(graph):
+    instance, config_path, store, _ = graph
+    cfg = load_config(config_path)
+    for asset in graph_assets(cfg):
+        ident = identity_of(asset)
+        assert asset.code_versions_by_key[asset.key] == ident.code_version(cfg)
+        written = store.partitions(ident.name)
+        assert written, f"{ident.name} was not materialized"
+        for partition in written:
+            manifest = store.require(ident.name, partition)
+            assert manifest.code_version == ident.version, (ident.name, partition)
+            assert manifest.config_hash == ident.config_hash(cfg, partition), (ident.name, partition)
+
+
+def stale_statuses(instance, config_path) -> dict:
+    """The Dagster stale status of every materialized partition under the given config."""
+    assets = graph_assets(load_config(config_path))
+    asset_graph = dg.Definitions(assets=assets, asset_checks=ALL_CHECKS,
+                                 resources=build_resources(config_path)).resolve_asset_graph()
+    resolver = CachingStaleStatusResolver(instance, asset_graph, LoadingContextForTest(instance))
+    return {(a.key.to_user_string(), str(key)): resolver.get_status(a.key, key)
+            for a in assets for key in partition_keys(a.partitions_def, instance)}
+
+
+def test_editing_an_execution_only_key_marks_nothing_stale(graph):
+    instance, config_path, store, directory = graph
+    root = {"root": str(load_config(config_path).storage.root)}
+    before = stale_statuses(instance, config_path)
+    assert set(before.values()) == {StaleStatus.FRESH}
+    execution = write_run_config(directory, TINY, root, features={**FEATURES, "batch_size": 37, "device": "cpu"},
+                                 activations={**TINY["activations"], "batch_size": 5},
+                                 sae={**TINY["sae"], "checkpoint_every": 7})
+    assert stale_statuses(instance, execution) == before
+    cell = str(dg.MultiPartitionKey({"shard": "shard-0000", "features": "features-00024-00047"}))
+    manifest = store.require("feature_samples", cell).to_json()
+    materialize(instance, execution, {"feature_samples"}, dg.MultiPartitionKey(
+        {"shard": "shard-0000", "features": "features-00024-00047"}))
+    assert store.require("feature_samples", cell).to_json() == manifest
+    # The positive control: a key that shapes the samples does mark them stale.
+    shaping = write_run_config(directory, TINY, root, features={**FEATURES, "top_k": 3})
+    assert stale_statuses(instance, shaping)[("feature_samples", cell)] == StaleStatus.STALE
+
+
+def test_adding_a_sweep_point_leaves_every_metrics_and_feature_manifest_byte_identical(graph):
+    instance, config_path, store, directory = graph
+    sweep = [*TINY["sae"]["sweep"], {"architecture": "topk", "width": 16, "sparsity": 2}]
+    grown = write_run_config(directory, TINY, {"root": str(load_config(config_path).storage.root)},
+                             features=FEATURES, sae={**TINY["sae"], "sweep": sweep})
+    frange, cell = "features-00000-00023", dg.MultiPartitionKey({"shard": "shard-0001", "features": "features-00000-00023"})
+    rerun = [("sae_metrics", k) for k in dictionary_keys(instance)] + [
+        ("feature_samples", cell), ("feature_examples", frange), ("context_gather", "shard-0000"),
+        ("context_windows", frange), ("site_json", frange), ("feature_site", None), ("neuronpedia_export", None)]
+    before = {(name, str(key)): store.require(name, key and str(key)).to_json() for name, key in rerun}
+    assert sync_partitions(instance, load_config(grown))["dictionaries"] == ["topk-w16-k2"]
+    try:
+        for name, key in rerun:
+            materialize(instance, grown, {name}, key)
+        after = {(name, str(key)): store.require(name, key and str(key)).to_json() for name, key in rerun}
+    finally:
+        sync_partitions(instance, load_config(config_path))
+    assert after == before
+
+
+def test_every_data_version_dagster_shows_resolves_to_its_files_after_a_rewrite(graph):
+    """Lineage after reruns: the data version of every materialization in the instance's history,
+    older ones included, resolves to a manifest whose files all exist and verify."""
+    instance, config_path, store, directory = graph
+    cell = dg.MultiPartitionKey({"shard": "shard-0001", "features": "features-00024-00047"})
+    first = store.require("feature_samples", str(cell))
+    shaping = write_run_config(directory, TINY, {"root": str(load_config(config_path).storage.root)},
+                               features={**FEATURES, "top_k": 3})
+    materialize(instance, shaping, {"feature_samples"}, cell)  # a rewrite with other content
+    rewritten = store.require("feature_samples", str(cell))
+    assert rewritten.data_version != first.data_version
+    checked = 0
+    for asset in graph_assets(load_config(config_path)):
+        name = asset.key.to_user_string()
+        for record in instance.fetch_materializations(asset.key, limit=1000).records:
+            event = record.asset_materialization
+            ranged = event.metadata.get("partition_versions")  # a ranged run: each partition's own version
+            pairs = ranged.value.items() if ranged else [(event.partition, event.tags["dagster/data_version"])]
+            for partition, version in pairs:
+                manifest = store.manifest_at(name, partition, version)
+                for file_name in manifest.files:
+                    store.fetch(manifest, file_name)  # exists, and matches its checksum
+                checked += 1
+    assert store.manifest_at("feature_samples", str(cell), first.data_version) == first
+    assert checked > 40
+    materialize(instance, config_path, {"feature_samples"}, cell)  # back to the fixture's version
+    assert store.require("feature_samples", str(cell)) == first
 
 
 def test_bad_input_is_refused_by_name(graph, tmp_path):

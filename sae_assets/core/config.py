@@ -198,15 +198,16 @@ class SaeConfig:
     l1_warmup_fraction: float = 0.05
     """The L1 coefficient ramps from 0 over this first fraction of training (relu only)."""
     init: SaeInit = "anthropic"
-    """anthropic: W_dec columns at norm 0.1, W_enc = W_dec^T; others per seed 003."""
+    """anthropic: W_dec columns at norm 0.1, W_enc = W_dec^T; others from "Informed initialization of sparse dictionaries"."""
     resample: bool = True
     """Anthropic's resampling of dead features at `resample_steps`."""
     resample_steps: tuple[int, ...] = (500, 1000)
     rewarm_after_resample: bool = True
-    """Re-warm the LR after each resample (seed 004)."""
+    """Re-warm the LR after each resample ("My best guess at the important tricks for training 1L SAEs")."""
     rewarm_steps: int = 50
     dead_after_tokens: int = 200_000
-    """A feature that has not fired on this many training tokens counts as dead."""
+    """A feature that has not fired on this many training tokens counts as dead (and is resampled);
+    sae_metrics counts dead features over at least this many held-out tokens."""
     aux_k: int = 256
     """TopK: the dead latents used by the AuxK loss."""
     aux_coefficient: float = 0.03125
@@ -214,7 +215,8 @@ class SaeConfig:
     seed: int = 0
     device: str = "cpu"
     eval_sequences: int = 64
-    """Held-out sequences (the LM's validation split) scored by sae_metrics."""
+    """Held-out sequences (the LM's validation split) scored by sae_metrics: a seeded uniform sample
+    (by sae.seed) over every training shard; as many training sequences give the mean-ablation mean."""
     max_dead_fraction: float = 0.5
     """Asset check threshold: fail when more features than this are dead."""
     min_loss_recovered: float = 0.5
@@ -308,10 +310,18 @@ class StorageConfig:
     """For backend=s3: where downloaded files are kept (named by their checksum) and outputs are
     staged. `{run_id}` in it becomes each Dagster run's id, so runs on one machine share no local
     files, as on a cluster (`.data/s3-cache/{run_id}`); delete such directories after the runs."""
+    gc_grace_hours: float = 24.0
+    """Garbage collection (`make gc`) keeps every object put, and every manifest superseded,
+    less than this long ago: longer than any run that reads an old version or commits one."""
+    gc_keep_versions: int = 2
+    """Garbage collection keeps this many most recently committed versions of each partition
+    (the current one included), however old."""
 
     def __post_init__(self) -> None:
         if self.backend == "s3":
             _check(bool(self.bucket), "storage.bucket", "must be set when storage.backend is 's3'")
+        _check(self.gc_grace_hours > 0, "storage.gc_grace_hours", "must be > 0")
+        _check(self.gc_keep_versions >= 1, "storage.gc_keep_versions", "must be >= 1")
 
 
 TrackedTensorKind = Literal["attn.q", "attn.k", "attn.v", "attn.o", "mlp.in", "mlp.out", "embed", "unembed"]
@@ -320,14 +330,15 @@ AblationUnitKind = Literal["mlp_neuron", "attention_head"]
 
 @dataclass(frozen=True)
 class AttributionConfig:
-    """Training-data attribution from per-datum parameter shifts (seed 001)."""
+    """Training-data attribution from per-datum parameter shifts, after
+    "Gradient capture / training-data attribution from outlier parameter shifts"."""
 
     capture: bool = True
     """Capture per-datum shifts while language_model trains (embedded model only)."""
     tensors: tuple[TrackedTensorKind, ...] = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.in", "mlp.out")
-    """Weights tracked in every block; 'embed' and 'unembed' may be added (seed 001 left them out)."""
+    """Weights tracked in every block; 'embed' and 'unembed' may be added (the write-up left them out)."""
     top_k: int = 100
-    """Largest |shift| kept per datum per step (seed 001 kept 1000)."""
+    """Largest |shift| kept per datum per step (that write-up kept 1000)."""
     steps_per_range: int = 100
     """Training steps per parameter_shifts partition."""
     heuristic_min_count: int = 20
@@ -399,16 +410,29 @@ class RunConfig:
         """The hook point the dictionaries are trained on."""
         return self.sae.hook_point or self.activations.hook_points[0]
 
-    def section_hash(self, *sections: str, omit: dict[str, tuple[str, ...]] | None = None) -> str:
-        """A short stable hash of the named config sections, e.g. ('corpus', 'tokenizer'), leaving
-        out the keys `omit` names per section (e.g. {'sae': ('sweep',)})."""
-        omit = omit or {}
-        payload = {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items() if k not in omit.get(name, ())}
-                   for name in sorted(sections)}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    def value_at(self, path: str) -> Any:
+        """The value at a dotted path: a config key ('sae.batch_size') or a derived value
+        ('sae_hook', 'feature_dictionary'), as plain JSON-able data."""
+        value: Any = self
+        for part in path.split("."):
+            if not hasattr(value, part):
+                raise ConfigError(f"config key '{path}' does not exist")
+            value = getattr(value, part)
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def config_keys() -> list[str]:
+    """Every dotted key of a RunConfig ('corpus.source', ...), section by section."""
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(RunConfig)
+            for f in dataclasses.fields(typing.get_type_hints(RunConfig)[section.name])]
+
+
+def config_hash(values: dict[str, Any]) -> str:
+    """The one hash of config values (e.g. {'sae.seed': 0}): short, stable, order-free."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -218,7 +218,8 @@ def unit_attribution_schema() -> pa.Schema:
 
 
 def notable_token_schema() -> pa.Schema:
-    """attribution_tables: seed 001's univariate heuristic, per unit."""
+    """attribution_tables: the univariate heuristic of
+    "Gradient capture / training-data attribution from outlier parameter shifts", per unit."""
     return pa.schema([
         *_unit_fields(), pa.field("rank", pa.int32(), nullable=False),
         pa.field("token_id", pa.int32(), nullable=False), pa.field("token", pa.string(), nullable=False),

@@ -14,7 +14,8 @@ from sae_assets.core import schemas
 from sae_assets.core.activations import caching as activations
 from sae_assets.core.model import lm
 from sae_assets.core.corpus import tokenization
-from sae_assets.defs.common import asset_code_version, read_upstream, result
+from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.corpus_assets import token_shards
 from sae_assets.defs.model_assets import language_model, load_language_model
 from sae_assets.defs.partitions import SHARDS
@@ -22,12 +23,14 @@ from sae_assets.defs.partitions import SHARDS
 ACTIVATIONS_FILE = "activations.arrow"
 
 
-@dg.asset(
+CACHED_ACTIVATIONS = AssetIdentity("cached_activations", version="1", pool="model", device="activations.device",
+                                   keys=("activations.hook_points", "activations.dtype"))
+
+
+@CACHED_ACTIVATIONS.asset(
     group_name="activations",
     partitions_def=SHARDS,
     deps=[token_shards, language_model],
-    code_version="1",
-    pool="model",
     description="Activations at the configured hook points for every token of the shard, with token id "
     "and 64-bit global token index (Arrow IPC, memory-mappable).",
 )
@@ -43,9 +46,7 @@ def cached_activations(context: dg.AssetExecutionContext, settings: RunSettings,
     stats = activations.ActivationStats()
     where = f"cached_activations[{context.partition_key}]"
     started = time.perf_counter()
-    with store.writer("cached_activations", context.partition_key, code_version=asset_code_version(context),
-                      upstream=upstream,
-                      config_hash=settings.load().section_hash("activations")) as out:
+    with CACHED_ACTIVATIONS.writer(store, settings.load(), context.partition_key, upstream=upstream) as out:
         batches = activations.cache_activations(
             model, tokens_ST, first_S, hook_points=cfg.hook_points, dtype=cfg.dtype, batch_size=cfg.batch_size,
             device=cfg.device, stats=stats, where=where,

@@ -1,16 +1,16 @@
-"""Model group: parameter_shifts [training step range] and attribution_tables (seed 001).
+"""Model group: parameter_shifts [training step range] and attribution_tables, after
+"Gradient capture / training-data attribution from outlier parameter shifts" (SERI MATS 3.1).
 
 parameter_shifts[steps-000001-000100] publishes one range of the per-datum shifts that
 language_model captured while training (defs/capture_io.py): `shifts.parquet` (step, datum
 id, rank, tensor, row, column, value) and `steps.parquet` (lr, clip coefficient, loss, the
 sum check and the split of each update). attribution_tables reads every range and writes
 how often each parameter lands in a top-k, the per-unit summary, each unit's notable tokens
-(seed 001's heuristic) and the zero-ablation flip tables against random control units.
+(that write-up's heuristic) and the zero-ablation flip tables against random control units.
 Computation lives in sae_assets.core.attribution. Tests: tests/test_attribution_assets.py.
 """
 
 import dagster as dg
-import numpy as np
 import polars as pl
 import pyarrow.compute as pc
 
@@ -19,7 +19,8 @@ from sae_assets.core.model import lm
 from sae_assets.core.attribution import analysis, tables
 from sae_assets.core.attribution.tensors import TensorLayout
 from sae_assets.defs import capture_io
-from sae_assets.defs.common import asset_code_version, read_upstream, result
+from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.corpus_assets import load_tokenizer, token_shards, tokenizer
 from sae_assets.defs.model_assets import language_model, load_all_sequences, load_language_model
 from sae_assets.defs.partitions import STEP_RANGES, step_range, step_range_keys, training_shard_keys
@@ -38,11 +39,14 @@ def _check_settings(cfg, facts: dict, where: str) -> None:
                          f"{', '.join(f'{wanted[k]!r}' for k in stale)}; rematerialize language_model")
 
 
-@dg.asset(
+PARAMETER_SHIFTS = AssetIdentity("parameter_shifts", version="1", keys=(
+    "attribution.capture", "attribution.tensors", "attribution.top_k", "attribution.steps_per_range"))
+
+
+@PARAMETER_SHIFTS.asset(
     group_name="model",
     partitions_def=STEP_RANGES,
     deps=[language_model],
-    code_version="1",
     description="Per-datum parameter shifts captured while language_model trained, one training step range: "
     "the top-k |shift| of every datum at every step, and a per-step table with the sum check.",
 )
@@ -55,9 +59,7 @@ def parameter_shifts(context: dg.AssetExecutionContext, settings: RunSettings, s
     raw, steps, layout, facts = capture_io.read_range(store, lm_manifest, start, end, key)
     _check_settings(cfg, facts, f"parameter_shifts[{key}]")
     shifts = tables.publish_shifts(raw, layout, facts["top_k"])
-    with store.writer("parameter_shifts", key, code_version=asset_code_version(context),
-                      config_hash=cfg.section_hash("attribution"),
-                      upstream={"language_model": lm_manifest.data_version}) as out:
+    with PARAMETER_SHIFTS.writer(store, cfg, key, upstream={"language_model": lm_manifest.data_version}) as out:
         capture_io.write_table(out, SHIFTS_FILE, shifts)
         capture_io.write_table(out, STEPS_FILE, steps)
         out.extra.update(first_step=start, last_step=end, top_k=facts["top_k"], tensors=layout.names,
@@ -77,11 +79,9 @@ def _corpus(store, context, upstream: dict, cfg) -> analysis.Corpus:
     tokens_ST, first_S, shard_versions = load_all_sequences(store, training_shard_keys(context.instance, cfg))
     tok, tok_manifest = load_tokenizer(store)
     upstream.update(shard_versions, tokenizer=tok_manifest.data_version)
-    train = ~lm.split_is_validation(first_S, cfg.model.val_fraction, cfg.model.seed)
-    vocab = tok_manifest.extra["vocab_size"]
-    counts = np.bincount(tokens_ST[train].reshape(-1).astype(np.int64), minlength=vocab)
-    return analysis.Corpus(first_S[train], tokens_ST[train], counts / max(counts.sum(), 1),
-                           [tok.decode([i]) for i in range(vocab)])
+    train_S = ~lm.split_is_validation(first_S, cfg.model.val_fraction, cfg.model.seed)
+    return analysis.training_corpus(tokens_ST, first_S, train_S,
+                                    [tok.decode([i]) for i in range(tok_manifest.extra["vocab_size"])])
 
 
 def _shifts(store, context, lm_manifest, upstream: dict) -> pl.DataFrame:
@@ -98,14 +98,21 @@ def _shifts(store, context, lm_manifest, upstream: dict) -> pl.DataFrame:
     return pl.concat([pl.read_parquet(store.fetch(m, SHIFTS_FILE)) for m in manifests])
 
 
-@dg.asset(
+ATTRIBUTION_TABLES = AssetIdentity(
+    "attribution_tables", version="1", device="model.device",
+    keys=(*(f"attribution.{key}" for key in ("capture", "tensors", "top_k", "steps_per_range", "heuristic_min_count",
+                                             "heuristic_top_relative", "heuristic_top_count", "ablation_kind",
+                                             "ablation_units", "ablation_windows", "seed")),
+          "model.kind", "model.val_fraction", "model.seed", "corpus.training_shards"))
+
+
+@ATTRIBUTION_TABLES.asset(
     group_name="model",
     deps=[dg.AssetDep(parameter_shifts, partition_mapping=dg.AllPartitionMapping()), language_model,
           dg.AssetDep(token_shards, partition_mapping=dg.AllPartitionMapping()), tokenizer],
-    code_version="1",
     description="Training-data attribution: how often each parameter lands in a datum's top-k shifts, units "
-    "(MLP neurons, heads), their notable tokens (seed 001's heuristic) and zero-ablation prediction flips "
-    "against random control units.",
+    "(MLP neurons, heads), their notable tokens (the heuristic of 'Gradient capture / training-data attribution "
+    "from outlier parameter shifts') and zero-ablation prediction flips against random control units.",
 )
 def attribution_tables(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
     cfg = settings.load()
@@ -123,9 +130,7 @@ def attribution_tables(context: dg.AssetExecutionContext, settings: RunSettings,
         built = analysis.build_tables(shifts, TensorLayout.from_json(facts["layout"]), corpus, model,
                                       cfg.attribution, batch_size=cfg.activations.batch_size)
         note = f"{shifts.height} shifts from {len(step_range_keys(context.instance))} step ranges"
-    with store.writer("attribution_tables", None, code_version=asset_code_version(context),
-                      config_hash=cfg.section_hash("attribution"),
-                      upstream=upstream) as out:
+    with ATTRIBUTION_TABLES.writer(store, cfg, None, upstream=upstream) as out:
         for name, table in zip(TABLE_FILES, built):
             capture_io.write_table(out, name, table)
         out.extra.update(analysis.summary(built))

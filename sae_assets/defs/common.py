@@ -19,11 +19,6 @@ from resources.manifest import Manifest
 from resources.storage import ArtifactStore
 
 
-def config_digest(values: dict[str, Any]) -> str:
-    """A short stable hash of the config values that decide an asset's output."""
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def read_upstream(
     store: ArtifactStore, asset: str, partitions: list[str | None]
 ) -> tuple[list[Manifest], dict[str, str]]:
@@ -51,12 +46,6 @@ def result(manifest: Manifest, store: ArtifactStore, metadata: dict[str, Any] | 
         shown["rows"] = dg.MetadataValue.int(manifest.total_rows)
     shown.update(metadata or {})
     return dg.MaterializeResult(data_version=dg.DataVersion(version), metadata=shown)
-
-
-def asset_code_version(context) -> str:
-    """The running asset's code version, recorded in its manifests (without the `+cfg.<hash>`
-    that definitions.graph_assets appends: the manifest keeps its config hash separately)."""
-    return (context.assets_def.code_versions_by_key[context.asset_key] or "").split("+cfg.")[0]
 
 
 SINGLE_RUN = dg.BackfillPolicy.single_run()

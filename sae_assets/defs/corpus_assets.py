@@ -19,14 +19,19 @@ from resources.arrow_files import write_ipc_file
 from sae_assets.core import schemas
 from sae_assets.core.corpus import documents as corpus
 from sae_assets.core.corpus import tokenization
-from sae_assets.defs.common import asset_code_version, read_upstream, result
+from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.partitions import SHARDS, shard_index, training_shard_keys
 
 
-@dg.asset(
+CORPUS_SHARDS = AssetIdentity("corpus_shards", version="1", keys=tuple(
+    f"corpus.{key}" for key in ("source", "paths", "hf_name", "hf_config", "hf_split", "text_field", "num_shards",
+                                "documents_per_shard", "max_documents", "min_document_chars")))
+
+
+@CORPUS_SHARDS.asset(
     group_name="corpus",
     partitions_def=SHARDS,
-    code_version="1",
     description="Documents of the configured corpus, cut into contiguous shards of similar size.",
 )
 def corpus_shards(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
@@ -40,8 +45,7 @@ def corpus_shards(context: dg.AssetExecutionContext, settings: RunSettings, stor
     mine = docs[bounds[index] : bounds[index + 1]]
     table = pa.Table.from_pylist([d._asdict() for d in mine], schema=schemas.corpus_schema())
     store = storage.store()
-    with store.writer("corpus_shards", context.partition_key, code_version=asset_code_version(context),
-                      config_hash=cfg.section_hash("corpus")) as out:
+    with CORPUS_SHARDS.writer(store, cfg, context.partition_key) as out:
         pq.write_table(table, out.path("documents.parquet"))
         out.describe_table("documents.parquet", rows=table.num_rows, schema=str(table.schema))
     characters = sum(len(d.text) for d in mine)
@@ -53,10 +57,13 @@ def _read_documents(store, manifest) -> list[str]:
     return pl.read_parquet(store.fetch(manifest, "documents.parquet"))["text"].to_list()
 
 
-@dg.asset(
+TOKENIZER = AssetIdentity("tokenizer", version="1", keys=(
+    "tokenizer.kind", "tokenizer.vocab_size", "corpus.training_shards", "model.name"))
+
+
+@TOKENIZER.asset(
     group_name="corpus",
     deps=[corpus_shards],
-    code_version="1",
     description="Byte-level BPE trained on every corpus shard (embedded model), or the named model's own.",
 )
 def tokenizer(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
@@ -72,9 +79,7 @@ def tokenizer(context: dg.AssetExecutionContext, settings: RunSettings, storage:
         upstream = {}
         tokenizer_json, eos_id = tokenization.pretrained_tokenizer_json(cfg.model.name)
     vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()
-    with store.writer("tokenizer", None, code_version=asset_code_version(context),
-                      config_hash=cfg.section_hash("tokenizer", "model"),
-                      upstream=upstream) as out:
+    with TOKENIZER.writer(store, cfg, None, upstream=upstream) as out:
         out.path("tokenizer.json").write_text(tokenizer_json)
         out.extra.update(vocab_size=vocab_size, eos_id=eos_id)
     # Content version: a corpus edit that leaves the trained vocabulary byte-identical must not
@@ -89,11 +94,13 @@ def load_tokenizer(store) -> tuple[Tokenizer, dict]:
     return Tokenizer.from_str(store.read_bytes(manifest, "tokenizer.json").decode()), manifest
 
 
-@dg.asset(
+TOKEN_SHARDS = AssetIdentity("token_shards", version="1", keys=("tokenizer.context_length",))
+
+
+@TOKEN_SHARDS.asset(
     group_name="corpus",
     partitions_def=SHARDS,
     deps=[corpus_shards, tokenizer],
-    code_version="1",
     description="Fixed-length token sequences with stable 64-bit global token indices (Arrow IPC).",
 )
 def token_shards(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
@@ -111,9 +118,7 @@ def token_shards(context: dg.AssetExecutionContext, settings: RunSettings, stora
         raise ValueError(f"token_shards[{context.partition_key}]: the shard has fewer than "
                          f"tokenizer.context_length={cfg.tokenizer.context_length} tokens")
     table = tokenization.sequences_table(sequences, shard_index(context.partition_key))
-    with store.writer("token_shards", context.partition_key, code_version=asset_code_version(context),
-                      config_hash=cfg.section_hash("tokenizer"),
-                      upstream=upstream) as out:
+    with TOKEN_SHARDS.writer(store, cfg, context.partition_key, upstream=upstream) as out:
         write_ipc_file(out.path("sequences.arrow"), table.schema, table.to_batches(max_chunksize=4096))
         out.describe_table("sequences.arrow", rows=table.num_rows, schema=str(table.schema))
         out.extra.update(context_length=cfg.tokenizer.context_length, shard_index=shard_index(context.partition_key))

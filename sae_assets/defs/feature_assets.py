@@ -32,14 +32,13 @@ from sae_assets.core.features.merge import FeatureSamples, merge_feature_samples
 from sae_assets.defs.activation_assets import ACTIVATIONS_FILE, cached_activations
 from sae_assets.defs.common import (
     SINGLE_RUN,
-    asset_code_version,
-    config_digest,
     each_partition,
     read_upstream,
     result,
 )
 from sae_assets.defs.corpus_assets import load_tokenizer, token_shards, tokenizer
 from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary
+from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.model_assets import language_model, load_language_model
 from sae_assets.defs.partitions import (
     FEATURE_RANGES,
@@ -85,16 +84,19 @@ def range_of(partition: str, sae, dictionary: str) -> tuple[int, int]:
     return lo, hi
 
 
-def sampling_digest(cfg: RunConfig) -> str:
-    f = cfg.features
-    return config_digest({"dictionary": cfg.feature_dictionary.key, "top_k": f.top_k, "sample_k": f.samples_kept,
-                          "seed": f.seed})
-
-
-def shown_digest(cfg: RunConfig) -> str:
-    f = cfg.features
-    return config_digest({"sampling": sampling_digest(cfg), "random": f.random_examples, "levels": f.activation_levels,
-                          "per_level": f.examples_per_level, "before": f.window_before, "after": f.window_after})
+_SAMPLING = ("feature_dictionary", "features.top_k", "features.sample_k", "features.seed")
+_SHOWN = ("features.random_examples", "features.activation_levels", "features.examples_per_level")
+_WINDOW = ("feature_dictionary", "features.window_before", "features.window_after")
+FEATURE_SAMPLES = AssetIdentity("feature_samples", version="1", device="features.device", keys=_SAMPLING)
+FEATURE_EXAMPLES = AssetIdentity("feature_examples", version="1", keys=(*_SAMPLING, *_SHOWN))
+CONTEXT_GATHER = AssetIdentity("context_gather", version="1", keys=_WINDOW)
+CONTEXT_WINDOWS = AssetIdentity("context_windows", version="1", device="features.device", keys=_WINDOW)
+SITE_JSON = AssetIdentity("site_json", version="1", pool="model", device="features.device", keys=(
+    "feature_dictionary", "features.logit_effects", "features.activation_levels"))
+FEATURE_SITE = AssetIdentity("feature_site", version="1", keys=("feature_dictionary",))
+NEURONPEDIA_EXPORT = AssetIdentity("neuronpedia_export", version="1", keys=(
+    "model.name", "sae_hook", "feature_dictionary", "features.top_k", "features.random_examples",
+    "features.window_before", "features.window_after"))
 
 
 def write_samples(out, samples: FeatureSamples) -> None:
@@ -137,8 +139,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         [examples], versions = read_upstream(store, "feature_examples", [frange])
         return sae, lo, hi, examples, {**upstream, **versions}
 
-    @dg.asset(
-        name="feature_samples", group_name="features", partitions_def=SHARD_FEATURES, code_version="1",
+    @FEATURE_SAMPLES.asset(
+        group_name="features", partitions_def=SHARD_FEATURES,
         deps=[dg.AssetDep(cached_activations, partition_mapping=_dimension("shard")),
               *dictionary],
         description="For each feature of the range over the shard's tokens: exact top-K activations (ties by "
@@ -158,9 +160,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             hi=hi, top_k=cfg.features.top_k, sample_k=cfg.features.samples_kept, seed=cfg.features.seed,
             batch_size=cfg.features.batch_size, device=cfg.features.device)
         seconds = time.perf_counter() - started
-        with store.writer("feature_samples", context.partition_key, code_version=asset_code_version(context),
-                          upstream={**upstream, **versions},
-                          config_hash=sampling_digest(cfg)) as out:
+        with FEATURE_SAMPLES.writer(store, cfg, context.partition_key, upstream={**upstream, **versions}) as out:
             write_samples(out, samples)
             out.extra.update(lo=lo, hi=hi, n_tokens=samples.n_tokens)
         fired = pa.compute.sum(pa.compute.greater(samples.stats.column("count"), 0)).as_py()
@@ -169,8 +169,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             "token_features_per_second": dg.MetadataValue.float(samples.n_tokens * (hi - lo) / max(seconds, 1e-9)),
         })
 
-    @dg.asset(
-        name="feature_examples", group_name="features", partitions_def=FEATURE_RANGES, code_version="1",
+    @FEATURE_EXAMPLES.asset(
+        group_name="features", partitions_def=FEATURE_RANGES,
         deps=[dg.AssetDep(feature_samples, partition_mapping=_dimension("features"))],
         description="The exact merge of every shard's feature_samples for the range (independent of sharding), "
         "and the examples each feature page shows. Its data version is the merged content's hash.",
@@ -187,8 +187,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
                                                       examples_per_level=f.examples_per_level)
         # The manifest records the inputs, but only the merged content enters the data version
         # (Manifest.content_version): Dagster ignores staleness past 100 upstream partitions.
-        with store.writer("feature_examples", frange, code_version=asset_code_version(context),
-                          upstream=upstream, config_hash=shown_digest(cfg)) as out:
+        with FEATURE_EXAMPLES.writer(store, cfg, frange, upstream=upstream) as out:
             write_samples(out, merged)
             pq.write_table(shown, out.path(SHOWN_FILE))
             out.describe_table(SHOWN_FILE, rows=shown.num_rows)
@@ -200,8 +199,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             "density_histogram": dg.MetadataValue.md(_density_markdown(counts, merged.n_tokens)),
         })
 
-    @dg.asset(
-        name="context_gather", group_name="features", partitions_def=SHARDS, code_version="1",
+    @CONTEXT_GATHER.asset(
+        group_name="features", partitions_def=SHARDS,
         backfill_policy=SINGLE_RUN,
         deps=[cached_activations, token_shards,
               dg.AssetDep(feature_examples, partition_mapping=dg.AllPartitionMapping())],
@@ -220,9 +219,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             [acts], versions = read_upstream(store, "cached_activations", [shard])
             [tokens_manifest], token_versions = read_upstream(store, "token_shards", [shard])
             table = open_ipc_table(store.fetch(acts, ACTIVATIONS_FILE))
-            with store.writer("context_gather", shard, code_version=asset_code_version(context),
-                              upstream={**upstream, **versions, **token_versions},
-                              config_hash=shown_digest(cfg)) as out:
+            with CONTEXT_GATHER.writer(store, cfg, shard, upstream={**upstream, **versions, **token_versions}) as out:
                 total = 0
                 for frange, shown in shown_by_range.items():
                     spans, window_tokens = feature_windows.gather_window_tokens(
@@ -239,8 +236,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
 
         return each_partition(context, store, gather_one)
 
-    @dg.asset(
-        name="context_windows", group_name="features", partitions_def=FEATURE_RANGES, code_version="1",
+    @CONTEXT_WINDOWS.asset(
+        group_name="features", partitions_def=FEATURE_RANGES,
         deps=[feature_examples, dg.AssetDep(context_gather, partition_mapping=dg.AllPartitionMapping()), *dictionary],
         description="Pass 2, per feature range: each shown example's feature activation on every token of its "
         "window (features.window_before / window_after around it).",
@@ -257,15 +254,13 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             [open_ipc_table(store.fetch(g, f"tokens-{frange}.arrow")) for g in gathers],
             lambda x: sae.encode_range(x, lo, hi), lo=lo, hi=hi, batch_size=cfg.features.batch_size,
             device=cfg.features.device, where=f"context_windows[{frange}]")
-        with store.writer("context_windows", frange, code_version=asset_code_version(context),
-                          upstream={**upstream, **gather_versions},
-                          config_hash=shown_digest(cfg)) as out:
+        with CONTEXT_WINDOWS.writer(store, cfg, frange, upstream={**upstream, **gather_versions}) as out:
             pq.write_table(windows, out.path(WINDOWS_FILE))
             out.describe_table(WINDOWS_FILE, rows=windows.num_rows)
         return result(out.manifest, store, {"windows": windows.num_rows})
 
-    @dg.asset(
-        name="site_json", group_name="features", partitions_def=FEATURE_RANGES, code_version="1", pool="model",
+    @SITE_JSON.asset(
+        group_name="features", partitions_def=FEATURE_RANGES,
         deps=[feature_examples, context_windows, language_model, tokenizer, *dictionary],
         description="One JSON document per feature (density, max, histogram, top/random/per-level examples "
         "with context, logit effects of the decoder direction) and the range's index rows.",
@@ -278,7 +273,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         samples = read_samples(store, examples)
         model, model_manifest = load_language_model(store, device=cfg.features.device)
         tok, tok_manifest = load_tokenizer(store)
-        logits = site_data.logit_effects((sae.W_dec[lo:hi] / sae.input_scale).detach(), model.W_U.detach(),
+        logits = site_data.logit_effects(sae.decoder_directions(lo, hi), model.W_U.detach(),
                                          cfg.features.logit_effects)
         docs = site_data.feature_documents(
             samples, pq.read_table(store.fetch(examples, SHOWN_FILE)),
@@ -286,8 +281,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             activation_levels=cfg.features.activation_levels, dictionary=dictionary_key)
         upstream.update(window_versions, language_model=model_manifest.data_version,
                         tokenizer=tok_manifest.data_version)
-        with store.writer("site_json", frange, code_version=asset_code_version(context),
-                          upstream=upstream, config_hash=shown_digest(cfg)) as out:
+        with SITE_JSON.writer(store, cfg, frange, upstream=upstream) as out:
             rows = []
             for doc in docs:
                 out.path(site_data_file(doc["feature"])).write_text(json.dumps(doc, ensure_ascii=False))
@@ -296,8 +290,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             out.extra.update(lo=lo, hi=hi, n_tokens=samples.n_tokens, hist_edges=list(samples.hist_edges))
         return result(out.manifest, store, {"features": len(rows)})
 
-    @dg.asset(
-        name="feature_site", group_name="features", code_version="1",
+    @FEATURE_SITE.asset(
+        group_name="features",
         deps=[dg.AssetDep(site_json, partition_mapping=dg.AllPartitionMapping())],
         description="The static feature browser: index.html, app.js, style.css and one script per feature; "
         "open index.html from disk or serve the directory from any static host.",
@@ -305,7 +299,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
     def feature_site(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
         store = storage.store()
         parts, upstream = read_upstream(store, "site_json", feature_range_keys(context.instance))
-        with store.writer("feature_site", None, code_version=asset_code_version(context), upstream=upstream) as out:
+        with FEATURE_SITE.writer(store, settings.load(), None, upstream=upstream) as out:
             n_features = write_site(out, store, parts, dictionary=dictionary_key)
         index = out.manifest.files["index.html"]
         return result(out.manifest, store, {"features": n_features, "open": dg.MetadataValue.path(
@@ -313,16 +307,15 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
 
     assets = [feature_samples, feature_examples, context_gather, context_windows, site_json, feature_site]
     if neuronpedia:
-        @dg.asset(
-            name="neuronpedia_export", group_name="features", code_version="1",
+        @NEURONPEDIA_EXPORT.asset(
+            group_name="features",
             deps=[dg.AssetDep(site_json, partition_mapping=dg.AllPartitionMapping())],
             description="The features in Neuronpedia's upload layout: batch-<n>.json per feature range.",
         )
         def neuronpedia_export(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
             store = storage.store()
             parts, upstream = read_upstream(store, "site_json", feature_range_keys(context.instance))
-            with store.writer("neuronpedia_export", None, code_version=asset_code_version(context),
-                              upstream=upstream) as out:
+            with NEURONPEDIA_EXPORT.writer(store, settings.load(), None, upstream=upstream) as out:
                 n_features = write_neuronpedia_batches(out, store, parts, settings.load())
             return result(out.manifest, store, {"features": n_features})
 

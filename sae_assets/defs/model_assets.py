@@ -18,7 +18,8 @@ from sae_assets.core.model import lm
 from sae_assets.core.model import training as lm_train
 from sae_assets.core.corpus import tokenization
 from sae_assets.defs import capture_io
-from sae_assets.defs.common import asset_code_version, read_upstream, result
+from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.corpus_assets import token_shards, tokenizer
 from sae_assets.defs.partitions import training_shard_keys
 from sae_assets.defs.plots import line_chart_markdown
@@ -31,11 +32,19 @@ def load_all_sequences(store, partitions: list[str]) -> tuple[np.ndarray, np.nda
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), upstream
 
 
-@dg.asset(
+LANGUAGE_MODEL = AssetIdentity(
+    "language_model", version="3", pool="model", device="model.device",  # one model-holding step at a time
+    keys=(*(f"model.{key}" for key in ("kind", "name", "n_layers", "d_model", "n_heads", "d_mlp", "train_tokens",
+                                       "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm",
+                                       "val_fraction", "seed")),
+          "tokenizer.context_length", "corpus.training_shards",
+          # With capture on, the per-datum shifts are written into this partition.
+          "attribution.capture", "attribution.tensors", "attribution.top_k", "attribution.steps_per_range"))
+
+
+@LANGUAGE_MODEL.asset(
     group_name="model",
     deps=[token_shards, tokenizer],
-    code_version="2",
-    pool="model",  # trains on the device: one model-holding step at a time
     description="The language model: the embedded TransformerLens-native model trained on the token "
     "shards with a held-out split (capturing per-datum parameter shifts when attribution.capture is on), "
     "or a reference to a named model.",
@@ -45,9 +54,7 @@ def language_model(context: dg.AssetExecutionContext, settings: RunSettings, sto
     store = storage.store()
     tok_manifest = store.require("tokenizer", None)
     if cfg.model.kind == "named":
-        with store.writer("language_model", None, code_version=asset_code_version(context),
-                          config_hash=cfg.section_hash("model"),
-                          upstream={"tokenizer": tok_manifest.data_version}) as out:
+        with LANGUAGE_MODEL.writer(store, cfg, None, upstream={"tokenizer": tok_manifest.data_version}) as out:
             out.path("model_ref.json").write_text(json.dumps({"kind": "named", "name": cfg.model.name}))
             out.extra.update(kind="named", name=cfg.model.name)
         return result(out.manifest, store, {"model": cfg.model.name})
@@ -63,9 +70,7 @@ def language_model(context: dg.AssetExecutionContext, settings: RunSettings, sto
     model = lm.build_embedded_model(cfg.model, vocab_size=vocab_size, context_length=tokens.shape[1])
     train = torch.from_numpy(tokens[~is_val].astype(np.int64))  # (N, T)
     val = torch.from_numpy(tokens[is_val].astype(np.int64))  # (M, T)
-    with store.writer("language_model", None, code_version=asset_code_version(context),
-                      config_hash=cfg.section_hash("model", "tokenizer"),
-                      upstream=upstream) as out:
+    with LANGUAGE_MODEL.writer(store, cfg, None, upstream=upstream) as out:
         # With attribution.capture, per-datum shifts of each step range go into this partition.
         with capture_io.capture_into(out, cfg, model, first_index[~is_val], tokens.shape[1]) as capture:
             trained = lm_train.train_language_model(model, train, val, cfg.model, capture=capture)

@@ -5,7 +5,7 @@ fixed-size-list column per hook point, plus `token_index` and `token_id`), so pe
 bounded by the batch, not the shard. `capture_hooks` stops the forward pass as soon as every
 requested hook has fired, so a hook in the last block skips ln_final and the unembedding
 (TransformerLens' own stop_at_layer only stops *before* a block, never after the last one). `ActivationStats`
-accumulates per-hook norm statistics and refuses NaN/inf. Tests: tests/test_activations.py.
+accumulates per-hook norm statistics and refuses NaN/inf. Tests: tests/test_activation_assets.py, tests/test_lm.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Training-data attribution from per-datum parameter shifts (seed 001), as pure computation.
+"""Training-data attribution from per-datum parameter shifts, as pure computation, after
+"Gradient capture / training-data attribution from outlier parameter shifts" (SERI MATS 3.1).
 
 While the language model trains, `capture.ShiftCapture` hooks the tracked weights
 (`tensors`), turns one forward and one backward per step into every datum's parameter shift

@@ -1,4 +1,5 @@
-"""Zero-weight ablation of units and the prediction flips it causes (seed 001's ground truth).
+"""Zero-weight ablation of units and the prediction flips it causes: the ground truth of
+"Gradient capture / training-data attribution from outlier parameter shifts".
 
 A unit (tensors.unit_weights) is switched off by zeroing its weights in place: an MLP
 neuron's row of mlp.in (and its bias) and column of mlp.out; a head's q/k/v rows and o

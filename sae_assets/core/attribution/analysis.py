@@ -44,6 +44,14 @@ class Corpus(NamedTuple):
     """(V,) readable token strings."""
 
 
+def training_corpus(tokens_ST: np.ndarray, first_S: np.ndarray, is_train_S: np.ndarray,
+                    token_text: Sequence[str]) -> Corpus:
+    """The training sequences (the data attributed to) with their ids, and the unigram token
+    frequencies over them, against which the heuristic measures a unit's notable tokens."""
+    counts_V = np.bincount(tokens_ST[is_train_S].reshape(-1).astype(np.int64), minlength=len(token_text))
+    return Corpus(first_S[is_train_S], tokens_ST[is_train_S], counts_V / max(counts_V.sum(), 1), token_text)
+
+
 def build_tables(shifts: pl.DataFrame, layout: TensorLayout, corpus: Corpus, model: torch.nn.Module,
                  cfg: AttributionConfig, *, batch_size: int = 32) -> AttributionTables:
     units = tables.with_units(shifts, layout)

@@ -1,4 +1,5 @@
-"""Notable tokens of a unit: seed 001's univariate token-selection heuristic.
+"""Notable tokens of a unit: the univariate token-selection heuristic of
+"Gradient capture / training-data attribution from outlier parameter shifts".
 
 A unit's attributed data are the training sequences ("data", one context window each) that
 moved one of its parameters into their top-k shifts, counted once per step at which they

@@ -33,7 +33,7 @@ import torch
 BLOCK_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.in", "mlp.out")
 TENSOR_KINDS = (*BLOCK_KINDS, "embed", "unembed")
 DEFAULT_KINDS = BLOCK_KINDS
-"""Embeddings are excluded by default, as in seed 001 (they dwarf the rest of a small model)."""
+"""Embeddings are excluded by default, as in the write-up (they dwarf the rest of a small model)."""
 
 _UNITS = {  # kind -> (unit kind, axis that indexes the unit)
     "attn.q": ("attention_head", "row"), "attn.k": ("attention_head", "row"),

@@ -7,9 +7,8 @@ of sample_k (default 10·top_k) activating tokens, namely the sample_k smallest
 `feature_token_hash(seed, feature, token)` among the tokens where the feature is > 0
 (bottom-k sampling); and the count, sum and max of its positive activations with a histogram
 over fixed edges. Both selections depend only on the set of (token, activation) pairs, so
-shards processed in any batches and merged by `merge_feature_samples` (features_merge.py,
-which also defines the tables) give the tables one pass would (DESIGN.md, "Top-K per feature",
-"10·K random activating tokens"). Memory is O(B·W) per batch plus O(W·(top_k + sample_k))
+shards processed in any batches and merged by `merge_feature_samples` (features/merge.py,
+which also defines the tables) give the tables one pass would. Memory is O(B·W) per batch plus O(W·(top_k + sample_k))
 state: a batch's active entries are first compared with each feature's current worst kept
 entry, and only the survivors are sorted together with their feature's row. Every token must
 be offered once; after a ValueError from `update` start again with a new sampler. Pure

@@ -6,7 +6,7 @@ direction's logit effects into plain dicts, ready for `json.dumps`. Token ids be
 through `token_strings` (each id decoded alone; bytes of a split UTF-8 character show as
 U+FFFD). Strings stay raw here: the browser inserts them as text, never as HTML.
 `neuronpedia_feature` maps a document onto the fields of Neuronpedia's upload batches
-(SAEDashboard's NeuronpediaRunner layout). Tests: tests/test_site.py.
+(SAEDashboard's NeuronpediaRunner layout). Tests: tests/test_feature_assets.py, tests/test_feature_browser.py.
 """
 
 from __future__ import annotations

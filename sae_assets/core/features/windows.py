@@ -1,4 +1,4 @@
-"""Context windows of the browser's examples, computed in two passes (seed 000).
+"""Context windows of the browser's examples, computed in two passes (Anthropic, "The engineering challenges of scaling interpretability").
 
 The examples a feature page shows are chosen once from its merged samples
 (`select_shown_examples`): every top-K entry, the first `random_examples` entries of the

@@ -1,7 +1,7 @@
 """Sparse autoencoders: architectures, initialisations, the training loop and the SAELens layout.
 
 `base` (the abstract SAE with input scaling), `relu` (Anthropic 2024 recipe), `topk` (OpenAI
-2024, AuxK), `init` (seed 003 initialisations), `build` (sweep point -> module), `schedule`,
+2024, AuxK), `init` (the initialisations of "Informed initialization of sparse dictionaries"), `build` (sweep point -> module), `schedule`,
 `tracker`, `resample`, `checkpoint` and `training` (the loop built from them), `io` (cfg.json +
 sae_weights.safetensors) and `toy` (ground-truth toy data and MMCS). The names below are the
 public API; tests: tests/test_sae_core.py.

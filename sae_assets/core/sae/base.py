@@ -128,6 +128,11 @@ class SparseAutoencoder(nn.Module, ABC):
             x_scaled_BD = x_scaled_BD - self.b_dec
         return self.activate(x_scaled_BD @ self.W_enc[:, lo:hi] + self.b_enc[lo:hi])
 
+    def decoder_directions(self, lo: int = 0, hi: int | None = None) -> Tensor:
+        """(hi - lo, D) decoder rows of features [lo, hi) in the units of the model's activations
+        (what one unit of each feature adds to x_hat), detached: for logit effects and the like."""
+        return (self.W_dec[lo:hi] / self.input_scale).detach()
+
     def decode(self, f_BF: Tensor) -> Tensor:
         """Reconstruction (B, D) in the caller's units."""
         return self.decode_scaled(f_BF) / self.input_scale

@@ -1,4 +1,4 @@
-"""Decoder initialisations, conventional and data-informed (seed 003), each deterministic.
+"""Decoder initialisations, conventional and data-informed ("Informed initialization of sparse dictionaries"), each deterministic.
 
 Every initialiser has the signature `(sample_ND, F, generator) -> W_dec_FD` and returns F
 unit-norm decoder rows; the architecture then scales them (`SparseAutoencoder.initialize`:

@@ -2,8 +2,8 @@
 
 `LrScheduler.lr(step)` = base * warm(step) * decay(step). warm ramps linearly from 1/10 of
 the LR to the full LR over `warmup_steps` at the start and, after every resample it is told
-about (`on_resample`), again from 1/10 over `rewarm_steps` (seed 004: "times the learning rate
-by 1/10 and again warm up"). decay falls linearly to 0 over the final `decay_fraction` of the
+about (`on_resample`), again from 1/10 over `rewarm_steps` ("My best guess at the important tricks for training
+1L SAEs": "times the learning rate by 1/10 and again warm up"). decay falls linearly to 0 over the final `decay_fraction` of the
 steps (Anthropic, April 2024). The only state is the list of resample steps, so
 `state_dict`/`load_state_dict` make it resumable. Tests: tests/test_sae_core.py.
 """
@@ -15,7 +15,7 @@ from typing import Any
 from sae_assets.core.config import SaeConfig
 
 WARM_START_FACTOR = 0.1
-"""A warm-up starts at this fraction of the LR (seed 004)."""
+"""A warm-up starts at this fraction of the LR ("My best guess at the important tricks for training 1L SAEs")."""
 
 
 def warmup_factor(steps_since_start: int, warmup_steps: int, start: float = WARM_START_FACTOR) -> float:

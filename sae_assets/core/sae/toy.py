@@ -1,6 +1,6 @@
 """Toy data with known sparse ground-truth features, and MMCS, for judging initialisations.
 
-As in seed 003 (after Sharkey et al., "Taking features out of superposition with sparse
+As in "Informed initialization of sparse dictionaries" (after Sharkey et al., "Taking features out of superposition with sparse
 autoencoders"): G ground-truth features are random unit vectors in D dimensions (G > D, so
 they are in superposition, e.g. 128/256, 128/512, 128/1024). Feature g fires independently in
 a row with probability p_g, long-tailed (Zipf: p_g proportional to (g + 1)^-exponent, scaled

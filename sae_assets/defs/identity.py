@@ -1,0 +1,146 @@
+"""Each asset's identity, declared once beside it: the config keys that shape its bytes, its
+pool and the config key of its torch device.
+
+    CORPUS_SHARDS = AssetIdentity("corpus_shards", version="1", keys=("corpus.source", ...))
+
+    @CORPUS_SHARDS.asset(group_name="corpus", partitions_def=SHARDS, description=...)
+    def corpus_shards(context, settings, storage):
+        with CORPUS_SHARDS.writer(store, cfg, context.partition_key, upstream=...) as out: ...
+
+Everything else derives from the declaration: the Dagster code version (`<version>+cfg.<hash
+of the keys' values>`, so editing a key marks exactly the assets that declare it stale), the
+manifest's config hash (the same keys, plus the part of the config a partition carries, such
+as its sweep point), the pools, and the device steps that ask Kubernetes for a GPU
+(deploy_settings). Keys are dotted paths on RunConfig, including derived values
+(`sae_hook`, `feature_dictionary`). Keys that shape no asset's bytes (devices, batch sizes of
+batch-invariant inference, checkpoint cadence, storage location) are listed in
+NOT_SHAPING_KEYS with the reason; a test checks that every config key is in one place or the
+other. Tests: tests/test_identity.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+
+from resources.storage import ArtifactStore, PartitionWriter
+from sae_assets.core.config import RunConfig, config_hash
+
+DECLARED: dict[str, AssetIdentity] = {}
+"""Every declared identity by asset name, in declaration order (filled as asset modules load)."""
+
+NOT_SHAPING_KEYS: dict[str, str] = {
+    "model.device": "where the model trains, not what",
+    "activations.batch_size": "sequences per forward pass; the cached rows do not depend on it",
+    "activations.device": "where activations are computed",
+    "sae.sweep": "each sae_dictionary / sae_metrics partition carries its own sweep point",
+    "sae.hook_point": "selects the hook; its resolved value `sae_hook` is hashed",
+    "sae.checkpoint_every": "checkpoint cadence; a resumed run is bit-identical",
+    "sae.device": "where the SAE trains and is scored",
+    "features.dictionary": "selects the browsed dictionary; its resolved point `feature_dictionary` is hashed",
+    "features.range_width": "partitioning: each feature-range key names its own bounds",
+    "features.batch_size": "tokens encoded per step; samples, top-K and windows do not depend on it",
+    "features.device": "where features are encoded",
+    "features.neuronpedia_export": "adds the export asset; shapes no other asset's bytes",
+    "features.require_passing_checks": "a gate on the input, not a change to the output",
+    "storage.backend": "where bytes live, not what they are",
+    "storage.root": "where bytes live", "storage.endpoint_url": "where bytes live", "storage.bucket": "where bytes live",
+    "storage.prefix": "where bytes live", "storage.region": "where bytes live", "storage.cache_dir": "local cache",
+    "storage.gc_grace_hours": "garbage collection retention", "storage.gc_keep_versions": "garbage collection retention",
+}
+
+
+def dictionary_point(cfg: RunConfig, partition: str | None) -> dict[str, Any]:
+    """What a sweep-point partition carries of the config: its DictionaryPoint."""
+    if partition is None:
+        raise ValueError("a sweep-point asset needs its partition key (a sae.sweep point)")
+    return dataclasses.asdict(cfg.sae.point(partition))
+
+
+@dataclass(frozen=True)
+class AssetIdentity:
+    name: str
+    """The asset's name (its Dagster key and its storage prefix)."""
+    version: str
+    """The code version of what the asset writes: bump it when the code changes its bytes."""
+    keys: tuple[str, ...]
+    """Config keys (dotted paths on RunConfig) whose values shape the asset's bytes."""
+    pool: str | None = None
+    """The Dagster pool its steps run in ('model': one model-holding step at a time)."""
+    device: str | None = None
+    """The config key of the torch device it runs on (its step asks Kubernetes for a GPU)."""
+    training_shards_only: bool = False
+    """Partitioned by shard, but materialized for the training shards only (corpus.training_shards)."""
+    partition_config: Callable[[RunConfig, str | None], dict[str, Any]] | None = None
+    """The part of the config a partition carries (a sweep point): in the manifest's hash, not
+    in the code version, so adding a partition leaves the others' versions alone."""
+
+    def __post_init__(self) -> None:
+        if self.name in DECLARED:
+            raise ValueError(f"asset {self.name!r} declares its identity twice")
+        for key in self.keys:
+            RunConfig().value_at(key)  # a typo fails at import, naming the key
+            if key in NOT_SHAPING_KEYS:
+                raise ValueError(f"asset {self.name!r} declares {key!r}, which shapes no bytes: "
+                                 f"{NOT_SHAPING_KEYS[key]}")
+        if self.device is not None:
+            RunConfig().value_at(self.device)
+        DECLARED[self.name] = self
+
+    def config_values(self, cfg: RunConfig) -> dict[str, Any]:
+        return {key: cfg.value_at(key) for key in self.keys}
+
+    def config_hash(self, cfg: RunConfig, partition: str | None = None) -> str:
+        """The manifest's config hash: the declared keys, plus what the partition carries."""
+        values = self.config_values(cfg)
+        if self.partition_config is not None:
+            values["partition"] = self.partition_config(cfg, partition)
+        return config_hash(values)
+
+    def code_version(self, cfg: RunConfig) -> str:
+        """The Dagster code version: `<version>+cfg.<hash of the declared keys' values>`."""
+        return f"{self.version}+cfg.{config_hash(self.config_values(cfg))[:10]}"
+
+    def asset(self, **kwargs: Any) -> Callable[[Callable], dg.AssetsDefinition]:
+        """`@dg.asset` with this identity's name, code version and pool."""
+        for taken in ("name", "code_version", "pool"):
+            if taken in kwargs:
+                raise TypeError(f"{self.name}: {taken!r} comes from the identity declaration")
+        def declare(fn: Callable) -> dg.AssetsDefinition:
+            with warnings.catch_warnings():  # backfill_policy is beta in Dagster 1.13; we rely on it knowingly
+                warnings.simplefilter("ignore", dg.BetaWarning)
+                return dg.asset(name=self.name, code_version=self.version, pool=self.pool, **kwargs)(fn)
+
+        return declare
+
+    @contextmanager
+    def writer(self, store: ArtifactStore, cfg: RunConfig, partition: str | None, *,
+               upstream: dict[str, str] | None = None) -> Iterator[PartitionWriter]:
+        """A partition writer bound to this asset's name, code version and config hash."""
+        with store.writer(self.name, partition, code_version=self.version,
+                          config_hash=self.config_hash(cfg, partition), upstream=upstream) as out:
+            yield out
+
+
+def identity_of(asset: dg.AssetsDefinition) -> AssetIdentity:
+    name = asset.key.to_user_string()
+    if name not in DECLARED:
+        raise ValueError(f"asset {name} declares no AssetIdentity (sae_assets/defs/identity.py)")
+    return DECLARED[name]
+
+
+def with_config_versions(assets: list[dg.AssetsDefinition], cfg: RunConfig) -> list[dg.AssetsDefinition]:
+    """The assets with each one's code version derived from its identity and the run config."""
+    return [a.map_asset_specs(lambda spec, a=a: spec.replace_attributes(code_version=identity_of(a).code_version(cfg)))
+            for a in assets]
+
+
+def device_assets() -> dict[str, str]:
+    """{asset name: config key of its device} for every declared asset that runs torch on a device."""
+    return {name: ident.device for name, ident in DECLARED.items() if ident.device}
