@@ -3,11 +3,11 @@
 The fixture starts `dagster dev -h 127.0.0.1 -p <free port> -w workspace.yaml` in its own
 process group, with DAGSTER_HOME in a temporary directory (queued run coordinator, two runs at
 a time, pools limited to one step at a time) and a tiny run config over local text files. The
-first test materializes the corpus group, language_model, cached_activations and shuffle_scatter
-— through partition backfills launched by GraphQL for the shard assets (cached_activations on
-the multiprocess executor, one run per shard, its steps serialized by the "model" pool;
-shuffle_scatter under its single-run backfill policy, both shards in one run), and single runs
-for the rest — then edits the text of shard 1 only, rematerializes corpus_shards[shard-0001], asserts which
+first test materializes the corpus group, language_model, cached_activations, shuffle_plan and
+shuffle_scatter — through partition backfills launched by GraphQL for the shard assets
+(cached_activations on the multiprocess executor, one run per shard, its steps serialized by the
+"model" pool; shuffle_scatter under its single-run backfill policy, both shards in one run), and
+single runs for the rest — then edits the text of shard 1 only, rematerializes corpus_shards[shard-0001], asserts which
 partitions Dagster reports stale, backfills exactly those and asserts from the materialization
 records which partitions rematerialized and that nothing else did. The second test saves a
 headless-Chromium screenshot of the asset graph to test-artifacts/asset_graph.png. The process
@@ -108,20 +108,24 @@ def test_backfill_then_one_changed_shard_is_stale_and_rematerializes_alone(dagst
     assert after["tokenizer"] == before["tokenizer"]  # ... so the tokenizer built from them stays fresh
 
     dev.wait_runs([language_model])
-    # A backfill on the multiprocess executor: cached_activations (model pool, one run per shard),
-    # the shuffle plan they all feed, and shuffle_scatter (single-run backfill policy: both shards
-    # in one run, after the plan).
-    b_model = dev.launch_backfill(["cached_activations", "shuffle_plan", "shuffle_scatter"], SHARDS, "model shards",
-                                  MULTIPROCESS)
+    # A backfill on the multiprocess executor: cached_activations (model pool, one run per shard).
+    # Then the shuffle plan they all feed, in its own run, and a backfill of shuffle_scatter
+    # (single-run backfill policy: both shards in one run).
+    b_model = dev.launch_backfill(["cached_activations"], SHARDS, "model shards", MULTIPROCESS)
     done = dev.wait_backfill(b_model)
-    log(f"backfill {b_model} of cached_activations, shuffle_plan and shuffle_scatter completed")
+    log(f"backfill {b_model} of cached_activations completed")
+    plan_run = dev.launch_run(["shuffle_plan"])
+    dev.wait_runs([plan_run])
+    b_scatter = dev.launch_backfill(["shuffle_scatter"], SHARDS, "scatter", MULTIPROCESS)
+    scattered = dev.wait_backfill(b_scatter)
+    log(f"shuffle_plan run {plan_run} and backfill {b_scatter} of shuffle_scatter completed")
     history = dev.materializations()
     activations = [run for key in SHARDS for run in history[f"cached_activations[{key}]"]]
-    [plan_run] = history["shuffle_plan"]
+    assert history["shuffle_plan"] == [plan_run]
     [scatter_run] = {run for key in SHARDS for run in history[f"shuffle_scatter[{key}]"]}
-    assert len(set(activations)) == 2
-    assert {*activations, plan_run, scatter_run} == {r["runId"] for r in done["runs"]}
-    scatter_tags = next({t["key"]: t["value"] for t in r["tags"]} for r in done["runs"] if r["runId"] == scatter_run)
+    assert len(set(activations)) == 2 and set(activations) == {r["runId"] for r in done["runs"]}
+    assert [r["runId"] for r in scattered["runs"]] == [scatter_run]
+    scatter_tags = next({t["key"]: t["value"] for t in r["tags"]} for r in scattered["runs"])
     assert (scatter_tags["dagster/asset_partition_range_start"], scatter_tags["dagster/asset_partition_range_end"]) \
         == (S0, S1), "one ranged run for every shard of shuffle_scatter"
     for run in activations:
