@@ -35,6 +35,9 @@ from sae_assets.core.config import RunConfig, config_hash
 DECLARED: dict[str, AssetIdentity] = {}
 """Every declared identity by asset name, in declaration order (filled as asset modules load)."""
 
+_DEFAULTS = RunConfig()
+"""The packaged defaults, against which declared keys are checked to exist."""
+
 NOT_SHAPING_KEYS: dict[str, str] = {
     "model.device": "where the model trains, not what",
     "activations.batch_size": "sequences per forward pass; the cached rows do not depend on it",
@@ -85,12 +88,12 @@ class AssetIdentity:
         if self.name in DECLARED:
             raise ValueError(f"asset {self.name!r} declares its identity twice")
         for key in self.keys:
-            RunConfig().value_at(key)  # a typo fails at import, naming the key
+            _DEFAULTS.value_at(key)  # a typo fails at import, naming the key
             if key in NOT_SHAPING_KEYS:
                 raise ValueError(f"asset {self.name!r} declares {key!r}, which shapes no bytes: "
                                  f"{NOT_SHAPING_KEYS[key]}")
         if self.device is not None:
-            RunConfig().value_at(self.device)
+            _DEFAULTS.value_at(self.device)
         DECLARED[self.name] = self
 
     def config_values(self, cfg: RunConfig) -> dict[str, Any]:
