@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from sae_assets.core import schemas
+from sae_assets.core.progress import QUIET, ProgressLog
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -97,16 +98,20 @@ def cache_activations(
     device: str = "cpu",
     stats: ActivationStats | None = None,
     where: str = "cached_activations",
+    progress_log: ProgressLog | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Yield record batches of activations for (S, T) token sequences, `batch_size` at a time.
 
     Row r of batch b is token t of sequence s, in (s, t) order; `token_index` is
-    first_token_index_S[s] + t, the stable global index of that token.
+    first_token_index_S[s] + t, the stable global index of that token. A progress log counts
+    the batches (its steps) and their tokens.
     """
     num_sequences, context_length = tokens_ST.shape
     offsets_T = np.arange(context_length, dtype=np.int64)
     schema = None
-    for start in range(0, num_sequences, batch_size):
+    report = progress_log or QUIET
+    report.start(-(-num_sequences // batch_size))  # ceil
+    for step, start in enumerate(range(0, num_sequences, batch_size), start=1):
         batch_BT = torch.from_numpy(tokens_ST[start : start + batch_size].astype(np.int64)).to(device)
         cache = capture_hooks(model, batch_BT, hook_points)
         index_N = (first_token_index_S[start : start + batch_size, None] + offsets_T[None, :]).ravel()
@@ -122,7 +127,9 @@ def cache_activations(
         if stats is not None:
             stats.count += len(index_N)
         schema = schema or schemas.activation_schema(widths, dtype)
+        report.update(step, tokens=min(start + batch_size, num_sequences) * context_length)
         yield pa.RecordBatch.from_arrays(columns, schema=schema)
+    report.close()
 
 
 def hook_widths(model, hook_points: Sequence[str], context_length: int, device: str = "cpu") -> dict[str, int]:

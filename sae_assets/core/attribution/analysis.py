@@ -23,6 +23,7 @@ from sae_assets.core import schemas
 from sae_assets.core.attribution import ablation, heuristic, tables
 from sae_assets.core.attribution.tensors import TensorLayout
 from sae_assets.core.config import AttributionConfig
+from sae_assets.core.progress import QUIET, ProgressLog
 
 
 class AttributionTables(NamedTuple):
@@ -53,7 +54,9 @@ def training_corpus(tokens_ST: np.ndarray, first_S: np.ndarray, is_train_S: np.n
 
 
 def build_tables(shifts: pl.DataFrame, layout: TensorLayout, corpus: Corpus, model: torch.nn.Module,
-                 cfg: AttributionConfig, *, batch_size: int = 32) -> AttributionTables:
+                 cfg: AttributionConfig, *, batch_size: int = 32,
+                 progress_log: ProgressLog | None = None) -> AttributionTables:
+    """The five tables; a progress log follows the ablations, one step per unit."""
     units = tables.with_units(shifts, layout)
     data = tables.unit_data(units)
     notable = heuristic.unit_notable_tokens(
@@ -62,7 +65,7 @@ def build_tables(shifts: pl.DataFrame, layout: TensorLayout, corpus: Corpus, mod
         top_count=cfg.heuristic_top_count)
     unit_table = tables.unit_attribution(units)
     flips, summary = ablate_units(model, chosen_units(unit_table, notable, cfg), data, notable, corpus, cfg,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, progress_log=progress_log)
     return AttributionTables(tables.parameter_counts(units), unit_table, notable, flips, summary)
 
 
@@ -84,18 +87,25 @@ def _units_in_layer(model: torch.nn.Module, kind: str) -> int:
 
 
 def ablate_units(model: torch.nn.Module, units: list[tuple[str, int, int]], data: pl.DataFrame, notable: pa.Table,
-                 corpus: Corpus, cfg: AttributionConfig, *, batch_size: int) -> tuple[pa.Table, pa.Table]:
-    """Flip tables and summary rows: each unit, then its control, over the unit's windows."""
+                 corpus: Corpus, cfg: AttributionConfig, *, batch_size: int,
+                 progress_log: ProgressLog | None = None) -> tuple[pa.Table, pa.Table]:
+    """Flip tables and summary rows: each unit, then its control, over the unit's windows.
+
+    A progress log gets one step per unit; its tokens are every window token run through the
+    model (the clean pass included)."""
     vocab, row_of = len(corpus.train_freq), {int(d): i for i, d in enumerate(corpus.datum_ids)}
     notable_of = {u: set() for u in units}
     for kind, layer, unit, token in zip(*(notable.column(c).to_pylist() for c in [*tables.UNIT, "token_id"])):
         notable_of.get((kind, layer, unit), set()).add(token)
     windows = {key: [row_of[int(d)] for d in _windows(data, key, cfg.ablation_windows)] for key in units}
+    report = progress_log or QUIET
+    report.start(len(windows))
     union = sorted({row for rows in windows.values() for row in rows})  # clean predictions once per window
     clean_all = ablation.predictions(model, torch.from_numpy(corpus.tokens[union].astype(np.int64)), batch_size)
     position = {row: i for i, row in enumerate(union)}
     flip_rows, summary_rows = [], []
-    for key, window_rows in windows.items():
+    tokens = int(clean_all.numel())
+    for step, (key, window_rows) in enumerate(windows.items(), start=1):
         tokens_WT = torch.from_numpy(corpus.tokens[window_rows].astype(np.int64))
         clean = clean_all[[position[row] for row in window_rows]].numpy()
         control = ablation.control_unit(_units_in_layer(model, key[0]), key[1], key[2], cfg.seed)
@@ -110,6 +120,9 @@ def ablate_units(model: torch.nn.Module, units: list[tuple[str, int, int]], data
                              arms["control"][2], len(notable_of[key]),
                              ablation.notable_proportion(*arms["attributed"][:2], notable_of[key]),
                              ablation.notable_proportion(*arms["control"][:2], notable_of[key])))
+        tokens += 2 * int(clean.size)  # the two ablated arms
+        report.update(step, tokens=tokens)
+    report.close()
     return _table(flip_rows, schemas.ablation_flip_schema()), _table(summary_rows, schemas.ablation_summary_schema())
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from sae_assets.core.activations.reader import as_float32, to_numpy_matrix
 from sae_assets.core.features.merge import FeatureSamples, build_feature_samples, merge_feature_samples
+from sae_assets.core.progress import QUIET, ProgressLog
 
 __all__ = ["DEFAULT_HIST_EDGES", "FeatureRangeSampler", "FeatureSamples", "feature_keys", "feature_token_hash",
            "merge_feature_samples", "sample_activation_table"]
@@ -335,19 +336,26 @@ class FeatureRangeSampler:
 
 
 def sample_activation_table(table, *, hook: str, encode_range, lo: int, hi: int, top_k: int, sample_k: int,
-                            seed: int, batch_size: int, device: str = "cpu") -> FeatureSamples:
+                            seed: int, batch_size: int, device: str = "cpu",
+                            progress_log: ProgressLog | None = None) -> FeatureSamples:
     """Run a `FeatureRangeSampler` over a cached_activations table, `batch_size` tokens at a time.
 
     `encode_range(x_BD)` gives the (B, hi - lo) feature activations of float32 inputs; memory
-    is O(batch_size x (D + hi - lo)) on top of the sampler's fixed state.
+    is O(batch_size x (D + hi - lo)) on top of the sampler's fixed state. A progress log
+    counts the batches (its steps) and their tokens.
     """
     if hook not in table.column_names:
         raise ValueError(f"activations have no column {hook!r} (have {table.column_names})")
     sampler = FeatureRangeSampler(lo, hi, top_k=top_k, sample_k=sample_k, seed=seed)
-    for batch in table.select(["token_index", hook]).to_batches(max_chunksize=batch_size):
+    batches = table.select(["token_index", hook]).to_batches(max_chunksize=batch_size)  # a list of views
+    report = progress_log or QUIET
+    report.start(len(batches))
+    for step, batch in enumerate(batches, start=1):
         x_BD = to_numpy_matrix(batch.column(1))
         x_BD = as_float32(x_BD)  # a copy: the file is memory-mapped read-only, torch wants writable arrays
         with torch.no_grad():
             f_BW = encode_range(torch.from_numpy(x_BD).to(device))
         sampler.update(f_BW, torch.tensor(batch.column(0).to_numpy(), device=f_BW.device))
+        report.update(step, tokens=sampler.n_tokens)
+    report.close()
     return sampler.result()

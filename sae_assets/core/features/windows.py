@@ -30,6 +30,7 @@ import torch
 from sae_assets.core import schemas
 from sae_assets.core.activations.reader import as_float32, to_numpy_matrix
 from sae_assets.core.features.merge import FeatureSamples
+from sae_assets.core.progress import QUIET, ProgressLog
 
 # Letter key: E shown examples, U unique window tokens, L window slots (sum of window lengths),
 # D hook width, W features in the range, B tokens encoded per step.
@@ -131,12 +132,14 @@ def gather_window_tokens(shown: pa.Table, activations: pa.Table, *, shard: int, 
 
 def compute_context_windows(shown: pa.Table, spans: Sequence[pa.Table], tokens: Sequence[pa.Table],
                             encode_range: Callable[[torch.Tensor], torch.Tensor], *, lo: int, hi: int,
-                            batch_size: int, device: str = "cpu", where: str) -> pa.Table:
+                            batch_size: int, device: str = "cpu", where: str,
+                            progress_log: ProgressLog | None = None) -> pa.Table:
     """Pass 2 for one feature range: the feature's activation on every token of every window.
 
     `spans`/`tokens` are the pass-1 tables of every shard; `encode_range(x_BD)` gives the (B, W)
     activations of features [lo, hi). Returns `schemas.context_windows_schema`, one row per
-    distinct (feature, example token) of `shown`, sorted by feature then token.
+    distinct (feature, example token) of `shown`, sorted by feature then token. A progress
+    log counts the encoded batches (its steps) and their tokens.
     """
     span = pa.concat_tables(spans).sort_by([("feature", "ascending"), ("token_index", "ascending")])
     tok_table = pa.concat_tables(tokens)
@@ -157,14 +160,17 @@ def compute_context_windows(shown: pa.Table, spans: Sequence[pa.Table], tokens: 
     values_L = np.zeros(len(slot_tok_L), np.float32)
     by_row = np.argsort(slot_row_L, kind="stable")  # slots grouped by token row, batch by batch
     bounds = np.searchsorted(slot_row_L[by_row], np.arange(0, len(token_index_U) + batch_size, batch_size))
+    report = progress_log or QUIET
+    report.start(-(-len(token_index_U) // batch_size))  # ceil
     for b, start in enumerate(range(0, len(token_index_U), batch_size)):
         sel = by_row[bounds[b]:bounds[b + 1]]
-        if not len(sel):
-            continue
-        x_BD = torch.from_numpy(as_float32(acts_UD[order_U[start:start + batch_size]])).to(device)
-        with torch.no_grad():
-            f_BW = encode_range(x_BD).float().cpu().numpy()
-        values_L[sel] = f_BW[slot_row_L[sel] - start, slot_w_L[sel]]
+        if len(sel):
+            x_BD = torch.from_numpy(as_float32(acts_UD[order_U[start:start + batch_size]])).to(device)
+            with torch.no_grad():
+                f_BW = encode_range(x_BD).float().cpu().numpy()
+            values_L[sel] = f_BW[slot_row_L[sel] - start, slot_w_L[sel]]
+        report.update(b + 1, tokens=min(start + batch_size, len(token_index_U)))
+    report.close()
     offsets = np.r_[0, np.cumsum(last - first + 1)].astype(np.int32)
     return pa.table({
         "feature": feature, "token_index": span.column("token_index"), "first_token_index": first,

@@ -22,6 +22,7 @@ import torch
 
 from sae_assets.core.config import ModelConfig
 from sae_assets.core.model.lm import evaluate_loss, next_token_loss
+from sae_assets.core.progress import QUIET, ProgressLog
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -177,6 +178,7 @@ def train_language_model(
     eval_every: int = 100,
     eval_sequences: int = 256,
     capture: StepCapture | None = None,
+    progress_log: ProgressLog | None = None,
 ) -> TrainResult:
     """Train `model` in place on train_tokens (N, T) until cfg.train_tokens tokens are seen.
 
@@ -185,6 +187,7 @@ def train_language_model(
     first `eval_sequences` validation sequences is added, and the last step is scored on
     all of val_tokens (M, T). The model ends in eval mode on cfg.device. A capture sees every
     step (`begin_step` gets the batch's row indices into train_tokens) and is closed at the end.
+    A progress log hears of every step, with its batch loss.
     """
     check_tokens(model, train_tokens, "train_tokens")
     check_tokens(model, val_tokens, "val_tokens")
@@ -199,6 +202,8 @@ def train_language_model(
     curve: list[dict[str, Any]] = []
     window: list[float] = []
     train_seconds = 0.0
+    report = progress_log or QUIET
+    report.start(steps)
     model.train()
     for step, idx_B in enumerate(batch_indices(n_sequences, cfg.batch_size, steps, cfg.seed), start=1):
         lr = lr_at_step(step - 1, peak_lr=cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=steps)
@@ -209,6 +214,7 @@ def train_language_model(
         window.append(train_step(model, optimizer, batch_BT, lr=lr, max_grad_norm=cfg.max_grad_norm, step=step,
                                  capture=capture))
         train_seconds += time.perf_counter() - started
+        report.update(step, tokens=step * tokens_per_step, loss=window[-1])
         last, evaluate = step == steps, step % eval_every == 0
         if step % log_every and not evaluate and not last:
             continue
@@ -221,6 +227,7 @@ def train_language_model(
         window = []
     if capture is not None:
         capture.close()
+    report.close()
     model.eval()
     return TrainResult(
         curve=curve,

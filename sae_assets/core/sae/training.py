@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from sae_assets.core.config import DictionaryPoint, SaeConfig
+from sae_assets.core.progress import QUIET, ProgressLog
 from sae_assets.core.sae.base import LossOutput, SparseAutoencoder, StepInfo
 from sae_assets.core.sae.build import RESAMPLE_STREAM, seeded_generator
 from sae_assets.core.sae.checkpoint import CHECKPOINT_FILE, Checkpointer, Progress
@@ -144,7 +145,8 @@ def _maybe_resample(run: _Run, x_BD: Tensor, step: int) -> None:
     run.progress.resamples += 1
 
 
-def _one_step(run: _Run, x_BD: Tensor, log_every: int) -> None:
+def _one_step(run: _Run, x_BD: Tensor, log_every: int) -> Tensor:
+    """One training step; returns its loss (0-d, detached)."""
     step = run.progress.step
     if x_BD.ndim != 2 or x_BD.shape[1] != run.sae.d_in:
         raise SaeTrainingError(f"SAE training stopped at step {step}: batch has shape {tuple(x_BD.shape)}, "
@@ -162,6 +164,7 @@ def _one_step(run: _Run, x_BD: Tensor, log_every: int) -> None:
             "step": run.progress.step, "tokens": run.progress.tokens, "loss": out.total.item(),
             "mse": out.mse.item(), "l0": out.l0.item(), "dead_fraction": run.tracker.dead_fraction(), "lr": lr,
         })
+    return out.total.detach()
 
 
 def _checkpoint(run: _Run, path: Path, on_checkpoint: OnCheckpoint | None) -> None:
@@ -175,18 +178,22 @@ def _checkpoint(run: _Run, path: Path, on_checkpoint: OnCheckpoint | None) -> No
 
 def train_sae(sae: SparseAutoencoder, batches: Batches, cfg: SaeConfig, point: DictionaryPoint, *,
               checkpoint_dir: Path | None = None, on_checkpoint: OnCheckpoint | None = None,
-              log_every: int = 50, fingerprint: str = "") -> TrainOutcome:
+              log_every: int = 50, fingerprint: str = "", progress_log: ProgressLog | None = None) -> TrainOutcome:
     """Train `sae` in place (resuming from `checkpoint_dir` if it holds a checkpoint).
 
     `fingerprint` names the configuration the weights come from (sae_dictionary passes its
-    manifest's config hash); a checkpoint written under another fingerprint is refused.
+    manifest's config hash); a checkpoint written under another fingerprint is refused. A
+    progress log hears of every step of this call, with its loss.
     """
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     run = _start(sae, cfg, point, path, fingerprint)
     started, start_tokens = time.perf_counter(), run.progress.tokens
+    report = progress_log or QUIET
+    report.start(run.total, done=run.progress.step)
     if run.progress.step < run.total:
         for x_BD in batches(run.progress.step):
-            _one_step(run, x_BD, max(1, log_every))
+            loss = _one_step(run, x_BD, max(1, log_every))
+            report.update(run.progress.step, tokens=run.progress.tokens - start_tokens, loss=loss)
             done = run.progress.step == run.total
             if path is not None and (done or run.progress.step % cfg.checkpoint_every == 0):
                 _checkpoint(run, path, on_checkpoint)
@@ -195,6 +202,7 @@ def train_sae(sae: SparseAutoencoder, batches: Batches, cfg: SaeConfig, point: D
         else:
             raise SaeTrainingError(f"the batches ran out at step {run.progress.step} of {run.total}",
                                    step=run.progress.step)
+    report.close()
     elapsed, tokens = time.perf_counter() - started, run.progress.tokens - start_tokens
     return TrainOutcome(list(run.progress.curve), tokens / elapsed if tokens else 0.0, run.progress.step,
                         run.progress.resamples)
