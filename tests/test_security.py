@@ -495,8 +495,25 @@ def makefile_ui_command() -> list[str]:
         if not line.startswith("\t"):
             break
         recipe.append(line.strip())
-    (command,) = [line for line in recipe if "dagster" in line]
-    return shlex.split(command.replace("$(VENV)", str(REPO / ".venv")))
+    (command,) = [line for line in recipe if " dev " in line]
+    argv = shlex.split(command.replace("$(CURDIR)", str(REPO)).replace("$(VENV)", ".venv").replace("$$", "$"))
+    while "=" in argv[0] and not argv[0].startswith("-"):  # the recipe's VAR=value prefixes
+        argv.pop(0)
+    return [str(REPO / argv[0]), *argv[1:]]
+
+
+def makefile_ui_env() -> dict[str, str]:
+    """The variables `make ui`'s recipe sets before its command (VIRTUAL_ENV, PATH)."""
+    lines = (REPO / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("ui:"))
+    command = next(line.strip() for line in lines[start + 1:] if " dev " in line)
+    env = {}
+    for word in shlex.split(command.replace("$(CURDIR)", str(REPO)).replace("$(VENV)", ".venv")):
+        if "=" not in word or word.startswith("-"):
+            break
+        name, value = word.split("=", 1)
+        env[name] = value.replace("$$PATH", os.environ.get("PATH", ""))
+    return env
 
 
 def test_makefile_servers_bind_loopback():
@@ -516,8 +533,11 @@ def test_make_ui_listens_on_loopback_only(tmp_path):
     argv[argv.index("-p") + 1] = str(port)
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text((REPO / "deploy" / "dagster-local.yaml").read_text())  # as `make ui` copies it
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAE_ASSETS_")}
+    # As `make ui` copies it, without the automation that would start materializing the default
+    # graph into the checkout's .data while the sockets are read.
+    (home / "dagster.yaml").write_text((REPO / "deploy" / "dagster-local.yaml").read_text()
+                                       + "auto_materialize:\n  enabled: false\n  use_sensors: false\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAE_ASSETS_")} | makefile_ui_env()
     env["DAGSTER_HOME"] = str(home)
     log = open(tmp_path / "dagster-dev.log", "wb")
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
