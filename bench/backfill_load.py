@@ -15,11 +15,17 @@ SeaweedFS server started for the run. From the event log in Postgres it prints:
   the queue's launch to the run's end (process start, code load, resources, event writes),
   with its parts, the share of slot time spent in steps, and the wall seconds per partition;
 
+- `code_location_import_vs_dagster`: seconds to import `sae_assets.definitions` in a fresh
+  interpreter over seconds to import `dagster` alone (best of five each, measured before the
+  cluster starts), which every run process pays;
+
 and, as the last line, the overhead over the work. The corpus step is a small read and one
 Parquet write, so the figure is Dagster's cost of one run per partition beside little work:
-what to weigh against a partition's own minutes when choosing the shard size.
+what to weigh against a partition's own minutes when choosing the shard size. `--executor`
+runs the code location with another executor (SAE_ASSETS_EXECUTOR) to compare the choices.
 
-    .venv/bin/python bench/backfill_load.py [--partitions 200] [--max-concurrent-runs 4] [--storage local|s3] [--keep]
+    .venv/bin/python bench/backfill_load.py [--partitions 200] [--max-concurrent-runs 4] [--storage local|s3]
+        [--executor one_process_per_step|multiprocess|in_process] [--keep]
 """
 
 from __future__ import annotations
@@ -56,12 +62,15 @@ def write_corpus(path: Path, documents: int) -> Path:
     return path
 
 
-def code_load_seconds() -> float:
-    """Seconds a fresh interpreter takes to import the code location (what every run repeats)."""
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import sae_assets.definitions"], check=True, cwd=_common.REPO_ROOT,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
+def import_seconds(module: str, repeats: int = 5) -> float:
+    """Best of `repeats` wall seconds for a fresh interpreter to import `module` (and exit)."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True, cwd=_common.REPO_ROOT,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 def finished_runs(pg, backfill_id: str) -> dict[str, str]:
@@ -82,7 +91,8 @@ def run_backfill(cluster, pg, partitions: list[str], timeout: float) -> tuple[fl
     Polls Postgres every 2 s rather than the webserver's backfill query, whose 200-run answer
     would load the machine it is measuring."""
     launched = time.time()
-    backfill_id = cluster.launch_backfill(["corpus_shards"], partitions, f"load {len(partitions)}")
+    # No run config, as a backfill launched from the UI: the code location's executor decides.
+    backfill_id = cluster.launch_backfill(["corpus_shards"], partitions, f"load {len(partitions)}", run_config={})
     deadline, done = launched + timeout, {}
     while time.time() < deadline:
         cluster.check_alive()
@@ -101,7 +111,7 @@ def run_backfill(cluster, pg, partitions: list[str], timeout: float) -> tuple[fl
     return launched, runs_ended, time.time(), sorted(done)
 
 
-def report(times: dict, launched: float, completed: float, max_runs: int, code_load: float) -> None:
+def report(times: dict, launched: float, completed: float, max_runs: int, imports: dict[str, float]) -> None:
     from cluster import peak_concurrency
 
     runs = list(times.values())
@@ -125,14 +135,17 @@ def report(times: dict, launched: float, completed: float, max_runs: int, code_l
     print(f"  launch -> run start       {spawn:8.2f} s  (code server spawns the process, which loads the code)")
     print(f"  run start -> end, no step {in_run:8.2f} s  (resources, events to Postgres, run bookkeeping)")
     print(f"  step (the asset's work)   {work:8.2f} s")
-    print(f"  for reference: importing sae_assets.definitions in a fresh interpreter took {code_load:.2f} s")
+    code_load, dagster_load = imports["sae_assets.definitions"], imports["dagster"]
+    print(f"  for reference: a fresh interpreter imports sae_assets.definitions in {code_load:.2f} s, "
+          f"dagster alone in {dagster_load:.2f} s")
     print(f"share of run-slot time spent in steps: {work / in_flight:.1%}")
     print(f"wall_per_partition_s: {wall / n:.3f}")
     print(f"backfill_wall_s: {wall:.1f}")
     print(f"runs_per_minute: {60 * n / wall:.1f}")
     print(f"work_per_partition_s: {work:.3f}")
     print(f"dagster_overhead_per_partition_s: {overhead:.2f}")
-    print(f"overhead_vs_work: {overhead / work:.1f}")
+    print(f"code_location_import_vs_dagster: {code_load / dagster_load:.2f}")
+    print(f"overhead_vs_work: {overhead / work:.2f}")
 
 
 def main() -> int:
@@ -141,6 +154,8 @@ def main() -> int:
     parser.add_argument("--max-concurrent-runs", type=int, default=4, help="the run queue's limit (default 4)")
     parser.add_argument("--documents-per-shard", type=int, default=5)
     parser.add_argument("--storage", choices=("local", "s3"), default="local")
+    parser.add_argument("--executor", choices=("one_process_per_step", "multiprocess", "in_process"),
+                        default="one_process_per_step", help="the code location's executor (SAE_ASSETS_EXECUTOR)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the runs")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, config) and print its path")
     args = parser.parse_args()
@@ -156,30 +171,32 @@ def main() -> int:
     try:
         with ExitStack() as stack:
             corpus = write_corpus(tmp / "corpus.jsonl", args.partitions * args.documents_per_shard)
-            storage, code_env = {"root": str(tmp / "artifacts"), "cache_dir": str(tmp / "cache" / "{run_id}")}, {}
+            storage = {"root": str(tmp / "artifacts"), "cache_dir": str(tmp / "cache" / "{run_id}")}
+            code_env = {"SAE_ASSETS_EXECUTOR": args.executor}
             if args.storage == "s3":
                 from conftest import running_weed
 
                 weed = stack.enter_context(running_weed(tmp / "seaweedfs", graceful=False)).info
                 storage.update(backend="s3", endpoint_url=weed.endpoint_url, bucket=weed.bucket, prefix="load")
-                code_env = {"AWS_ACCESS_KEY_ID": weed.access_key_id, "AWS_SECRET_ACCESS_KEY": weed.secret_access_key}
+                code_env.update(AWS_ACCESS_KEY_ID=weed.access_key_id, AWS_SECRET_ACCESS_KEY=weed.secret_access_key)
             config_path = write_run_config(tmp, TINY, storage, corpus={
                 "source": "local", "paths": [str(corpus)], "num_shards": args.partitions, "max_documents": 0,
                 "min_document_chars": 10})
-            code_load = code_load_seconds()
+            imports = {module: import_seconds(module) for module in ("dagster", "sae_assets.definitions")}
             pg = stack.enter_context(postgres_server(bin_dir))
             started = time.time()
             cluster = stack.enter_context(running_cluster(
                 tmp, pg, {**code_env, "SAE_ASSETS_CONFIG": config_path},
                 max_concurrent_runs=args.max_concurrent_runs))
-            print(f"cluster ready in {time.time() - started:.1f} s on {os.cpu_count()} CPUs; storage {args.storage}; "
+            print(f"cluster ready in {time.time() - started:.1f} s on {os.cpu_count()} CPUs; executor {args.executor}; "
+                  f"storage {args.storage}; "
                   f"{args.partitions} partitions of {args.documents_per_shard} documents; temp dir {tmp}")
             partitions = [f"shard-{i:04d}" for i in range(args.partitions)]
             for key in partitions:
                 cluster.add_partition("shards", key)
             launched, runs_ended, completed, run_ids = run_backfill(cluster, pg, partitions, args.timeout)
             print(f"all {len(run_ids)} runs ended {runs_ended - launched:.1f} s after launch")
-            report(run_times(pg, run_ids), launched, completed, args.max_concurrent_runs, code_load)
+            report(run_times(pg, run_ids), launched, completed, args.max_concurrent_runs, imports)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -61,11 +61,22 @@ def build_resources(config_path: str | None) -> dict[str, dg.ConfigurableResourc
     return {"settings": RunSettings(config_path=config_path), "storage": ArtifactStorage.from_config(config.storage)}
 
 
+KEEP_FRESH = dg.AutomationConditionSensorDefinition(
+    "keep_fresh", target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Evaluates every asset's automation condition (identity.keep_fresh): launches runs for the "
+    "partitions that are newly missing, whose code version changed or whose inputs' data versions changed.")
+"""The daemon's side of `make demo`: both request what `keep_fresh` requests. Running by default;
+an instance that should only run what is launched by hand sets `auto_materialize: {enabled: false,
+use_sensors: false}` in dagster.yaml."""
+
+
 def build_definitions(config_path: str | None = None) -> dg.Definitions:
-    # The executor: Dagster's default (multiprocess) unless $SAE_ASSETS_EXECUTOR names another
+    # The executor: one_process_per_step (deploy_settings) unless $SAE_ASSETS_EXECUTOR names another
     # (`k8s` on a cluster: one pod per step, GPUs for the device steps; deploy/README.md).
     return dg.Definitions(assets=graph_assets(load_config(config_path)), asset_checks=ALL_CHECKS,
-                          sensors=[sensors.corpus_growth], jobs=[maintenance.garbage_collection_job],
+                          sensors=[sensors.config_partitions_sensor, sensors.corpus_growth, KEEP_FRESH],
+                          jobs=[maintenance.garbage_collection_job],
                           schedules=[maintenance.garbage_collection_schedule], resources=build_resources(config_path),
                           executor=deploy_settings.executor_from_env())
 

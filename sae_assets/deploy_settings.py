@@ -1,8 +1,12 @@
 """Deployment settings of the code location: which executor runs a run's steps, and what the
 steps that hold a model ask Kubernetes for.
 
-Locally (and in docker-compose) every run uses Dagster's default executor, one process per
-step inside the run worker. On Kubernetes, `SAE_ASSETS_EXECUTOR=k8s` makes every step its own
+Locally (and in docker-compose) runs use `one_process_per_step`: a run of one step (one
+partition of one asset, or a ranged backfill run) executes that step in the run worker
+itself, so a partition costs one process and one code load, not a run process plus a step
+process; a run of several steps hands them to Dagster's multiprocess executor, whose step
+processes fork from a forkserver that has the code location preloaded. The README's
+"Runs and processes" gives the measurements behind the choice. On Kubernetes, `SAE_ASSETS_EXECUTOR=k8s` makes every step its own
 pod (dagster-k8s `k8s_job_executor`), and `SAE_ASSETS_K8S_GPUS=<n>` gives the pods of the
 device steps (`device_assets()`: those whose identity declares a torch device) n GPUs, a
 toleration for GPU-node taints and, optionally, a node selector. The GPU request is the
@@ -22,7 +26,8 @@ from typing import Any
 import dagster as dg
 
 EXECUTOR_ENV_VAR = "SAE_ASSETS_EXECUTOR"
-"""'' or 'multiprocess' (Dagster's default), 'in_process', or 'k8s' (one pod per step)."""
+"""'' (one_process_per_step), 'multiprocess' (Dagster's default: a spawned process per step),
+'in_process', or 'k8s' (one pod per step)."""
 GPUS_ENV_VAR = "SAE_ASSETS_K8S_GPUS"
 """GPUs per device step under the k8s executor; 0 or unset asks for none (a CPU cluster)."""
 GPU_NODE_SELECTOR_ENV_VAR = "SAE_ASSETS_K8S_GPU_NODE_SELECTOR"
@@ -104,12 +109,67 @@ def k8s_executor(defaults: Mapping[str, Any]) -> dg.ExecutorDefinition:
     )
 
 
-def executor_from_env(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition | None:
-    """The executor named by SAE_ASSETS_EXECUTOR; None means Dagster's default (multiprocess)."""
+class _OneProcessPerStep(dg.Executor):
+    """Runs a one-step plan in the calling process (the run worker), a longer plan through the
+    multiprocess executor."""
+
+    def __init__(self, single_step: dg.Executor, several_steps: dg.Executor):
+        self._single_step, self._several_steps = single_step, several_steps
+
+    @property
+    def retries(self):
+        return self._several_steps.retries
+
+    @property
+    def step_dependency_config(self):
+        return self._several_steps.step_dependency_config
+
+    def execute(self, plan_context, execution_plan):
+        steps = execution_plan.step_keys_to_execute
+        chosen = self._single_step if len(steps) == 1 else self._several_steps
+        return chosen.execute(plan_context, execution_plan)
+
+
+_MULTIPROCESS_CONFIG = dg.multiprocess_executor.config_schema.as_field().config_type
+_IN_PROCESS_CONFIG = dg.in_process_executor.config_schema.as_field().config_type
+
+
+@dg.executor(name="one_process_per_step", requirements=dg.multiple_process_executor_requirements(), config_schema={
+    "multiprocess": dg.Field(_MULTIPROCESS_CONFIG, is_required=False,
+                             description="Every step in its own process (Dagster's multiprocess executor)."),
+    "in_process": dg.Field(_IN_PROCESS_CONFIG, is_required=False, description="Every step in the run worker."),
+})
+def one_process_per_step_executor(init_context: dg.InitExecutorContext) -> dg.Executor:
+    """One process per step. Without config, a run of one step executes it in the run worker, and
+    a run of several forks their processes from a forkserver with the code location preloaded.
+    `multiprocess: {...}` or `in_process: {...}` (the run config Dagster's default executor takes)
+    pick that executor for every step of the run."""
+    config = init_context.executor_config
+
+    def make(definition: dg.ExecutorDefinition, executor_config) -> dg.Executor:
+        return definition.executor_creation_fn(dg.InitExecutorContext(
+            job=init_context.job, executor_def=definition, executor_config=executor_config,
+            instance=init_context.instance))
+
+    if "in_process" in config:
+        return make(dg.in_process_executor, config["in_process"])
+    if "multiprocess" in config:
+        return make(dg.multiprocess_executor, config["multiprocess"])
+    defaults = {"retries": {"enabled": {}}}
+    return _OneProcessPerStep(
+        make(dg.in_process_executor, defaults),
+        # forkserver preloads the job's module (sae_assets.definitions) once per run.
+        make(dg.multiprocess_executor, {**defaults, "start_method": {"forkserver": {}}}))
+
+
+def executor_from_env(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
+    """The executor named by SAE_ASSETS_EXECUTOR (default one_process_per_step)."""
     env = os.environ if environ is None else environ
     kind = env.get(EXECUTOR_ENV_VAR, "").strip().lower()
-    if kind in ("", "multiprocess", "default"):
-        return None
+    if kind in ("", "default", "one_process_per_step"):
+        return one_process_per_step_executor
+    if kind == "multiprocess":
+        return dg.multiprocess_executor
     if kind == "in_process":
         return dg.in_process_executor
     if kind == "k8s":
@@ -122,4 +182,5 @@ def executor_from_env(environ: Mapping[str, str] | None = None) -> dg.ExecutorDe
             raise ValueError(f"{GPUS_ENV_VAR} must be >= 0 and {MAX_CONCURRENT_ENV_VAR} >= 1")
         selector = parse_node_selector(env.get(GPU_NODE_SELECTOR_ENV_VAR, ""))
         return k8s_executor(k8s_executor_defaults(gpus, selector, max_concurrent))
-    raise ValueError(f"{EXECUTOR_ENV_VAR}={kind!r} is not one of '', 'multiprocess', 'in_process', 'k8s'")
+    raise ValueError(f"{EXECUTOR_ENV_VAR}={kind!r} is not one of '', 'one_process_per_step', 'multiprocess', "
+                     "'in_process', 'k8s'")

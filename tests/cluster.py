@@ -48,6 +48,11 @@ storage:
       db_name: {env: DAGSTER_PG_DB}
       # SQLAlchemy 2.1 maps plain "postgresql" to psycopg 3; dagster-postgres installs psycopg2.
       scheme: postgresql+psycopg2
+# The tests launch every run themselves: the keep_fresh automation sensor (on by default) would
+# launch its own for whatever is missing.
+auto_materialize:
+  enabled: false
+  use_sensors: false
 run_coordinator:
   module: dagster.core.run_coordinator
   class: QueuedRunCoordinator

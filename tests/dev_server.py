@@ -37,7 +37,8 @@ IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 location once (the multiprocess mode starts another Python process per step). The tests run the
 backfill of the model-holding shard asset on the multiprocess executor, as a UI-launched backfill does."""
 MULTIPROCESS: dict = {}
-"""Run config of the default executor as the UI launches it: multiprocess, a process per step."""
+"""Run config of the default executor (one_process_per_step) as the UI launches it: a one-step run
+executes in its run worker, a longer one forks a process per step."""
 START_TIMEOUT, RUN_TIMEOUT, BACKFILL_TIMEOUT = 240, 300, 420
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
 BACKFILL_DONE = {"COMPLETED", "COMPLETED_SUCCESS"}
@@ -217,6 +218,19 @@ class DagsterDev:
               __typename ... on AddDynamicPartitionSuccess { partitionKey } ... on Error { message } } }""",
                           {"repo": self._repository(), "name": partitions_def, "key": key})["addDynamicPartition"]
         assert result["__typename"] == "AddDynamicPartitionSuccess", result
+
+    def wait_partitions(self, asset: str, wanted: list[str], timeout: float = 90.0) -> list[str]:
+        """The partition keys of `asset` once they include `wanted` (added by a sensor, say)."""
+        deadline, keys = time.monotonic() + timeout, []
+        while time.monotonic() < deadline:
+            self.check_alive()
+            node = self.gql("query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { "
+                            "... on AssetNode { partitionKeys } } }", {"key": {"path": [asset]}})
+            keys = node["assetNodeOrError"].get("partitionKeys") or []
+            if set(wanted) <= set(keys):
+                return keys
+            time.sleep(1)
+        self.fail(f"{asset} has partitions {keys} after {timeout:.0f} s, not {wanted}")
 
     def launch_run(self, assets: list[str], partition: str | None = None) -> str:
         """One run of the implicit asset job for `assets` (one partition of them, if given)."""

@@ -123,7 +123,7 @@ def install(points: _Points) -> None:
     from sae_assets.core.activations import caching as activations
     from sae_assets.core import shuffle as sh
     from sae_assets.core.sae import checkpoint
-    from sae_assets.defs import dictionary_assets
+    from sae_assets.core.sae import training as sae_training  # sae_dictionary imports train_sae from here per run
 
     _wrap_generator(activations, "cache_activations", "cache_batch", points)
     _wrap_generator(sh, "scatter_batches", "scatter_piece", points)
@@ -144,7 +144,7 @@ def install(points: _Points) -> None:
 
     checkpoint.os = types.SimpleNamespace(**{**vars(real_os), "replace": replace})
 
-    train_sae = dictionary_assets.train_sae
+    train_sae = sae_training.train_sae
 
     def traced_train_sae(sae, batches, cfg, point, *, on_checkpoint=None, **kwargs):
         def traced_batches(start_step: int):
@@ -159,7 +159,7 @@ def install(points: _Points) -> None:
 
         return train_sae(sae, traced_batches, cfg, point, on_checkpoint=checkpointed, **kwargs)
 
-    dictionary_assets.train_sae = traced_train_sae
+    sae_training.train_sae = traced_train_sae
 
 
 def main(argv: list[str]) -> int:

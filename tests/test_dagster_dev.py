@@ -5,7 +5,7 @@ process group, with DAGSTER_HOME in a temporary directory (queued run coordinato
 a time, pools limited to one step at a time) and a tiny run config over local text files. The
 first test materializes the corpus group, language_model, cached_activations, shuffle_plan and
 shuffle_scatter — through partition backfills launched by GraphQL for the shard assets
-(cached_activations on the multiprocess executor, one run per shard, its steps serialized by the
+(cached_activations one run per shard, each step in its run worker, the steps serialized by the
 "model" pool; shuffle_scatter under its single-run backfill policy, both shards in one run), and
 single runs for the rest — then edits the text of shard 1 only, rematerializes corpus_shards[shard-0001], asserts which
 partitions Dagster reports stale, backfills exactly those and asserts from the materialization
@@ -33,6 +33,11 @@ ARTIFACTS = REPO / "test-artifacts"
 DAGSTER_YAML = """\
 telemetry:
   enabled: false
+# The tests launch every run themselves: the keep_fresh automation sensor (on by default) would
+# launch its own for whatever is missing.
+auto_materialize:
+  enabled: false
+  use_sensors: false
 run_coordinator:
   module: dagster.core.run_coordinator
   class: QueuedRunCoordinator
@@ -78,8 +83,9 @@ def statuses(state: dict[str, Cell]) -> dict[str, str]:
 
 def test_backfill_then_one_changed_shard_is_stale_and_rematerializes_alone(dagster):
     dev, documents = dagster
-    for key in SHARDS:
-        dev.add_partition("shards", key)
+    # Nothing adds the partitions by hand: the config_partitions sensor (on by default) adds the
+    # ones the config implies on its first tick.
+    assert dev.wait_partitions("corpus_shards", SHARDS) == SHARDS
 
     # Upstream of the backfill: each corpus shard, then the tokenizer trained on all of them.
     first = {key: dev.launch_run(["corpus_shards"], key) for key in SHARDS}
@@ -90,7 +96,8 @@ def test_backfill_then_one_changed_shard_is_stale_and_rematerializes_alone(dagst
     log("corpus_shards and tokenizer materialized by single runs")
 
     # (1) A partition backfill through GraphQL: corpus_shards and token_shards over every shard.
-    b1 = dev.launch_backfill(["corpus_shards", "token_shards"], SHARDS, "initial shards")
+    # No run config, as the UI launches it: each run has two steps, forked from the forkserver.
+    b1 = dev.launch_backfill(["corpus_shards", "token_shards"], SHARDS, "initial shards", MULTIPROCESS)
     dev.wait_backfill(b1, runs_done=2)
     language_model = dev.launch_run(["language_model"])  # while the daemon's next pass closes the backfill
     done = dev.wait_backfill(b1)
@@ -128,8 +135,11 @@ def test_backfill_then_one_changed_shard_is_stale_and_rematerializes_alone(dagst
     scatter_tags = next({t["key"]: t["value"] for t in r["tags"]} for r in scattered["runs"])
     assert (scatter_tags["dagster/asset_partition_range_start"], scatter_tags["dagster/asset_partition_range_end"]) \
         == (S0, S1), "one ranged run for every shard of shuffle_scatter"
-    for run in activations:
-        assert "multiprocess executor" in dev.engine_messages(run), "the backfill's runs use the multiprocess executor"
+    for run in activations:  # one process per step: a one-step run executes it in the run worker
+        assert "Executing steps in process" in dev.engine_messages(run)
+        assert "multiprocess executor" not in dev.engine_messages(run)
+    for run in by_shard.values():  # a two-step run forks each step from a preloaded forkserver
+        assert "multiprocess executor" in dev.engine_messages(run)
     # Pools: cached_activations is in the "model" pool, limited to one step at a time.
     (start0, end0), (start1, end1) = (dev.step_interval(r, "cached_activations") for r in activations)
     assert end0 <= start1 or end1 <= start0, "two steps of the 'model' pool ran at once"

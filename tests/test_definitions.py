@@ -103,3 +103,43 @@ def test_the_code_location_offers_garbage_collection_as_a_job_and_a_stopped_sche
     assert [node.name for node in job.nodes] == ["collect_garbage"]
     [schedule] = [s for s in defs.schedules if s.job_name == "garbage_collection_job"]
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+
+
+def test_partitions_exist_without_a_command_through_the_config_partitions_sensor(tmp_path):
+    """On by default; its first tick adds every partition the config implies, the next finds
+    nothing to do, and a narrower sweep removes the partition of the point taken out."""
+    from support import TINY, overlay, write_run_config
+
+    from resources import RunSettings
+    from sae_assets.defs import sensors
+    from sae_assets.defs.partitions import config_partitions
+
+    assert sensors.config_partitions_sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert "config_partitions" in {s.name for s in defs.sensors}
+    config_path = write_run_config(tmp_path, TINY, {"root": str(tmp_path / "artifacts")})
+
+    def tick(instance, path):
+        context = dg.build_sensor_context(instance=instance, resources={"settings": RunSettings(config_path=path)})
+        outcome = sensors.config_partitions_sensor(context)
+        if isinstance(outcome, dg.SkipReason):
+            return outcome
+        for request in outcome.dynamic_partitions_requests:  # what the sensor daemon does with them
+            if isinstance(request, dg.AddDynamicPartitionsRequest):
+                instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+            else:
+                for key in request.partition_keys:
+                    instance.delete_dynamic_partition(request.partitions_def_name, key)
+        return outcome
+
+    with dg.instance_for_test() as instance:
+        assert instance.get_dynamic_partitions("shards") == []
+        tick(instance, config_path)
+        wanted = config_partitions(load_config(config_path))
+        assert wanted["shards"] == ["shard-0000", "shard-0001"] and len(wanted["dictionaries"]) == 2
+        for kind, keys in wanted.items():
+            assert sorted(instance.get_dynamic_partitions(kind)) == sorted(keys), kind
+        assert isinstance(tick(instance, config_path), dg.SkipReason)
+        narrower = write_run_config(tmp_path, overlay(TINY, sae={"sweep": TINY["sae"]["sweep"][:1]}),
+                                    {"root": str(tmp_path / "artifacts")})
+        tick(instance, narrower)
+        assert instance.get_dynamic_partitions("dictionaries") == config_partitions(load_config(narrower))["dictionaries"]

@@ -22,6 +22,7 @@ import functools
 import importlib
 import importlib.metadata
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -324,8 +325,8 @@ def test_gpu_step_config_is_valid_dagster_k8s_config_and_renders_into_a_job():
 
 
 def test_executor_from_env_choices():
-    assert deploy_settings.executor_from_env({}) is None
-    assert deploy_settings.executor_from_env({"SAE_ASSETS_EXECUTOR": "multiprocess"}) is None
+    assert deploy_settings.executor_from_env({}) is deploy_settings.one_process_per_step_executor
+    assert deploy_settings.executor_from_env({"SAE_ASSETS_EXECUTOR": "multiprocess"}) is dg.multiprocess_executor
     assert deploy_settings.executor_from_env({"SAE_ASSETS_EXECUTOR": "in_process"}) is dg.in_process_executor
     assert deploy_settings.k8s_executor_defaults(0)["per_step_k8s_config"] == {}, "no GPU request on a CPU cluster"
     with pytest.raises(ValueError, match="SAE_ASSETS_EXECUTOR"):
@@ -334,6 +335,54 @@ def test_executor_from_env_choices():
         deploy_settings.executor_from_env({"SAE_ASSETS_EXECUTOR": "k8s", "SAE_ASSETS_K8S_GPU_NODE_SELECTOR": "nvidia"})
     with pytest.raises(ValueError, match="integers"):
         deploy_settings.executor_from_env({"SAE_ASSETS_EXECUTOR": "k8s", "SAE_ASSETS_K8S_GPUS": "one"})
+
+
+@dg.asset
+def probe_first(context):  # unannotated: this module uses postponed annotations
+    context.log.info(f"step process {os.getpid()} {os.getppid()}")
+
+
+@dg.asset(deps=[probe_first])
+def probe_second(context):
+    context.log.info(f"step process {os.getpid()} {os.getppid()}")
+
+
+def probe_job() -> dg.JobDefinition:
+    """Two assets under the code location's default executor (reconstructable: a module function)."""
+    return dg.Definitions(assets=[probe_first, probe_second], jobs=[dg.define_asset_job("probe")],
+                          executor=deploy_settings.executor_from_env({})).resolve_job_def("probe")
+
+
+def _step_processes(instance, run_config: dict, selection: list[str] | None) -> tuple[set[tuple[int, int]], int, str]:
+    """((pid, parent pid) the steps logged from, the run worker's pid, the engine's messages) of one run."""
+    job = dg.reconstructable(probe_job)
+    if selection:
+        job = job.get_subset(asset_selection={dg.AssetKey(name) for name in selection})
+    result = dg.execute_job(job, instance=instance, run_config=run_config)
+    assert result.success
+    logs = instance.all_logs(result.run_id)
+    pids = {tuple(map(int, e.user_message.split()[-2:])) for e in logs if e.user_message.startswith("step process ")}
+    engine = " | ".join(e.message for e in result.all_events if e.event_type_value == "ENGINE_EVENT")
+    return pids, os.getpid(), engine
+
+
+def test_one_process_per_step(tmp_path, monkeypatch):
+    """A one-step run executes its step in the run worker (here: this process, as execute_job runs
+    the run worker in-process); a two-step run forks one process per step from a forkserver; the
+    run config Dagster's default executor takes still picks an executor for the whole run."""
+    monkeypatch.chdir(Path(__file__).parent)  # where a step process finds this module (probe_job)
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        steps, worker, engine = _step_processes(instance, {}, ["probe_first"])
+        assert {pid for pid, _ in steps} == {worker} and "Executing steps in process" in engine
+        steps, worker, engine = _step_processes(instance, {}, None)
+        assert len(steps) == 2 and "multiprocess executor" in engine
+        assert all(pid != worker and parent != worker for pid, parent in steps), \
+            "forked by a forkserver, not spawned by the run worker"
+        steps, worker, _ = _step_processes(instance, {"execution": {"config": {"in_process": {}}}}, None)
+        assert {pid for pid, _ in steps} == {worker}
+        steps, worker, _ = _step_processes(instance, {"execution": {"config": {"multiprocess": {}}}}, ["probe_first"])
+        [(pid, parent)] = steps
+        assert pid != worker and parent == worker, "multiprocess (spawn): a child process even for one step"
 
 
 # --- docker-compose.yaml, .env.example, workspace, run config --------------------------------------

@@ -1,12 +1,15 @@
-"""The layering: sae_assets.core knows nothing of Dagster, boto3 or resources; no test module
-imports another."""
+"""The layering: sae_assets.core knows nothing of Dagster, boto3 or resources; loading the code
+location (sae_assets.definitions and every sae_assets.defs module) loads no torch, no model or
+tokenizer library, no dataframe library and no numeric core; no project module imports Dagster's
+private `dagster._core`; no test module imports another."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
-CORE = Path(__file__).resolve().parent.parent / "sae_assets" / "core"
+REPO = Path(__file__).resolve().parent.parent
+CORE = REPO / "sae_assets" / "core"
 FORBIDDEN = ("dagster", "boto3", "botocore", "resources", "sae_assets.defs")
 
 
@@ -39,6 +42,41 @@ def test_importing_core_loads_no_forbidden_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"core pulled in: {out.stdout.strip()}"
+
+
+CODE_LOCATION_MAY_NOT_LOAD = ("torch", "transformer_lens", "tokenizers", "safetensors", "polars", "numpy", "pyarrow",
+                              "matplotlib", "boto3", "datasets", "transformers")
+"""What the code server, every run worker and `dg check defs` would otherwise import before a step
+even starts; the asset bodies import what they use."""
+
+
+def test_loading_the_code_location_loads_no_heavy_module():
+    """In a fresh interpreter: import sae_assets.definitions and every sae_assets.defs module, then
+    list the heavy modules and the sae_assets.core modules other than config that got loaded."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import sae_assets.definitions, sae_assets.defs\n"
+        "for m in pkgutil.iter_modules(sae_assets.defs.__path__):\n"
+        "    importlib.import_module('sae_assets.defs.' + m.name)\n"
+        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({CODE_LOCATION_MAY_NOT_LOAD!r}))\n"
+        "core = sorted(m for m in sys.modules if m.startswith('sae_assets.core.') and m != 'sae_assets.core.config')\n"
+        "defs = sorted(m for m in sys.modules if m.startswith('sae_assets.defs.'))\n"
+        "print(','.join(heavy)); print(','.join(core)); print(len(defs))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    heavy, core, defs = out.stdout.rstrip("\n").split("\n")
+    assert int(defs) >= 10, "the check imported the defs modules"
+    assert heavy == "", f"loading the code location imported {heavy}"
+    assert core == "", f"loading the code location imported core modules {core}"
+    assert out.stderr == "", f"loading the code location printed: {out.stderr}"
+
+
+def test_no_project_module_imports_dagster_private_core():
+    sources = [*sorted((REPO / "sae_assets").rglob("*.py")), *sorted((REPO / "resources").rglob("*.py"))]
+    assert len(sources) > 30
+    offenders = [f"{p.relative_to(REPO)}: {n}" for p in sources for n in imported_modules(p)
+                 if n.startswith("dagster._")]
+    assert not offenders, offenders
 
 
 def test_no_test_module_imports_another():

@@ -72,6 +72,25 @@ def test_training_curve_covers_the_run_and_the_lr_decays(trained):
     assert max(expected.values()) >= 1, f"no point had dead features to resample: {expected}"
 
 
+def test_long_steps_log_progress_lines_to_the_run_log(trained):
+    """Each long step's core loop reports through context.log, so its lines are in the run's
+    event log (the run's log view in the UI): step/total, tokens/s, loss where there is one, ETA."""
+    instance = trained[0]
+    lines = [entry.user_message for run in instance.get_runs() for entry in instance.all_logs(run.run_id)
+             if entry.dagster_event is None and re.search(r": step \d+/\d+ \(", entry.user_message or "")]
+    by_asset = {}
+    for line in lines:
+        by_asset.setdefault(re.match(r"[a-z_]+", line).group(), []).append(line)
+    assert set(by_asset) >= {"language_model", "cached_activations", "sae_dictionary", "feature_samples",
+                             "context_gather", "context_windows", "attribution_tables"}, sorted(by_asset)
+    for key in dictionary_keys(instance):
+        mine = [line for line in by_asset["sae_dictionary"] if line.startswith(f"sae_dictionary[{key}]: ")]
+        assert re.search(r"step 1/100 \(1\.0%\), [\d,]+ tokens/s, loss [\d.e+-]+, ETA \d", mine[0]), mine
+        assert re.search(r"step 100/100 \(100\.0%\), [\d,]+ tokens/s, loss [\d.e+-]+, done in \d", mine[-1]), mine
+    assert all("loss" in line for line in by_asset["language_model"])
+    assert not any("loss" in line for line in by_asset["cached_activations"])
+
+
 def test_metrics_are_recorded_with_their_checks(trained):
     instance, _, store, _ = trained
     for key in dictionary_keys(instance):

@@ -9,12 +9,7 @@ import time
 import dagster as dg
 
 from resources import ArtifactStorage, RunSettings
-from resources.arrow_files import open_ipc_table, write_ipc_file
-from sae_assets.core import schemas
-from sae_assets.core.activations import caching as activations
-from sae_assets.core.model import lm
-from sae_assets.core.corpus import tokenization
-from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.common import progress_log, read_upstream, result
 from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.corpus_assets import token_shards
 from sae_assets.defs.model_assets import language_model, load_language_model
@@ -35,6 +30,12 @@ CACHED_ACTIVATIONS = AssetIdentity("cached_activations", version="1", pool="mode
     "and 64-bit global token index (Arrow IPC, memory-mappable).",
 )
 def cached_activations(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    from resources.arrow_files import open_ipc_table, write_ipc_file
+    from sae_assets.core import schemas
+    from sae_assets.core.activations import caching as activations
+    from sae_assets.core.corpus import tokenization
+    from sae_assets.core.model import lm
+
     cfg = settings.load().activations
     store = storage.store()
     [shard_manifest], upstream = read_upstream(store, "token_shards", [context.partition_key])
@@ -49,7 +50,7 @@ def cached_activations(context: dg.AssetExecutionContext, settings: RunSettings,
     with CACHED_ACTIVATIONS.writer(store, settings.load(), context.partition_key, upstream=upstream) as out:
         batches = activations.cache_activations(
             model, tokens_ST, first_S, hook_points=cfg.hook_points, dtype=cfg.dtype, batch_size=cfg.batch_size,
-            device=cfg.device, stats=stats, where=where,
+            device=cfg.device, stats=stats, where=where, progress_log=progress_log(context),
         )
         schema = schemas.activation_schema(widths, cfg.dtype)
         rows, _ = write_ipc_file(out.path(ACTIVATIONS_FILE), schema, batches)

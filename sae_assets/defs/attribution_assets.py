@@ -11,15 +11,9 @@ Computation lives in sae_assets.core.attribution. Tests: tests/test_attribution_
 """
 
 import dagster as dg
-import polars as pl
-import pyarrow.compute as pc
 
 from resources import ArtifactStorage, RunSettings
-from sae_assets.core.model import lm
-from sae_assets.core.attribution import analysis, tables
-from sae_assets.core.attribution.tensors import TensorLayout
-from sae_assets.defs import capture_io
-from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.common import each_partition, progress_log, read_upstream, result
 from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.corpus_assets import load_tokenizer, token_shards, tokenizer
 from sae_assets.defs.model_assets import language_model, load_all_sequences, load_language_model
@@ -51,31 +45,42 @@ PARAMETER_SHIFTS = AssetIdentity("parameter_shifts", version="1", keys=(
     "the top-k |shift| of every datum at every step, and a per-step table with the sum check.",
 )
 def parameter_shifts(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    import pyarrow.compute as pc
+
+    from sae_assets.core.attribution import tables
+    from sae_assets.defs import capture_io
+
     cfg = settings.load()
     store = storage.store()
-    key = context.partition_key
-    start, end = step_range(key)
     lm_manifest = store.require("language_model", None)
-    raw, steps, layout, facts = capture_io.read_range(store, lm_manifest, start, end, key)
-    _check_settings(cfg, facts, f"parameter_shifts[{key}]")
-    shifts = tables.publish_shifts(raw, layout, facts["top_k"])
-    with PARAMETER_SHIFTS.writer(store, cfg, key, upstream={"language_model": lm_manifest.data_version}) as out:
-        capture_io.write_table(out, SHIFTS_FILE, shifts)
-        capture_io.write_table(out, STEPS_FILE, steps)
-        out.extra.update(first_step=start, last_step=end, top_k=facts["top_k"], tensors=layout.names,
-                         optimizer=facts["optimizer"])
-    data = steps.num_rows * facts["batch_size"]
-    return result(out.manifest, store, {
-        "steps": steps.num_rows, "data": data,
-        "bytes_per_datum": dg.MetadataValue.float(out.manifest.files[SHIFTS_FILE].size / data),
-        "sum_check_error_max": dg.MetadataValue.float(pc.max(steps.column("sum_check_error")).as_py()),
-        "topk_mass_mean": dg.MetadataValue.float(pc.mean(steps.column("topk_mass")).as_py()),
-        "mean_loss": dg.MetadataValue.float(pc.mean(steps.column("loss")).as_py()),
-    }, content_version=True)
+
+    def publish_one(key: str):
+        start, end = step_range(key)
+        raw, steps, layout, facts = capture_io.read_range(store, lm_manifest, start, end, key)
+        _check_settings(cfg, facts, f"parameter_shifts[{key}]")
+        shifts = tables.publish_shifts(raw, layout, facts["top_k"])
+        with PARAMETER_SHIFTS.writer(store, cfg, key, upstream={"language_model": lm_manifest.data_version}) as out:
+            capture_io.write_table(out, SHIFTS_FILE, shifts)
+            capture_io.write_table(out, STEPS_FILE, steps)
+            out.extra.update(first_step=start, last_step=end, top_k=facts["top_k"], tensors=layout.names,
+                             optimizer=facts["optimizer"])
+        data = steps.num_rows * facts["batch_size"]
+        return out.manifest, {
+            "steps": steps.num_rows, "data": data,
+            "bytes_per_datum": dg.MetadataValue.float(out.manifest.files[SHIFTS_FILE].size / data),
+            "sum_check_error_max": dg.MetadataValue.float(pc.max(steps.column("sum_check_error")).as_py()),
+            "topk_mass_mean": dg.MetadataValue.float(pc.mean(steps.column("topk_mass")).as_py()),
+            "mean_loss": dg.MetadataValue.float(pc.mean(steps.column("loss")).as_py()),
+        }
+
+    return each_partition(context, store, publish_one, content_version=True)
 
 
-def _corpus(store, context, upstream: dict, cfg) -> analysis.Corpus:
+def _corpus(store, context, upstream: dict, cfg) -> "analysis.Corpus":
     """Every training sequence (the data) with its id, the training token frequencies, token texts."""
+    from sae_assets.core.attribution import analysis
+    from sae_assets.core.model import lm
+
     tokens_ST, first_S, shard_versions = load_all_sequences(store, training_shard_keys(context.instance, cfg))
     tok, tok_manifest = load_tokenizer(store)
     upstream.update(shard_versions, tokenizer=tok_manifest.data_version)
@@ -84,7 +89,9 @@ def _corpus(store, context, upstream: dict, cfg) -> analysis.Corpus:
                                     [tok.decode([i]) for i in range(tok_manifest.extra["vocab_size"])])
 
 
-def _shifts(store, context, lm_manifest, upstream: dict) -> pl.DataFrame:
+def _shifts(store, context, lm_manifest, upstream: dict) -> "pl.DataFrame":
+    import polars as pl
+
     keys = step_range_keys(context.instance)
     if not keys:
         raise ValueError("attribution_tables: no parameter_shifts step ranges exist; sync partitions "
@@ -115,6 +122,10 @@ ATTRIBUTION_TABLES = AssetIdentity(
     "from outlier parameter shifts') and zero-ablation prediction flips against random control units.",
 )
 def attribution_tables(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    from sae_assets.core.attribution import analysis
+    from sae_assets.core.attribution.tensors import TensorLayout
+    from sae_assets.defs import capture_io
+
     cfg = settings.load()
     store = storage.store()
     lm_manifest = store.require("language_model", None)
@@ -128,7 +139,8 @@ def attribution_tables(context: dg.AssetExecutionContext, settings: RunSettings,
         corpus = _corpus(store, context, upstream, cfg)
         model, _ = load_language_model(store, device=cfg.model.device)
         built = analysis.build_tables(shifts, TensorLayout.from_json(facts["layout"]), corpus, model,
-                                      cfg.attribution, batch_size=cfg.activations.batch_size)
+                                      cfg.attribution, batch_size=cfg.activations.batch_size,
+                                      progress_log=progress_log(context))
         note = f"{shifts.height} shifts from {len(step_range_keys(context.instance))} step ranges"
     with ATTRIBUTION_TABLES.writer(store, cfg, None, upstream=upstream) as out:
         for name, table in zip(TABLE_FILES, built):

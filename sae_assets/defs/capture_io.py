@@ -10,21 +10,24 @@ gives the same bytes, without retraining. The raw files are part of language_mod
 version: changing the capture settings retrains and makes downstream assets stale.
 """
 
+from __future__ import annotations
+
 import contextlib
 from collections.abc import Iterator
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
+from typing import TYPE_CHECKING
 
 from resources.manifest import Manifest
 from resources.storage import ArtifactStore, PartitionWriter
-from sae_assets.core.attribution.capture import ShiftCapture
-from sae_assets.core.attribution.records import RangeCapture, step_ranges
-from sae_assets.core.attribution.tensors import TensorLayout
 from sae_assets.core.config import RunConfig
-from sae_assets.core.model.training import training_steps
+
+if TYPE_CHECKING:  # imported where used: loading the code location must not load torch or pyarrow
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from sae_assets.core.attribution.capture import ShiftCapture
+    from sae_assets.core.attribution.records import RangeCapture
+    from sae_assets.core.attribution.tensors import TensorLayout
 
 PARQUET = {"compression": "zstd"}
 
@@ -38,6 +41,8 @@ def step_file(start: int, end: int) -> str:
 
 
 def write_table(out: PartitionWriter, name: str, table: pa.Table) -> None:
+    import pyarrow.parquet as pq
+
     pq.write_table(table, out.path(name), **PARQUET)
     out.describe_table(name, rows=table.num_rows, schema=str(table.schema))
 
@@ -46,6 +51,10 @@ def write_table(out: PartitionWriter, name: str, table: pa.Table) -> None:
 def capture_into(out: PartitionWriter, cfg: RunConfig, model: torch.nn.Module, datum_ids: np.ndarray,
                  context_length: int) -> Iterator[ShiftCapture | None]:
     """A ShiftCapture writing each completed range into `out` (None when capture is off)."""
+    from sae_assets.core.attribution.capture import ShiftCapture
+    from sae_assets.core.attribution.records import step_ranges
+    from sae_assets.core.model.training import training_steps
+
     if not cfg.attribution.capture:
         yield None
         return
@@ -89,6 +98,10 @@ def captured(manifest: Manifest) -> dict:
 def read_range(store: ArtifactStore, manifest: Manifest, start: int, end: int, partition: str
                ) -> tuple[pa.Table, pa.Table, TensorLayout, dict]:
     """(raw shifts, step table, layout, capture facts) of one captured step range."""
+    import pyarrow.parquet as pq
+
+    from sae_assets.core.attribution.tensors import TensorLayout
+
     facts = captured(manifest)
     ranges = [tuple(r) for r in facts["ranges"]]
     if (start, end) not in ranges:

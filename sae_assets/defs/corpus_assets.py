@@ -8,17 +8,8 @@ manifest-last and returns the manifest's hash as its data version.
 import time
 
 import dagster as dg
-import numpy as np
-import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
-from tokenizers import Tokenizer
 
 from resources import ArtifactStorage, RunSettings
-from resources.arrow_files import write_ipc_file
-from sae_assets.core import schemas
-from sae_assets.core.corpus import documents as corpus
-from sae_assets.core.corpus import tokenization
 from sae_assets.defs.common import read_upstream, result
 from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.partitions import SHARDS, shard_index, training_shard_keys
@@ -35,6 +26,13 @@ CORPUS_SHARDS = AssetIdentity("corpus_shards", version="1", keys=tuple(
     description="Documents of the configured corpus, cut into contiguous shards of similar size.",
 )
 def corpus_shards(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sae_assets.core import schemas
+    from sae_assets.core.corpus import documents as corpus
+
     cfg = settings.load()
     index = shard_index(context.partition_key)
     docs = corpus.load_documents(cfg.corpus)
@@ -54,6 +52,8 @@ def corpus_shards(context: dg.AssetExecutionContext, settings: RunSettings, stor
 
 
 def _read_documents(store, manifest) -> list[str]:
+    import polars as pl
+
     return pl.read_parquet(store.fetch(manifest, "documents.parquet"))["text"].to_list()
 
 
@@ -67,6 +67,10 @@ TOKENIZER = AssetIdentity("tokenizer", version="1", keys=(
     description="Byte-level BPE trained on every corpus shard (embedded model), or the named model's own.",
 )
 def tokenizer(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    from tokenizers import Tokenizer
+
+    from sae_assets.core.corpus import tokenization
+
     cfg = settings.load()
     store = storage.store()
     started = time.perf_counter()
@@ -88,8 +92,10 @@ def tokenizer(context: dg.AssetExecutionContext, settings: RunSettings, storage:
                                         "seconds": round(time.perf_counter() - started, 2)})
 
 
-def load_tokenizer(store) -> tuple[Tokenizer, dict]:
+def load_tokenizer(store) -> "tuple[Tokenizer, dict]":
     """The tokenizer asset's Tokenizer and its manifest facts (vocab_size, eos_id)."""
+    from tokenizers import Tokenizer
+
     manifest = store.require("tokenizer", None)
     return Tokenizer.from_str(store.read_bytes(manifest, "tokenizer.json").decode()), manifest
 
@@ -104,6 +110,9 @@ TOKEN_SHARDS = AssetIdentity("token_shards", version="1", keys=("tokenizer.conte
     description="Fixed-length token sequences with stable 64-bit global token indices (Arrow IPC).",
 )
 def token_shards(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    from resources.arrow_files import write_ipc_file
+    from sae_assets.core.corpus import tokenization
+
     cfg = settings.load()
     store = storage.store()
     [doc_manifest], upstream = read_upstream(store, "corpus_shards", [context.partition_key])

@@ -11,15 +11,9 @@ import hashlib
 import json
 
 import dagster as dg
-import polars as pl
 
 from resources import ArtifactStorage, RunSettings
-from resources.arrow_files import open_ipc_table
-from sae_assets.core.sae import data as sae_data
-from sae_assets.core.sae import io as sae_io
-from sae_assets.core.sae.build import build_sae
-from sae_assets.core.sae.training import SaeTrainingError, train_sae
-from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.common import progress_log, read_upstream, result
 from sae_assets.defs.identity import AssetIdentity, dictionary_point
 from sae_assets.defs.partitions import DICTIONARIES, bucket_index, bucket_keys
 from sae_assets.defs.plots import line_chart_markdown
@@ -49,16 +43,21 @@ SAE_DICTIONARY = AssetIdentity(
         "model.val_fraction", "model.seed", "tokenizer.context_length"))
 
 
-def training_stream(store, manifests, cfg) -> sae_data.TrainingStream:
+def training_stream(store, manifests, cfg) -> "sae_data.TrainingStream":
     """What sae_dictionary trains on: the shuffled buckets of `manifests`, held-out tokens dropped."""
+    from resources.arrow_files import open_ipc_table
+    from sae_assets.core.sae import data as sae_data
+
     return sae_data.TrainingStream.for_run([open_ipc_table(store.fetch(m, SHUFFLED_FILE)) for m in manifests], cfg,
                                            bucket_names=[f"shuffled_shards[{m.partition}]" for m in manifests])
 
 
-def set_up_dictionary(key: str, d_in: int, cfg, stream: sae_data.TrainingStream):
+def set_up_dictionary(key: str, d_in: int, cfg, stream: "sae_data.TrainingStream"):
     """The SAE of partition `key` before its first step: input scale and decoder initialised from
     the first INIT_SAMPLE_BATCHES training batches. A bad sample (NaN/inf rows, all zeros) is a
     ValueError naming the partition and, for a non-finite row, its token and shuffled bucket."""
+    from sae_assets.core.sae.build import build_sae
+
     try:
         return build_sae(cfg.sae.point(key), d_in, cfg.sae, stream.init_sample(INIT_SAMPLE_BATCHES)).to(cfg.sae.device)
     except ValueError as exc:
@@ -73,6 +72,11 @@ def set_up_dictionary(key: str, d_in: int, cfg, stream: sae_data.TrainingStream)
     "(architecture, width, sparsity); cfg.json + sae_weights.safetensors as SAELens loads them.",
 )
 def sae_dictionary(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    import polars as pl
+
+    from sae_assets.core.sae import io as sae_io
+    from sae_assets.core.sae.training import SaeTrainingError, train_sae
+
     cfg = settings.load()
     store = storage.store()
     key = context.partition_key
@@ -89,7 +93,8 @@ def sae_dictionary(context: dg.AssetExecutionContext, settings: RunSettings, sto
     checkpoints = store.checkpoint_dir("sae_dictionary", key, tag)
     try:
         outcome = train_sae(sae, batches, cfg.sae, point, checkpoint_dir=checkpoints, fingerprint=fingerprint,
-                            on_checkpoint=lambda path, step: store.mirror_checkpoint("sae_dictionary", key, tag, path))
+                            on_checkpoint=lambda path, step: store.mirror_checkpoint("sae_dictionary", key, tag, path),
+                            progress_log=progress_log(context))
     except SaeTrainingError as exc:
         raise SaeTrainingError(f"sae_dictionary[{key}]: {exc}; the last good checkpoint stays in {checkpoints}",
                                step=exc.step) from exc
@@ -115,9 +120,12 @@ def sae_dictionary(context: dg.AssetExecutionContext, settings: RunSettings, sto
 
 def load_dictionary(store, key: str, device: str = "cpu"):
     """The sae_dictionary partition `key` as our SAE module, with its manifest."""
+    from safetensors.torch import load_file
+
+    from sae_assets.core.sae import io as sae_io
+
     manifest = store.require("sae_dictionary", key)
     cfg_json = json.loads(store.read_bytes(manifest, sae_io.CFG_FILE))
-    from safetensors.torch import load_file
 
     tensors = load_file(str(store.fetch(manifest, sae_io.WEIGHTS_FILE)), device=device)
     return sae_io.sae_from_saelens(cfg_json, tensors, where=f"sae_dictionary[{key}]").to(device), manifest

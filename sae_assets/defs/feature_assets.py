@@ -16,23 +16,16 @@ metric checks failed is refused (features.require_passing_checks).
 
 import json
 import time
-import warnings
 
 import dagster as dg
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from resources import ArtifactStorage, RunSettings
-from resources.arrow_files import open_ipc_table, write_ipc_file
-from sae_assets.core.features import windows as feature_windows
-from sae_assets.core.features import sampling as features
-from sae_assets.core.features import site_data
 from sae_assets.core.config import RunConfig
-from sae_assets.core.features.merge import FeatureSamples, merge_feature_samples
 from sae_assets.defs.activation_assets import ACTIVATIONS_FILE, cached_activations
 from sae_assets.defs.common import (
     SINGLE_RUN,
     each_partition,
+    progress_log,
     read_upstream,
     result,
 )
@@ -99,26 +92,25 @@ NEURONPEDIA_EXPORT = AssetIdentity("neuronpedia_export", version="1", keys=(
     "features.window_before", "features.window_after"))
 
 
-def write_samples(out, samples: FeatureSamples) -> None:
+def write_samples(out, samples: "FeatureSamples") -> None:
+    import pyarrow.parquet as pq
+
     for name in SAMPLE_TABLES:
         table = getattr(samples, name)
         pq.write_table(table, out.path(f"{name}.parquet"))
         out.describe_table(f"{name}.parquet", rows=table.num_rows)
 
 
-def read_samples(store, manifest) -> FeatureSamples:
+def read_samples(store, manifest) -> "FeatureSamples":
+    import pyarrow.parquet as pq
+
+    from sae_assets.core.features.merge import FeatureSamples
+
     return FeatureSamples.from_tables(*(pq.read_table(store.fetch(manifest, f"{n}.parquet")) for n in SAMPLE_TABLES))
 
 
 def _cell(shard: str, feature_range: str) -> dg.MultiPartitionKey:
     return dg.MultiPartitionKey({"shard": shard, "features": feature_range})
-
-
-def _dimension(name: str) -> dg.MultiToSingleDimensionPartitionMapping:
-    """The mapping between SHARD_FEATURES and one of its dimensions (Dagster marks it beta)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", dg.BetaWarning)
-        return dg.MultiToSingleDimensionPartitionMapping(name)
 
 
 def _dictionary_deps(key: str) -> list[dg.AssetDep]:
@@ -141,13 +133,19 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
 
     @FEATURE_SAMPLES.asset(
         group_name="features", partitions_def=SHARD_FEATURES,
-        deps=[dg.AssetDep(cached_activations, partition_mapping=_dimension("shard")),
-              *dictionary],
+        # Each cell reads its shard's activations: Dagster infers the mapping from the shared
+        # `shard` dimension (MultiToSingleDimensionPartitionMapping).
+        deps=[cached_activations, *dictionary],
         description="For each feature of the range over the shard's tokens: exact top-K activations (ties by "
         "global token index), a uniform bottom-k-by-hash sample of activating tokens, count/sum/max and a "
         "log-spaced histogram.",
     )
     def feature_samples(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+        import pyarrow.compute as pc
+
+        from resources.arrow_files import open_ipc_table
+        from sae_assets.core.features import sampling as features
+
         cfg, store = settings.load(), storage.store()
         shard, frange = (context.partition_key.keys_by_dimension[d] for d in ("shard", "features"))
         sae, sae_manifest, upstream = browsed_dictionary(store, cfg, cfg.features.device)
@@ -158,12 +156,12 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         samples = features.sample_activation_table(
             table, hook=sae_manifest.extra["hook"], encode_range=lambda x: sae.encode_range(x, lo, hi), lo=lo,
             hi=hi, top_k=cfg.features.top_k, sample_k=cfg.features.samples_kept, seed=cfg.features.seed,
-            batch_size=cfg.features.batch_size, device=cfg.features.device)
+            batch_size=cfg.features.batch_size, device=cfg.features.device, progress_log=progress_log(context))
         seconds = time.perf_counter() - started
         with FEATURE_SAMPLES.writer(store, cfg, context.partition_key, upstream={**upstream, **versions}) as out:
             write_samples(out, samples)
             out.extra.update(lo=lo, hi=hi, n_tokens=samples.n_tokens)
-        fired = pa.compute.sum(pa.compute.greater(samples.stats.column("count"), 0)).as_py()
+        fired = pc.sum(pc.greater(samples.stats.column("count"), 0)).as_py()
         return result(out.manifest, store, {
             "tokens": samples.n_tokens, "features_fired": fired,
             "token_features_per_second": dg.MetadataValue.float(samples.n_tokens * (hi - lo) / max(seconds, 1e-9)),
@@ -171,11 +169,16 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
 
     @FEATURE_EXAMPLES.asset(
         group_name="features", partitions_def=FEATURE_RANGES,
-        deps=[dg.AssetDep(feature_samples, partition_mapping=_dimension("features"))],
+        deps=[feature_samples],  # every cell of the range (the `features` dimension, inferred)
         description="The exact merge of every shard's feature_samples for the range (independent of sharding), "
         "and the examples each feature page shows. Its data version is the merged content's hash.",
     )
     def feature_examples(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+        import pyarrow.parquet as pq
+
+        from sae_assets.core.features import windows as feature_windows
+        from sae_assets.core.features.merge import merge_feature_samples
+
         cfg, store = settings.load(), storage.store()
         frange = context.partition_key
         cells = [str(_cell(s, frange)) for s in shard_keys(context.instance)]
@@ -209,6 +212,11 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         "A backfill runs every shard in one run.",
     )
     def context_gather(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+        import pyarrow.parquet as pq
+
+        from resources.arrow_files import open_ipc_table, write_ipc_file
+        from sae_assets.core.features import windows as feature_windows
+
         cfg, store = settings.load(), storage.store()
         ranges = feature_range_keys(context.instance)
         examples, upstream = read_upstream(store, "feature_examples", ranges)
@@ -220,8 +228,9 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             [tokens_manifest], token_versions = read_upstream(store, "token_shards", [shard])
             table = open_ipc_table(store.fetch(acts, ACTIVATIONS_FILE))
             with CONTEXT_GATHER.writer(store, cfg, shard, upstream={**upstream, **versions, **token_versions}) as out:
-                total = 0
-                for frange, shown in shown_by_range.items():
+                total, report = 0, progress_log(context, shard)  # one step per feature range
+                report.start(len(shown_by_range))
+                for step, (frange, shown) in enumerate(shown_by_range.items(), start=1):
                     spans, window_tokens = feature_windows.gather_window_tokens(
                         shown, table, shard=shard_index(shard), hook=hook,
                         context_length=tokens_manifest.extra["context_length"], before=cfg.features.window_before,
@@ -232,6 +241,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
                                              window_tokens.to_batches())
                     out.describe_table(f"tokens-{frange}.arrow", rows=rows)
                     total += rows
+                    report.update(step, tokens=total)
+                report.close()
             return out.manifest, {"ranges": len(ranges), "window_tokens": total}
 
         return each_partition(context, store, gather_one)
@@ -243,6 +254,11 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         "window (features.window_before / window_after around it).",
     )
     def context_windows(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+        import pyarrow.parquet as pq
+
+        from resources.arrow_files import open_ipc_table
+        from sae_assets.core.features import windows as feature_windows
+
         cfg, store = settings.load(), storage.store()
         frange = context.partition_key
         sae, lo, hi, examples, upstream = range_inputs(store, cfg, frange)
@@ -253,7 +269,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             shown, [pq.read_table(store.fetch(g, f"spans-{frange}.parquet")) for g in gathers],
             [open_ipc_table(store.fetch(g, f"tokens-{frange}.arrow")) for g in gathers],
             lambda x: sae.encode_range(x, lo, hi), lo=lo, hi=hi, batch_size=cfg.features.batch_size,
-            device=cfg.features.device, where=f"context_windows[{frange}]")
+            device=cfg.features.device, where=f"context_windows[{frange}]", progress_log=progress_log(context))
         with CONTEXT_WINDOWS.writer(store, cfg, frange, upstream={**upstream, **gather_versions}) as out:
             pq.write_table(windows, out.path(WINDOWS_FILE))
             out.describe_table(WINDOWS_FILE, rows=windows.num_rows)
@@ -266,29 +282,37 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         "with context, logit effects of the decoder direction) and the range's index rows.",
     )
     def site_json(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+        import pyarrow.parquet as pq
+
+        from sae_assets.core.features import site_data
+
         cfg, store = settings.load(), storage.store()
-        frange = context.partition_key
-        sae, lo, hi, examples, upstream = range_inputs(store, cfg, frange)
-        [windows], window_versions = read_upstream(store, "context_windows", [frange])
-        samples = read_samples(store, examples)
         model, model_manifest = load_language_model(store, device=cfg.features.device)
         tok, tok_manifest = load_tokenizer(store)
-        logits = site_data.logit_effects(sae.decoder_directions(lo, hi), model.W_U.detach(),
-                                         cfg.features.logit_effects)
-        docs = site_data.feature_documents(
-            samples, pq.read_table(store.fetch(examples, SHOWN_FILE)),
-            pq.read_table(store.fetch(windows, WINDOWS_FILE)), site_data.token_strings(tok), logits=logits,
-            activation_levels=cfg.features.activation_levels, dictionary=dictionary_key)
-        upstream.update(window_versions, language_model=model_manifest.data_version,
-                        tokenizer=tok_manifest.data_version)
-        with SITE_JSON.writer(store, cfg, frange, upstream=upstream) as out:
-            rows = []
-            for doc in docs:
-                out.path(site_data_file(doc["feature"])).write_text(json.dumps(doc, ensure_ascii=False))
-                rows.append(site_data.index_row(doc))
-            out.path(INDEX_ROWS_FILE).write_text(json.dumps(rows, ensure_ascii=False))
-            out.extra.update(lo=lo, hi=hi, n_tokens=samples.n_tokens, hist_edges=list(samples.hist_edges))
-        return result(out.manifest, store, {"features": len(rows)})
+        token_strings = site_data.token_strings(tok)
+
+        def documents_of(frange: str):
+            sae, lo, hi, examples, upstream = range_inputs(store, cfg, frange)
+            [windows], window_versions = read_upstream(store, "context_windows", [frange])
+            samples = read_samples(store, examples)
+            logits = site_data.logit_effects(sae.decoder_directions(lo, hi), model.W_U.detach(),
+                                             cfg.features.logit_effects)
+            docs = site_data.feature_documents(
+                samples, pq.read_table(store.fetch(examples, SHOWN_FILE)),
+                pq.read_table(store.fetch(windows, WINDOWS_FILE)), token_strings, logits=logits,
+                activation_levels=cfg.features.activation_levels, dictionary=dictionary_key)
+            upstream.update(window_versions, language_model=model_manifest.data_version,
+                            tokenizer=tok_manifest.data_version)
+            with SITE_JSON.writer(store, cfg, frange, upstream=upstream) as out:
+                rows = []
+                for doc in docs:
+                    out.path(site_data_file(doc["feature"])).write_text(json.dumps(doc, ensure_ascii=False))
+                    rows.append(site_data.index_row(doc))
+                out.path(INDEX_ROWS_FILE).write_text(json.dumps(rows, ensure_ascii=False))
+                out.extra.update(lo=lo, hi=hi, n_tokens=samples.n_tokens, hist_edges=list(samples.hist_edges))
+            return out.manifest, {"features": len(rows)}
+
+        return each_partition(context, store, documents_of)
 
     @FEATURE_SITE.asset(
         group_name="features",

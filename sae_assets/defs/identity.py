@@ -21,7 +21,6 @@ other. Tests: tests/test_identity.py.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -111,14 +110,24 @@ class AssetIdentity:
         return f"{self.version}+cfg.{config_hash(self.config_values(cfg))[:10]}"
 
     def asset(self, **kwargs: Any) -> Callable[[Callable], dg.AssetsDefinition]:
-        """`@dg.asset` with this identity's name, code version and pool."""
+        """`@dg.asset` with this identity's name, code version, pool and the graph's automation
+        condition (`keep_fresh`).
+
+        An asset given a `backfill_policy` is declared as a one-asset `@dg.multi_asset`, where
+        Dagster 1.13 takes the policy as a stable parameter (on `@dg.asset` it is beta)."""
         for taken in ("name", "code_version", "pool"):
             if taken in kwargs:
                 raise TypeError(f"{self.name}: {taken!r} comes from the identity declaration")
+        kwargs.setdefault("automation_condition", keep_fresh())
+        policy = kwargs.pop("backfill_policy", None)
+
         def declare(fn: Callable) -> dg.AssetsDefinition:
-            with warnings.catch_warnings():  # backfill_policy is beta in Dagster 1.13; we rely on it knowingly
-                warnings.simplefilter("ignore", dg.BetaWarning)
+            if policy is None:
                 return dg.asset(name=self.name, code_version=self.version, pool=self.pool, **kwargs)(fn)
+            spec = dg.AssetSpec(self.name, code_version=self.version, deps=kwargs.pop("deps", None),
+                                description=kwargs.pop("description", None), group_name=kwargs.pop("group_name", None),
+                                automation_condition=kwargs.pop("automation_condition"))
+            return dg.multi_asset(specs=[spec], name=self.name, pool=self.pool, backfill_policy=policy, **kwargs)(fn)
 
         return declare
 
@@ -129,6 +138,19 @@ class AssetIdentity:
         with store.writer(self.name, partition, code_version=self.version,
                           config_hash=self.config_hash(cfg, partition), upstream=upstream) as out:
             yield out
+
+
+def keep_fresh() -> dg.AutomationCondition:
+    """The automation condition of every asset: a partition is requested when it is newly
+    missing, when its code version changed (the identity's version or a declared config key),
+    or when the data version of a partition it reads changed — Dagster's causes of staleness —
+    once none of its inputs is missing or in progress. The `keep_fresh` sensor evaluates it in
+    the daemon, and `make demo` evaluates the same condition to run only what it requests."""
+    condition = dg.AutomationCondition
+    wanted = (condition.newly_missing() | condition.code_version_changed()
+              | condition.any_deps_match(condition.data_version_changed()))
+    return (wanted.since_last_handled() & ~condition.any_deps_missing() & ~condition.any_deps_in_progress()
+            & ~condition.in_progress()).with_label("keep_fresh")
 
 
 def identity_of(asset: dg.AssetsDefinition) -> AssetIdentity:

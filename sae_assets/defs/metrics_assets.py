@@ -14,12 +14,8 @@ dictionary that failed them.
 import json
 
 import dagster as dg
-import numpy as np
-import polars as pl
 
 from resources import ArtifactStorage, RunSettings
-from sae_assets.core.sae import data as sae_data
-from sae_assets.core.sae.evaluation import evaluate_dictionary
 from sae_assets.defs.common import result
 from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.corpus_assets import token_shards
@@ -55,6 +51,12 @@ SAE_METRICS = AssetIdentity(
     "ablation), KL divergence, dead/dense fractions and a density histogram.",
 )
 def sae_metrics_asset(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    import numpy as np
+    import polars as pl
+
+    from sae_assets.core.sae import data as sae_data
+    from sae_assets.core.sae.evaluation import evaluate_dictionary
+
     cfg = settings.load()
     store = storage.store()
     key = context.partition_key

@@ -8,25 +8,22 @@ With attribution.capture on, its partition also holds the captured parameter shi
 import json
 
 import dagster as dg
-import numpy as np
-import polars as pl
-import torch
 
 from resources import ArtifactStorage, RunSettings
-from resources.arrow_files import open_ipc_table
-from sae_assets.core.model import lm
-from sae_assets.core.model import training as lm_train
-from sae_assets.core.corpus import tokenization
-from sae_assets.defs import capture_io
-from sae_assets.defs.common import read_upstream, result
+from sae_assets.defs.common import progress_log, read_upstream, result
 from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.corpus_assets import token_shards, tokenizer
 from sae_assets.defs.partitions import training_shard_keys
 from sae_assets.defs.plots import line_chart_markdown
 
 
-def load_all_sequences(store, partitions: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+def load_all_sequences(store, partitions: list[str]) -> "tuple[np.ndarray, np.ndarray, dict[str, str]]":
     """((S, T) int32 tokens, (S,) int64 first_token_index, upstream versions) of all shards."""
+    import numpy as np
+
+    from resources.arrow_files import open_ipc_table
+    from sae_assets.core.corpus import tokenization
+
     manifests, upstream = read_upstream(store, "token_shards", partitions)
     parts = [tokenization.sequences_from_table(open_ipc_table(store.fetch(m, "sequences.arrow"))) for m in manifests]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), upstream
@@ -50,6 +47,14 @@ LANGUAGE_MODEL = AssetIdentity(
     "or a reference to a named model.",
 )
 def language_model(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    import numpy as np
+    import polars as pl
+    import torch
+
+    from sae_assets.core.model import lm
+    from sae_assets.core.model import training as lm_train
+    from sae_assets.defs import capture_io
+
     cfg = settings.load()
     store = storage.store()
     tok_manifest = store.require("tokenizer", None)
@@ -73,7 +78,8 @@ def language_model(context: dg.AssetExecutionContext, settings: RunSettings, sto
     with LANGUAGE_MODEL.writer(store, cfg, None, upstream=upstream) as out:
         # With attribution.capture, per-datum shifts of each step range go into this partition.
         with capture_io.capture_into(out, cfg, model, first_index[~is_val], tokens.shape[1]) as capture:
-            trained = lm_train.train_language_model(model, train, val, cfg.model, capture=capture)
+            trained = lm_train.train_language_model(model, train, val, cfg.model, capture=capture,
+                                                    progress_log=progress_log(context))
         entropy = lm.unigram_entropy(tokens[~is_val])
         curve = pl.DataFrame(trained.curve)
         lm.save_embedded_model(model, cfg=cfg.model, vocab_size=vocab_size, context_length=tokens.shape[1],
@@ -95,6 +101,8 @@ def language_model(context: dg.AssetExecutionContext, settings: RunSettings, sto
 
 def load_language_model(store, device: str = "cpu"):
     """The language_model asset as a TransformerBridge, with its manifest."""
+    from sae_assets.core.model import lm
+
     manifest = store.require("language_model", None)
     if manifest.extra.get("kind") == "named":
         return lm.load_named_model(manifest.extra["name"], device=device), manifest

@@ -9,9 +9,7 @@ shards with feature ranges (keys like `features-00000-00255|shard-0000`). Traini
 """
 
 import dagster as dg
-from sqlalchemy.exc import IntegrityError  # what Dagster's SQL storages raise for a duplicate key
 
-from sae_assets.core.corpus import documents as corpus
 from sae_assets.core.config import RunConfig
 
 SHARDS = dg.DynamicPartitionsDefinition(name="shards")
@@ -109,6 +107,8 @@ def partition_keys(partitions_def: dg.PartitionsDefinition | None, instance: dg.
 
 
 def _sync(instance: dg.DagsterInstance, kind: str, wanted: list[str]) -> list[str]:
+    from sqlalchemy.exc import IntegrityError  # what Dagster's SQL storages raise for a duplicate key
+
     existing = set(instance.get_dynamic_partitions(kind))
     missing = [k for k in wanted if k not in existing]
     if missing:
@@ -125,19 +125,31 @@ def _sync(instance: dg.DagsterInstance, kind: str, wanted: list[str]) -> list[st
     return missing
 
 
+def config_partitions(config: RunConfig, *, num_shards: int | None = None) -> dict[str, list[str]]:
+    """The keys of every dynamic partitions definition that the config implies, by definition
+    name. Shards come from corpus.num_shards, or from `num_shards` (a listing of a growing corpus
+    with corpus.documents_per_shard); without either, the shard entry is left out."""
+    if num_shards is None and not config.corpus.documents_per_shard:
+        num_shards = config.corpus.num_shards
+    wanted = {
+        BUCKETS.name: [bucket_key(i) for i in range(config.shuffle.num_buckets)],
+        DICTIONARIES.name: [p.key for p in config.sae.sweep],
+        FEATURE_RANGES.name: feature_range_keys_for(config.feature_dictionary.width, config.features.range_width),
+        STEP_RANGES.name: step_range_keys_for(config),
+    }
+    if num_shards is not None:
+        wanted = {SHARDS.name: [shard_key(i) for i in range(num_shards)], **wanted}
+    return wanted
+
+
 def sync_partitions(instance: dg.DagsterInstance, config: RunConfig, *, num_shards: int | None = None) -> dict[str, list[str]]:
     """Make the shard, bucket, dictionary and feature-range partitions match the config; returns
     the keys added. `num_shards` defaults to corpus.shard_count (which lists a growing corpus)."""
+    from sae_assets.core.corpus import documents as corpus
+
     if num_shards is None:
         num_shards = corpus.shard_count(config.corpus)
-    return {
-        SHARDS.name: _sync(instance, SHARDS.name, [shard_key(i) for i in range(num_shards)]),
-        BUCKETS.name: _sync(instance, BUCKETS.name, [bucket_key(i) for i in range(config.shuffle.num_buckets)]),
-        DICTIONARIES.name: _sync(instance, DICTIONARIES.name, [p.key for p in config.sae.sweep]),
-        FEATURE_RANGES.name: _sync(instance, FEATURE_RANGES.name,
-                                   feature_range_keys_for(config.feature_dictionary.width, config.features.range_width)),
-        STEP_RANGES.name: _sync(instance, STEP_RANGES.name, step_range_keys_for(config)),
-    }
+    return {kind: _sync(instance, kind, keys) for kind, keys in config_partitions(config, num_shards=num_shards).items()}
 
 
 # --- training step ranges (parameter_shifts) ----------------------------------------------------

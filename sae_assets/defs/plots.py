@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import TYPE_CHECKING
 
-import polars as pl
+if TYPE_CHECKING:
+    import polars as pl
 
 
 def _png_markdown(figure) -> str:

@@ -15,15 +15,9 @@ output.
 """
 
 import dagster as dg
-import numpy as np
 
 from resources import ArtifactStorage, RunSettings, keys
-from resources.arrow_files import LocalSpill, open_ipc_table, write_ipc_file, write_ipc_files
 from resources.manifest import Manifest
-from sae_assets.core import schemas
-from sae_assets.core.activations import caching as activations
-from sae_assets.core import shuffle as sh
-from sae_assets.core.shuffle_plan import ShufflePlan, ShufflePlanError
 from sae_assets.defs.activation_assets import ACTIVATIONS_FILE, cached_activations
 from sae_assets.defs.common import SINGLE_RUN, each_partition, read_upstream, result
 from sae_assets.defs.identity import AssetIdentity
@@ -41,6 +35,8 @@ def bucket_file(bucket: int) -> str:
 
 def consistent_inputs(store, manifests) -> dict:
     """The activation format shared by every input partition; refuses a mixture."""
+    from sae_assets.core.activations import caching as activations
+
     first = manifests[0]
     for other in manifests[1:]:
         activations.check_same_format(first.extra["format"], other.extra["format"],
@@ -49,8 +45,10 @@ def consistent_inputs(store, manifests) -> dict:
     return first.extra["format"]
 
 
-def current_plan(store, cfg, where: str) -> tuple[Manifest, ShufflePlan]:
+def current_plan(store, cfg, where: str) -> "tuple[Manifest, ShufflePlan]":
     """The shuffle_plan manifest and plan, refused unless drawn for the configured K and seed."""
+    from sae_assets.core.shuffle_plan import ShufflePlan
+
     manifest = store.require("shuffle_plan", None)
     plan = ShufflePlan.from_json(store.read_bytes(manifest, PLAN_FILE), where=f"shuffle_plan {PLAN_FILE}")
     at = f"{where}: shuffle_plan version {manifest.content_version}"
@@ -58,15 +56,19 @@ def current_plan(store, cfg, where: str) -> tuple[Manifest, ShufflePlan]:
     return manifest, plan
 
 
-def check_plan_shards(plan: ShufflePlan, plan_manifest: Manifest, training: list[str], where: str) -> None:
+def check_plan_shards(plan: "ShufflePlan", plan_manifest: Manifest, training: list[str], where: str) -> None:
+    from sae_assets.core.shuffle_plan import ShufflePlanError
+
     if list(plan.shards) != training:
         raise ShufflePlanError(
             f"{where}: shuffle_plan version {plan_manifest.content_version} was drawn for {len(plan.shards)} shards "
             f"{list(plan.shards)[:8]}, the training shards are now {len(training)}: {training[:8]}; {REPLAN}")
 
 
-def check_source(plan: ShufflePlan, plan_manifest: Manifest, source: Manifest, where: str) -> int:
+def check_source(plan: "ShufflePlan", plan_manifest: Manifest, source: Manifest, where: str) -> int:
     """The job index of a cached_activations partition, refused if the plan was drawn from other rows or bytes."""
+    from sae_assets.core.shuffle_plan import ShufflePlanError
+
     version = plan_manifest.content_version
     job = plan.job(source.partition, where=f"{where}: shuffle_plan version {version}", hint=REPLAN)
     name = keys.describe(source.asset, source.partition)
@@ -79,10 +81,12 @@ def check_source(plan: ShufflePlan, plan_manifest: Manifest, source: Manifest, w
     return job
 
 
-def check_pieces_share_plan(plan_manifest: Manifest, plan: ShufflePlan, sources: list[Manifest],
+def check_pieces_share_plan(plan_manifest: Manifest, plan: "ShufflePlan", sources: list[Manifest],
                             scatters: list[Manifest], where: str) -> None:
     """Refuse scatter pieces cut by another plan or from other cached bytes, and a plan whose row
     counts the cached shards no longer have, naming every partition and version that disagrees."""
+    from sae_assets.core.shuffle_plan import ShufflePlanError
+
     version = plan_manifest.content_version
     stale = []
     for rows, source, scatter in zip(plan.rows, sources, scatters):
@@ -101,7 +105,7 @@ def check_pieces_share_plan(plan_manifest: Manifest, plan: ShufflePlan, sources:
                                "row count changed)")
 
 
-def gather_inputs(store, cfg, instance, bucket: int, where: str) -> tuple[Manifest, ShufflePlan, list[Manifest], dict]:
+def gather_inputs(store, cfg, instance, bucket: int, where: str) -> "tuple[Manifest, ShufflePlan, list[Manifest], dict]":
     """(plan manifest, plan, scatter manifests in job order, upstream versions) for gathering
     `bucket`, refused unless every piece follows the current plan and fills its cell of the table."""
     plan_manifest, plan = current_plan(store, cfg, where)
@@ -126,6 +130,8 @@ SHUFFLE_PLAN = AssetIdentity("shuffle_plan", version="1", keys=("shuffle.num_buc
     "version changes exactly when the table does.",
 )
 def shuffle_plan(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    from sae_assets.core.shuffle_plan import ShufflePlan
+
     cfg = settings.load()
     store = storage.store()
     shards = training_shard_keys(context.instance, cfg)
@@ -157,6 +163,9 @@ SHUFFLE_SCATTER = AssetIdentity("shuffle_scatter", version="1", training_shards_
     "shard in one run.",
 )
 def shuffle_scatter(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    from resources.arrow_files import open_ipc_table, write_ipc_files
+    from sae_assets.core import shuffle as sh
+
     cfg = settings.load()
     store = storage.store()
     shards = training_shard_keys(context.instance, cfg)
@@ -207,32 +216,43 @@ SHUFFLED_SHARDS = AssetIdentity("shuffled_shards", version="1", keys=(
     "different or stale plans.",
 )
 def shuffled_shards(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+    from resources.arrow_files import LocalSpill, open_ipc_table, write_ipc_file
+    from sae_assets.core import schemas
+    from sae_assets.core import shuffle as sh
+
     cfg = settings.load()
     store = storage.store()
-    where = f"shuffled_shards[{context.partition_key}]"
-    bucket = bucket_index(context.partition_key)
-    if bucket >= cfg.shuffle.num_buckets:
-        raise ValueError(f"partition {context.partition_key} is beyond shuffle.num_buckets={cfg.shuffle.num_buckets}")
-    plan_manifest, plan, manifests, upstream = gather_inputs(store, cfg, context.instance, bucket, where)
-    fmt = consistent_inputs(store, manifests)
-    pieces = [open_ipc_table(store.fetch(m, bucket_file(bucket))) for m in manifests]
-    expected = sh.combine_checksums(*(sh.source_checksum(p.column(schemas.TOKEN_INDEX).to_numpy()) for p in pieces))
-    budget, stats, capacity = int(cfg.shuffle.memory_budget_mb * 2**20), sh.GatherStats(), int(plan.capacities[bucket])
-    with SHUFFLED_SHARDS.writer(store, cfg, context.partition_key, upstream=upstream) as out, \
-            LocalSpill(pieces[0].schema, parent=out.scratch.parent) as spill:
-        batches = sh.gather_bucket(pieces, bucket=bucket, seed=plan.seed, memory_budget_bytes=budget,
-                                   spill_write=spill.write, spill_read=spill.read, schema=pieces[0].schema,
-                                   block_rows=cfg.shuffle.block_rows, stats=stats)
-        rows, _ = write_ipc_file(out.path(SHUFFLED_FILE), pieces[0].schema, sh.finite_batches(batches, where=where))
-        written = open_ipc_table(out.path(SHUFFLED_FILE)).column(schemas.TOKEN_INDEX).to_numpy()
-        checksum = sh.source_checksum(written)
-        if checksum != expected or rows != capacity:
-            raise sh.PermutationError(f"{where}: wrote {rows} rows (checksum {checksum}); its scatter pieces hold "
-                                      f"{expected[0]} (checksum {expected}) and its capacity in the plan is {capacity}")
-        out.describe_table(SHUFFLED_FILE, rows=rows, schema=str(pieces[0].schema))
-        out.extra.update(format=fmt, bucket=bucket, checksum=list(checksum), plan=plan_manifest.content_version)
-    return result(out.manifest, store, {"passes": stats.passes, "spilled_rows": stats.spilled_rows,
-                                        "budget_bytes": budget, "capacity": capacity})
+
+    def gather_one(partition: str):
+        where = f"shuffled_shards[{partition}]"
+        bucket = bucket_index(partition)
+        if bucket >= cfg.shuffle.num_buckets:
+            raise ValueError(f"partition {partition} is beyond shuffle.num_buckets={cfg.shuffle.num_buckets}")
+        plan_manifest, plan, manifests, upstream = gather_inputs(store, cfg, context.instance, bucket, where)
+        fmt = consistent_inputs(store, manifests)
+        pieces = [open_ipc_table(store.fetch(m, bucket_file(bucket))) for m in manifests]
+        expected = sh.combine_checksums(*(sh.source_checksum(p.column(schemas.TOKEN_INDEX).to_numpy())
+                                          for p in pieces))
+        budget, stats = int(cfg.shuffle.memory_budget_mb * 2**20), sh.GatherStats()
+        capacity = int(plan.capacities[bucket])
+        with SHUFFLED_SHARDS.writer(store, cfg, partition, upstream=upstream) as out, \
+                LocalSpill(pieces[0].schema, parent=out.scratch.parent) as spill:
+            batches = sh.gather_bucket(pieces, bucket=bucket, seed=plan.seed, memory_budget_bytes=budget,
+                                       spill_write=spill.write, spill_read=spill.read, schema=pieces[0].schema,
+                                       block_rows=cfg.shuffle.block_rows, stats=stats)
+            rows, _ = write_ipc_file(out.path(SHUFFLED_FILE), pieces[0].schema, sh.finite_batches(batches, where=where))
+            written = open_ipc_table(out.path(SHUFFLED_FILE)).column(schemas.TOKEN_INDEX).to_numpy()
+            checksum = sh.source_checksum(written)
+            if checksum != expected or rows != capacity:
+                raise sh.PermutationError(f"{where}: wrote {rows} rows (checksum {checksum}); its scatter pieces "
+                                          f"hold {expected[0]} (checksum {expected}) and its capacity in the plan "
+                                          f"is {capacity}")
+            out.describe_table(SHUFFLED_FILE, rows=rows, schema=str(pieces[0].schema))
+            out.extra.update(format=fmt, bucket=bucket, checksum=list(checksum), plan=plan_manifest.content_version)
+        return out.manifest, {"passes": stats.passes, "spilled_rows": stats.spilled_rows, "budget_bytes": budget,
+                              "capacity": capacity}
+
+    return each_partition(context, store, gather_one)
 
 
 @dg.asset_check(asset=shuffled_shards, description="Every bucket was gathered by the current shuffle_plan at "
@@ -240,6 +260,12 @@ def shuffled_shards(context: dg.AssetExecutionContext, settings: RunSettings, st
                 "same order-independent checksum, a permutation.")
 def shuffle_is_permutation(context: dg.AssetCheckExecutionContext, settings: RunSettings,
                            storage: ArtifactStorage) -> dg.AssetCheckResult:
+    import numpy as np
+
+    from resources.arrow_files import open_ipc_table
+    from sae_assets.core import schemas
+    from sae_assets.core import shuffle as sh
+
     store = storage.store()
     cfg = settings.load()
     inputs, _ = read_upstream(store, "cached_activations", training_shard_keys(context.instance, cfg))

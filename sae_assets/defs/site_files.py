@@ -11,8 +11,6 @@ break the statement.
 import json
 from importlib import resources as package_files
 
-from sae_assets.core.features import site_data
-
 STATIC_FILES = ("index.html", "app.js", "style.css")
 INDEX_ROWS_FILE = "index-rows.json"
 _SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
@@ -49,6 +47,8 @@ def write_site(out, store, parts, *, dictionary: str) -> int:
 
 def write_neuronpedia_batches(out, store, parts, cfg) -> int:
     """`batch-<n>.json` per feature range plus `run_settings.json`, as Neuronpedia's uploader reads them."""
+    from sae_assets.core.features import site_data
+
     n_features = 0
     for n, manifest in enumerate(parts):
         edges = manifest.extra["hist_edges"]
