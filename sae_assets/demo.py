@@ -119,16 +119,20 @@ def _progress_bar(total: int, description: str):
 def materialize_all(instance: dg.DagsterInstance, config_path: str | None, *, log=print) -> dict[str, float]:
     """Materialize every partition of every asset, in order, whatever is fresh; then the asset
     checks. Returns seconds per asset. Raises on the first failed step or failed check."""
-    graph = _Graph(instance, config_path, log)
-    seconds: dict[str, float] = {}
+    return {name: seconds for name, (seconds, _) in _materialize_every(_Graph(instance, config_path, log)).items()}
+
+
+def _materialize_every(graph: _Graph) -> dict[str, tuple[float, int]]:
+    """Every partition of every asset of `graph`, then the checks: {asset: (seconds, partitions)}."""
+    done: dict[str, tuple[float, int]] = {}
     for asset in graph.assets:
         name, started = asset.key.to_user_string(), time.perf_counter()
         keys = graph.keys_of(asset)
         graph.materialize(asset, keys)
-        seconds[name] = time.perf_counter() - started
-        log(f"  {name:<22} {len(keys)} partition(s) in {seconds[name]:6.1f} s")
+        done[name] = (time.perf_counter() - started, len(keys))
+        graph.log(f"  {name:<22} {len(keys)} partition(s) in {done[name][0]:6.1f} s")
     graph.run_checks({a.key.to_user_string() for a in graph.assets})
-    return seconds
+    return done
 
 
 def _requested(result, graph: _Graph) -> list[tuple[dg.AssetsDefinition, list[str | None]]]:
@@ -158,9 +162,8 @@ def materialize_stale(instance: dg.DagsterInstance, config_path: str | None, *, 
     cursor = _read_cursor(cursor_path)
     if cursor is None:
         log("no cursor of an earlier demo on this instance: materializing every partition once")
-        for name, value in materialize_all(instance, config_path, log=log).items():
-            report.seconds[name] = value
-            report.ran[name] = len(graph.keys_of(next(a for a in graph.assets if a.key.to_user_string() == name)))
+        for name, (seconds, partitions) in _materialize_every(graph).items():
+            report.seconds[name], report.ran[name] = seconds, partitions
     ran_names: set[str] = set()
     while report.evaluations < max_evaluations:
         result = dg.evaluate_automation_conditions(defs=definitions, instance=instance, asset_selection=selection,
