@@ -11,7 +11,7 @@ the median over interleaved rounds of the per-round ratio (goal >= 0.5).
 The encoder biases are set so each feature fires on about `--density` of tokens (2% default,
 about the L0/F of the demo dictionaries), since the sampler's work grows with active entries.
 
-Then site generation for the same range: pass 2 of the context windows, the per-feature JSON
+Then site generation for the same range: both passes of the context windows, the per-feature JSON
 documents and the browser's script files, written to a temporary directory; printed as
 seconds per 1000 features.
 
@@ -82,17 +82,17 @@ def sampling(table: pa.Table, sae: ReluSae, lo: int, hi: int, batch: int, top_k:
 
 
 def site_generation(table, sae, samples, lo, hi, directory: Path) -> float:
-    """Seconds for pass 2 of the windows, the JSON documents and the script files of one range."""
+    """Seconds for both passes of the windows, the JSON documents and the script files of one range."""
     from sae_assets.defs.site_files import script_json
 
     merged = merge_feature_samples([samples])
     shown = feature_windows.select_shown_examples(merged, random_examples=8, activation_levels=4, examples_per_level=2)
-    spans, tokens = feature_windows.gather_window_tokens(shown, table, shard=0, hook=HOOK, context_length=CONTEXT,
-                                                         before=24, after=8, where="bench")
     strings = [f"tok{i}" for i in range(4096)]
     started = time.perf_counter()
-    windows = feature_windows.compute_context_windows(shown, [spans], [tokens], lambda x: sae.encode_range(x, lo, hi),
-                                                      lo=lo, hi=hi, batch_size=4096, where="bench")
+    gathered = feature_windows.gather_context_windows(shown, table, lambda x: sae.encode_range(x, lo, hi), shard=0,
+                                                      hook=HOOK, context_length=CONTEXT, before=24, after=8, lo=lo,
+                                                      batch_size=4096, where="bench")
+    windows = feature_windows.assemble_context_windows(shown, [gathered], where="bench")
     logits = site_data.logit_effects(sae.W_dec[lo:hi].detach(), torch.randn(sae.d_in, 4096), 10)
     for doc in site_data.feature_documents(merged, shown, windows, strings, logits=logits, activation_levels=4,
                                            dictionary="bench"):

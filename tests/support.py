@@ -67,9 +67,9 @@ def materialize(instance, config_path, names, partition=None):
                           instance=instance, resources=build_resources(config_path), run_config=QUIET)
 
 
-def shard_table(shard: int, n_sequences: int, seed: int, dtype: str = "float32") -> pa.Table:
-    """A cached_activations-like table: row r is offset r; activations (N, D)."""
-    T, D = SHARD_SEQUENCE_LENGTH, SHARD_WIDTH
+def shard_table(shard: int, n_sequences: int, seed: int, dtype: str = "float32", width: int = SHARD_WIDTH) -> pa.Table:
+    """A cached_activations-like table: row r is offset r; activations (N, D), D = `width`."""
+    T, D = SHARD_SEQUENCE_LENGTH, width
     rng = np.random.default_rng(seed)
     n = n_sequences * T
     x = rng.normal(size=(n, D)).astype(np.float32)

@@ -35,11 +35,10 @@ def pipeline(tables, sae, lo, hi, *, before=3, after=2, batch=7):
                                      top_k=3, sample_k=12, seed=5, batch_size=batch) for t in tables]
     merged = merge_feature_samples(parts)
     shown = feature_windows.select_shown_examples(merged, random_examples=2, activation_levels=3, examples_per_level=2)
-    gathered = [feature_windows.gather_window_tokens(shown, t, shard=s, hook=HOOK, context_length=T, before=before,
-                                                     after=after, where=f"shard {s}") for s, t in enumerate(tables)]
-    windows = feature_windows.compute_context_windows(
-        shown, [g[0] for g in gathered], [g[1] for g in gathered], lambda x: sae.encode_range(x, lo, hi), lo=lo,
-        hi=hi, batch_size=batch, where="test")
+    gathered = [feature_windows.gather_context_windows(
+        shown, t, lambda x: sae.encode_range(x, lo, hi), shard=s, hook=HOOK, context_length=T, before=before,
+        after=after, lo=lo, batch_size=batch, where=f"shard {s}") for s, t in enumerate(tables)]
+    windows = feature_windows.assemble_context_windows(shown, gathered, where="test")
     return merged, shown, gathered, windows
 
 
@@ -108,21 +107,59 @@ def test_missing_or_foreign_shards_are_named() -> None:
     sae = make_sae("relu")
     _, shown, gathered, _ = pipeline(tables, sae, 0, F)
     with pytest.raises(feature_windows.WindowError, match=r"shard\(s\) \[1\]"):
-        feature_windows.compute_context_windows(shown, [gathered[0][0]], [gathered[0][1]],
-                                                lambda x: sae.encode_range(x, 0, F), lo=0, hi=F, batch_size=8, where="t")
+        feature_windows.assemble_context_windows(shown, [gathered[0]], where="t")
     offsets = [t & 0xFFFF for t in shown.column("token_index").to_pylist() if (t >> schemas.SHARD_BITS) == 1]
     short = tables[1].slice(0, max(offsets))  # a truncated shard: its last example points past the end
     with pytest.raises(feature_windows.WindowError, match="beyond the shard"):
-        feature_windows.gather_window_tokens(shown, short, shard=1, hook=HOOK, context_length=T, before=3,
-                                             after=2, where="shard 1")
+        feature_windows.gather_context_windows(shown, short, lambda x: sae.encode_range(x, 0, F), shard=1, hook=HOOK,
+                                               context_length=T, before=3, after=2, lo=0, batch_size=8,
+                                               where="shard 1")
 
 
-def test_half_precision_windows_keep_cached_values() -> None:
+def test_windows_from_another_dictionary_or_schema_are_refused_by_shard() -> None:
+    tables = [shard_table(0, 5, 1), shard_table(1, 4, 2)]
+    sae = make_sae("relu")
+    _, shown, gathered, _ = pipeline(tables, sae, 0, F)
+    other = make_sae("topk")  # pass 1 of shard 1 encoded with a different dictionary
+    foreign = feature_windows.gather_context_windows(shown, tables[1], lambda x: other.encode_range(x, 0, F), shard=1,
+                                                     hook=HOOK, context_length=T, before=3, after=2, lo=0,
+                                                     batch_size=7, where="shard 1")
+    with pytest.raises(feature_windows.WindowError, match="disagree with their example's activation"):
+        feature_windows.assemble_context_windows(shown, [gathered[0], foreign], where="t")
+    wrong_schema = gathered[1].drop_columns(["token_ids"])
+    with pytest.raises(feature_windows.WindowError, match=r"windows of shard-0001 do not follow"):
+        feature_windows.assemble_context_windows(shown, [gathered[0], wrong_schema], where="t",
+                                                 shard_names=["shard-0000", "shard-0001"])
+
+
+def test_pass_one_bytes_do_not_grow_with_the_hook_width() -> None:
+    """Pass 1 keeps each example's feature activation on its window, not the D-wide hook
+    activations: its bytes are a token id and a value per window slot, whatever D is."""
+    for width in (8, 256):
+        table = shard_table(0, 5, 1, width=width)
+        torch.manual_seed(0)
+        sae = ReluSae(width, F, l1_coefficient=1.0)
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.copy_(torch.randn_like(p) * 0.5)
+        samples = sample_activation_table(table, hook=HOOK, encode_range=lambda x: sae.encode_range(x, 0, F), lo=0,
+                                          hi=F, top_k=3, sample_k=12, seed=5, batch_size=7)
+        shown = feature_windows.select_shown_examples(merge_feature_samples([samples]), random_examples=2,
+                                                      activation_levels=3, examples_per_level=2)
+        windows = feature_windows.gather_context_windows(shown, table, lambda x: sae.encode_range(x, 0, F), shard=0,
+                                                         hook=HOOK, context_length=T, before=3, after=2, lo=0,
+                                                         batch_size=7, where="t")
+        slots = sum(len(r["token_ids"]) for r in windows.to_pylist())
+        assert windows.num_rows > 0 and slots >= windows.num_rows
+        # Per row: feature, two token indices and two list offsets; per slot: an id and a value.
+        assert windows.nbytes <= windows.num_rows * 32 + slots * 8 + 64, (width, windows.nbytes)
+
+
+def test_half_precision_windows_equal_the_examples_activations() -> None:
     tables = [shard_table(0, 4, 7, dtype="float16")]
     sae = make_sae("relu")
-    _, shown, gathered, windows = pipeline(tables, sae, 0, F)
-    assert gathered[0][1].schema.field("activation").type == tables[0].schema.field(HOOK).type
-    assert windows.num_rows == len({(r["feature"], r["token_index"]) for r in shown.to_pylist()})
+    _, shown, _, windows = pipeline(tables, sae, 0, F)  # assemble checks every centre against `shown`
+    assert windows.num_rows == len({(r["feature"], r["token_index"]) for r in shown.to_pylist()}) > 0
 
 
 def test_feature_documents_and_neuronpedia_layout() -> None:

@@ -216,13 +216,13 @@ def test_caching_sampling_and_windows_report_batches_and_tokens() -> None:
 
     shown = feature_windows.select_shown_examples(samples, random_examples=2, activation_levels=2,
                                                   examples_per_level=1)
-    spans, window_tokens = feature_windows.gather_window_tokens(shown, table, shard=0, hook=HOOK, context_length=10,
-                                                                before=2, after=1, where="test")
-    windows = lambda progress_log=None: feature_windows.compute_context_windows(  # noqa: E731
-        shown, [spans], [window_tokens], lambda x: sae.encode_range(x, 0, 8), lo=0, hi=8, batch_size=4,
-        where="test", progress_log=progress_log)
-    log, lines, _ = recorder(every_seconds=0.0, tick=1.0, what="context_windows[0000-0008]")
+    windows = lambda progress_log=None: feature_windows.gather_context_windows(  # noqa: E731
+        shown, table, lambda x: sae.encode_range(x, 0, 8), shard=0, hook=HOOK, context_length=10, before=2, after=1,
+        lo=0, batch_size=4, where="test", progress_log=progress_log)
+    log, lines, _ = recorder(every_seconds=0.0, tick=1.0, what="context_gather[shard-0000]")
     assert windows(log).equals(windows())
-    n_batches = -(-window_tokens.num_rows // 4)
+    window_tokens = len(set(np.concatenate([np.arange(r["first_token_index"], r["first_token_index"] + len(r["token_ids"]))
+                                            for r in windows().to_pylist()])))
+    n_batches = -(-window_tokens // 4)
     assert n_batches > 2
     assert steps_shown(lines) == list(range(1, n_batches + 1)) and fields(lines[0])["rate"] == "4"

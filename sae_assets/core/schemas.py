@@ -118,27 +118,9 @@ def shown_examples_schema() -> pa.Schema:
     ])
 
 
-def window_spans_schema() -> pa.Schema:
-    """context_gather: the token span [first, last] of each shown example found in the shard."""
-    return pa.schema([
-        pa.field("feature", pa.int32(), nullable=False),
-        pa.field("token_index", pa.int64(), nullable=False),
-        pa.field("first_token_index", pa.int64(), nullable=False),
-        pa.field("last_token_index", pa.int64(), nullable=False),
-    ])
-
-
-def window_tokens_schema(width: int, dtype: str) -> pa.Schema:
-    """context_gather: each token of any window once, with its hook activation as cached."""
-    return pa.schema([
-        pa.field(TOKEN_INDEX, pa.int64(), nullable=False),
-        pa.field(TOKEN_ID, pa.int32(), nullable=False),
-        pa.field("activation", pa.list_(_STORAGE_TYPES[dtype], width), nullable=False),
-    ], metadata={"dtype": dtype})
-
-
 def context_windows_schema() -> pa.Schema:
-    """context_windows: the feature's activation on every token of each shown example's window."""
+    """context_gather (per shard) and context_windows (per range): the feature's activation on
+    every token of each shown example's window."""
     return pa.schema([
         pa.field("feature", pa.int32(), nullable=False),
         pa.field("token_index", pa.int64(), nullable=False),  # the example's token

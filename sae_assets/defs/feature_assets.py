@@ -2,8 +2,8 @@
 
     feature_samples [shard x feature range]  top-K, uniform sample, counts/histograms of one cell
     feature_examples [feature range]         exact merge over shards + the examples pages show
-    context_gather [shard]                   pass 1: each range's window tokens found in the shard
-    context_windows [feature range]          pass 2: the feature's activation on every window token
+    context_gather [shard]                   pass 1: each range's windows in the shard, encoded there
+    context_windows [feature range]          pass 2: every shard's windows of the range, checked
     site_json [feature range]                one JSON document per feature + index rows
     feature_site                             the static browser (HTML/CSS/JS) with all the data
     neuronpedia_export                       (features.neuronpedia_export) upload batches
@@ -82,8 +82,8 @@ _SHOWN = ("features.random_examples", "features.activation_levels", "features.ex
 _WINDOW = ("feature_dictionary", "features.window_before", "features.window_after")
 FEATURE_SAMPLES = AssetIdentity("feature_samples", version="1", device="features.device", keys=_SAMPLING)
 FEATURE_EXAMPLES = AssetIdentity("feature_examples", version="1", keys=(*_SAMPLING, *_SHOWN))
-CONTEXT_GATHER = AssetIdentity("context_gather", version="1", keys=_WINDOW)
-CONTEXT_WINDOWS = AssetIdentity("context_windows", version="1", device="features.device", keys=_WINDOW)
+CONTEXT_GATHER = AssetIdentity("context_gather", version="2", device="features.device", keys=_WINDOW)
+CONTEXT_WINDOWS = AssetIdentity("context_windows", version="2", device="features.device", keys=_WINDOW)
 SITE_JSON = AssetIdentity("site_json", version="1", pool="model", device="features.device", keys=(
     "feature_dictionary", "features.logit_effects", "features.activation_levels"))
 FEATURE_SITE = AssetIdentity("feature_site", version="1", keys=("feature_dictionary",))
@@ -206,22 +206,26 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         group_name="features", partitions_def=SHARDS,
         backfill_policy=SINGLE_RUN,
         deps=[cached_activations, token_shards,
-              dg.AssetDep(feature_examples, partition_mapping=dg.AllPartitionMapping())],
+              dg.AssetDep(feature_examples, partition_mapping=dg.AllPartitionMapping()), *dictionary],
         description="Pass 1 of the context windows, sharded over the dataset: for every feature range, the "
-        "tokens (with their cached activations) of the windows around that range's examples in this shard. "
+        "windows around that range's examples in this shard, encoded with the range's encoder slice; only "
+        "each example's own feature activation on its window is kept (no raw activations). "
         "A backfill runs every shard in one run.",
     )
     def context_gather(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
         import pyarrow.parquet as pq
 
-        from resources.arrow_files import open_ipc_table, write_ipc_file
+        from resources.arrow_files import open_ipc_table
         from sae_assets.core.features import windows as feature_windows
 
         cfg, store = settings.load(), storage.store()
         ranges = feature_range_keys(context.instance)
+        sae, sae_manifest, dictionary_versions = browsed_dictionary(store, cfg, cfg.features.device)
+        bounds = {frange: range_of(frange, sae, dictionary_key) for frange in ranges}
         examples, upstream = read_upstream(store, "feature_examples", ranges)
+        upstream.update(dictionary_versions)
         shown_by_range = {frange: pq.read_table(store.fetch(m, SHOWN_FILE)) for frange, m in zip(ranges, examples)}
-        hook = store.require("sae_dictionary", dictionary_key).extra["hook"]
+        hook = sae_manifest.extra["hook"]
 
         def gather_one(shard: str):
             [acts], versions = read_upstream(store, "cached_activations", [shard])
@@ -231,45 +235,48 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
                 total, report = 0, progress_log(context, shard)  # one step per feature range
                 report.start(len(shown_by_range))
                 for step, (frange, shown) in enumerate(shown_by_range.items(), start=1):
-                    spans, window_tokens = feature_windows.gather_window_tokens(
-                        shown, table, shard=shard_index(shard), hook=hook,
-                        context_length=tokens_manifest.extra["context_length"], before=cfg.features.window_before,
-                        after=cfg.features.window_after, where=f"context_gather[{shard}] for {frange}")
-                    pq.write_table(spans, out.path(f"spans-{frange}.parquet"))
-                    out.describe_table(f"spans-{frange}.parquet", rows=spans.num_rows)
-                    rows, _ = write_ipc_file(out.path(f"tokens-{frange}.arrow"), window_tokens.schema,
-                                             window_tokens.to_batches())
-                    out.describe_table(f"tokens-{frange}.arrow", rows=rows)
-                    total += rows
+                    lo, hi = bounds[frange]
+                    windows = feature_windows.gather_context_windows(
+                        shown, table, lambda x, lo=lo, hi=hi: sae.encode_range(x, lo, hi), shard=shard_index(shard),
+                        hook=hook, context_length=tokens_manifest.extra["context_length"],
+                        before=cfg.features.window_before, after=cfg.features.window_after, lo=lo,
+                        batch_size=cfg.features.batch_size, device=cfg.features.device,
+                        where=f"context_gather[{shard}] for {frange}")
+                    pq.write_table(windows, out.path(gathered_windows_file(frange)))
+                    out.describe_table(gathered_windows_file(frange), rows=windows.num_rows)
+                    total += windows.num_rows
                     report.update(step, tokens=total)
                 report.close()
-            return out.manifest, {"ranges": len(ranges), "window_tokens": total}
+            return out.manifest, {"ranges": len(ranges), "windows": total}
 
         return each_partition(context, store, gather_one)
 
     @CONTEXT_WINDOWS.asset(
         group_name="features", partitions_def=FEATURE_RANGES,
         deps=[feature_examples, dg.AssetDep(context_gather, partition_mapping=dg.AllPartitionMapping()), *dictionary],
-        description="Pass 2, per feature range: each shown example's feature activation on every token of its "
-        "window (features.window_before / window_after around it).",
+        description="Pass 2, per feature range: every shard's pass-1 windows assembled and checked, each shown "
+        "example's feature activation on every token of its window (features.window_before / window_after "
+        "around it).",
     )
     def context_windows(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
         import pyarrow.parquet as pq
 
-        from resources.arrow_files import open_ipc_table
         from sae_assets.core.features import windows as feature_windows
 
         cfg, store = settings.load(), storage.store()
         frange = context.partition_key
-        sae, lo, hi, examples, upstream = range_inputs(store, cfg, frange)
+        _, _, _, examples, upstream = range_inputs(store, cfg, frange)
         gathers, gather_versions = read_upstream(store, "context_gather", shard_keys(context.instance))
         _check_gathers_current(gathers, frange, examples)
         shown = pq.read_table(store.fetch(examples, SHOWN_FILE))
-        windows = feature_windows.compute_context_windows(
-            shown, [pq.read_table(store.fetch(g, f"spans-{frange}.parquet")) for g in gathers],
-            [open_ipc_table(store.fetch(g, f"tokens-{frange}.arrow")) for g in gathers],
-            lambda x: sae.encode_range(x, lo, hi), lo=lo, hi=hi, batch_size=cfg.features.batch_size,
-            device=cfg.features.device, where=f"context_windows[{frange}]", progress_log=progress_log(context))
+        parts, report = [], progress_log(context)  # one step per shard's pass-1 file
+        report.start(len(gathers))
+        for step, gather in enumerate(gathers, start=1):
+            parts.append(pq.read_table(store.fetch(gather, gathered_windows_file(frange))))
+            report.update(step, tokens=sum(part.num_rows for part in parts))
+        report.close()
+        windows = feature_windows.assemble_context_windows(
+            shown, parts, where=f"context_windows[{frange}]", shard_names=[g.partition for g in gathers])
         with CONTEXT_WINDOWS.writer(store, cfg, frange, upstream={**upstream, **gather_versions}) as out:
             pq.write_table(windows, out.path(WINDOWS_FILE))
             out.describe_table(WINDOWS_FILE, rows=windows.num_rows)
@@ -345,6 +352,11 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
 
         assets.append(neuronpedia_export)
     return assets
+
+
+def gathered_windows_file(feature_range: str) -> str:
+    """context_gather's file of one feature range's windows in the shard."""
+    return f"windows-{feature_range}.parquet"
 
 
 def site_data_file(feature: int) -> str:

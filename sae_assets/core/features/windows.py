@@ -6,13 +6,15 @@ uniform sample, and at each of `activation_levels` evenly spaced levels of (0, m
 `examples_per_level` sample entries in that level (sample order is hash order, so every choice
 is fixed by the seed and independent of sharding). Examples lie anywhere in the dataset, so:
 
-1. `gather_window_tokens` runs per data shard: for one feature range it takes the shown
+1. `gather_context_windows` runs per data shard: for one feature range it takes the shown
    examples found in the shard, cuts the window [t - before, t + after] around each (clipped to
-   its sequence) and copies each needed token's hook activation once, as cached (no dtype
-   change, so pass 2 sees the same values `feature_samples` saw).
-2. `compute_context_windows` runs per feature range over the gathered files of every shard:
-   it encodes each window token once with the SAE (batch x range width at a time) and gives
-   every example the activation of *its* feature on every token of its window.
+   its sequence), reads each needed token's cached hook activation once, encodes it once with
+   the range's encoder slice, and keeps for every example only *its* feature's activation on
+   its window. The raw activations (D floats a token) never leave the pass, so what it writes
+   grows as examples x window, independent of d_model and of the corpus.
+2. `assemble_context_windows` runs per feature range over the pass-1 tables of every shard: it
+   concatenates them and checks that they cover the shown examples exactly and agree with the
+   examples' own activations.
 
 Token offsets inside a shard are row numbers of cached_activations and token_shards
 (`offset = sequence * T + position`), which is how windows are clipped to one sequence.
@@ -98,64 +100,40 @@ def _expand(first: np.ndarray, last: np.ndarray) -> np.ndarray:
     return starts + np.arange(int(lengths.sum()))
 
 
-def gather_window_tokens(shown: pa.Table, activations: pa.Table, *, shard: int, hook: str, context_length: int,
-                         before: int, after: int, where: str) -> tuple[pa.Table, pa.Table]:
-    """Pass 1 for one feature range and one shard: (spans, tokens) tables of the examples in it.
+def gather_context_windows(shown: pa.Table, activations: pa.Table,
+                           encode_range: Callable[[torch.Tensor], torch.Tensor], *, shard: int, hook: str,
+                           context_length: int, before: int, after: int, lo: int, batch_size: int,
+                           device: str = "cpu", where: str, progress_log: ProgressLog | None = None) -> pa.Table:
+    """Pass 1 for one feature range and one shard: the windows of the shown examples found in it.
 
     `activations` is the shard's cached_activations table (row r holds offset r); `hook` its
-    column. Spans follow `schemas.window_spans_schema`, tokens `schemas.window_tokens_schema`.
+    column; `encode_range(x_BD)` gives the (B, W) activations of the range's features [lo, hi).
+    Each window token is read once and encoded once with the range's encoder slice (B tokens at
+    a time, as cached: no dtype change beyond float32 for the matmul, so the values equal what
+    `feature_samples` saw), and every example keeps only *its* feature's activation on its
+    window. Returns `schemas.context_windows_schema`, one row per distinct (feature, example
+    token) in the shard, sorted by feature then token: bytes grow as examples x window, not
+    with the hook width D. A progress log counts the encoded batches and their tokens.
     """
     tok = shown.column("token_index").to_numpy()
     here = (tok >> schemas.SHARD_BITS) == shard
     feature, tok = shown.column("feature").to_numpy()[here], tok[here]
     if len(tok):  # one window per (feature, token), even where an example has several roles
-        pairs = np.unique(np.stack([feature.astype(np.int64), tok]), axis=1)
+        pairs = np.unique(np.stack([feature.astype(np.int64), tok]), axis=1)  # sorted by feature, then token
         feature, tok = pairs[0].astype(np.int32), pairs[1]
     first, last = window_spans(tok, context_length=context_length, before=before, after=after)
-    needed = np.unique(_expand(first, last)) if len(tok) else np.zeros(0, np.int64)  # (U,) sorted
-    rows = needed & _OFFSET_MASK
-    if len(rows) and rows[-1] >= activations.num_rows:
-        raise WindowError(f"{where}: example token {int(needed[-1])} lies beyond the shard's "
+    token_index_U = np.unique(_expand(first, last)) if len(tok) else np.zeros(0, np.int64)  # (U,) sorted
+    rows_U = token_index_U & _OFFSET_MASK
+    if len(rows_U) and rows_U[-1] >= activations.num_rows:
+        raise WindowError(f"{where}: example token {int(token_index_U[-1])} lies beyond the shard's "
                           f"{activations.num_rows} cached tokens (stale feature_examples?)")
-    taken = activations.select([schemas.TOKEN_INDEX, schemas.TOKEN_ID, hook]).take(pa.array(rows, pa.int64()))
-    if not np.array_equal(taken.column(schemas.TOKEN_INDEX).to_numpy(), needed):
+    taken = activations.select([schemas.TOKEN_INDEX, schemas.TOKEN_ID, hook]).take(pa.array(rows_U, pa.int64()))
+    if not np.array_equal(taken.column(schemas.TOKEN_INDEX).to_numpy(), token_index_U):
         raise WindowError(f"{where}: cached_activations rows are not in token order; cannot locate windows")
-    dtype = (activations.schema.metadata or {}).get(b"dtype", b"float32").decode()
-    hook_type = activations.schema.field(hook).type
-    spans = pa.table({"feature": feature, "token_index": tok, "first_token_index": first, "last_token_index": last},
-                     schema=schemas.window_spans_schema())
-    tokens = pa.table({schemas.TOKEN_INDEX: taken.column(schemas.TOKEN_INDEX),
-                       schemas.TOKEN_ID: taken.column(schemas.TOKEN_ID), "activation": taken.column(hook)},
-                      schema=schemas.window_tokens_schema(hook_type.list_size, dtype))
-    return spans, tokens
-
-
-def compute_context_windows(shown: pa.Table, spans: Sequence[pa.Table], tokens: Sequence[pa.Table],
-                            encode_range: Callable[[torch.Tensor], torch.Tensor], *, lo: int, hi: int,
-                            batch_size: int, device: str = "cpu", where: str,
-                            progress_log: ProgressLog | None = None) -> pa.Table:
-    """Pass 2 for one feature range: the feature's activation on every token of every window.
-
-    `spans`/`tokens` are the pass-1 tables of every shard; `encode_range(x_BD)` gives the (B, W)
-    activations of features [lo, hi). Returns `schemas.context_windows_schema`, one row per
-    distinct (feature, example token) of `shown`, sorted by feature then token. A progress
-    log counts the encoded batches (its steps) and their tokens.
-    """
-    span = pa.concat_tables(spans).sort_by([("feature", "ascending"), ("token_index", "ascending")])
-    tok_table = pa.concat_tables(tokens)
-    _check_coverage(shown, span, where)
-    token_index_U = tok_table.column(schemas.TOKEN_INDEX).to_numpy()
-    order_U = np.argsort(token_index_U, kind="stable")
-    token_index_U = token_index_U[order_U]
-    acts_UD = to_numpy_matrix(tok_table.column("activation"))
-    ids_U = tok_table.column(schemas.TOKEN_ID).to_numpy()[order_U]
-    first, last = span.column("first_token_index").to_numpy(), span.column("last_token_index").to_numpy()
-    feature = span.column("feature").to_numpy()
-    slot_tok_L = _expand(first, last)
-    slot_row_L = np.searchsorted(token_index_U, slot_tok_L)
-    if len(slot_tok_L) and (slot_row_L.max() >= len(token_index_U) or
-                            not np.array_equal(token_index_U[slot_row_L], slot_tok_L)):
-        raise WindowError(f"{where}: gathered window tokens are missing some window positions")
+    acts_UD = to_numpy_matrix(taken.column(hook))
+    ids_U = taken.column(schemas.TOKEN_ID).to_numpy()
+    slot_tok_L = _expand(first, last) if len(tok) else np.zeros(0, np.int64)
+    slot_row_L = np.searchsorted(token_index_U, slot_tok_L)  # every slot's token is in U by construction
     slot_w_L = np.repeat(feature.astype(np.int64) - lo, last - first + 1)
     values_L = np.zeros(len(slot_tok_L), np.float32)
     by_row = np.argsort(slot_row_L, kind="stable")  # slots grouped by token row, batch by batch
@@ -164,19 +142,62 @@ def compute_context_windows(shown: pa.Table, spans: Sequence[pa.Table], tokens: 
     report.start(-(-len(token_index_U) // batch_size))  # ceil
     for b, start in enumerate(range(0, len(token_index_U), batch_size)):
         sel = by_row[bounds[b]:bounds[b + 1]]
-        if len(sel):
-            x_BD = torch.from_numpy(as_float32(acts_UD[order_U[start:start + batch_size]])).to(device)
-            with torch.no_grad():
-                f_BW = encode_range(x_BD).float().cpu().numpy()
-            values_L[sel] = f_BW[slot_row_L[sel] - start, slot_w_L[sel]]
+        x_BD = torch.from_numpy(as_float32(acts_UD[start:start + batch_size])).to(device)
+        with torch.no_grad():
+            f_BW = encode_range(x_BD).float().cpu().numpy()
+        values_L[sel] = f_BW[slot_row_L[sel] - start, slot_w_L[sel]]
         report.update(b + 1, tokens=min(start + batch_size, len(token_index_U)))
     report.close()
     offsets = np.r_[0, np.cumsum(last - first + 1)].astype(np.int32)
     return pa.table({
-        "feature": feature, "token_index": span.column("token_index"), "first_token_index": first,
+        "feature": feature, "token_index": tok, "first_token_index": first,
         "token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids_U[slot_row_L], pa.int32())),
         "activations": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values_L, pa.float32())),
     }, schema=schemas.context_windows_schema())
+
+
+def assemble_context_windows(shown: pa.Table, parts: Sequence[pa.Table], *, where: str,
+                             shard_names: Sequence[str] | None = None) -> pa.Table:
+    """Pass 2 for one feature range: every shard's pass-1 windows, in one table, checked.
+
+    Checks that the windows cover exactly the distinct (feature, token) pairs of `shown` and that
+    each window's value at its example token is the example's own activation (a window encoded
+    with another dictionary or range fails here). Returns `schemas.context_windows_schema`,
+    sorted by feature then token. `shard_names[i]` names part i in errors.
+    """
+    names = list(shard_names) if shard_names is not None else [f"part {i}" for i in range(len(parts))]
+    for name, part in zip(names, parts):
+        if part.schema != schemas.context_windows_schema():
+            raise WindowError(f"{where}: the windows of {name} do not follow the context_windows schema "
+                              f"(rematerialize context_gather[{name}])")
+    windows = (pa.concat_tables(parts) if parts else schemas.context_windows_schema().empty_table()).sort_by(
+        [("feature", "ascending"), ("token_index", "ascending")])
+    _check_coverage(shown, windows, where)
+    _check_centres(shown, windows, where)
+    return windows
+
+
+def _check_centres(shown: pa.Table, windows: pa.Table, where: str) -> None:
+    """Each window's value at its example token equals the example's activation in `shown`."""
+    if not windows.num_rows:
+        return
+    starts = windows.column("activations").combine_chunks().offsets.to_numpy()[:-1]
+    values = windows.column("activations").combine_chunks().flatten().to_numpy()
+    token, first = windows.column("token_index").to_numpy(), windows.column("first_token_index").to_numpy()
+    centre = values[starts + (token - first)].astype(np.float64)
+    # Coverage is checked: the distinct (feature, token) pairs of `shown`, in lexicographic
+    # order, are the windows' rows one to one; take each pair's first example's activation.
+    pairs = np.stack([shown.column("feature").to_numpy().astype(np.int64), shown.column("token_index").to_numpy()])
+    _, first_row = np.unique(pairs, axis=1, return_index=True)
+    expected = shown.column("activation").to_numpy()[first_row].astype(np.float64)
+    # Same cached values, same encoder: only the matmul's summation order may differ.
+    bad = np.abs(centre - expected) > 1e-4 + 1e-3 * np.abs(expected)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise WindowError(f"{where}: {int(bad.sum())} window(s) disagree with their example's activation, "
+                          f"e.g. feature {int(windows.column('feature')[i].as_py())} at token {int(token[i])}: {centre[i]:.6g} in the window, "
+                          f"{expected[i]:.6g} in feature_examples (windows from another dictionary or range): "
+                          f"rematerialize context_gather")
 
 
 def _check_coverage(shown: pa.Table, span: pa.Table, where: str) -> None:
