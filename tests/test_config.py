@@ -67,3 +67,40 @@ def test_config_hash_covers_exactly_the_values_given():
     with pytest.raises(ConfigError, match="config key 'model.nope' does not exist"):
         base.value_at("model.nope")
     assert "sae.checkpoint_every" in config_keys() and "storage.root" in config_keys()
+
+def _wide(shards: int, width: int = 1 << 20, range_width: int = 256, **corpus) -> dict:
+    return {"corpus": {"num_shards": shards, **corpus}, "features": {"range_width": range_width},
+            "sae": {"sweep": [{"architecture": "topk", "width": width, "sparsity": 32}]}}
+
+
+def test_partition_budget_names_the_range_width_and_shard_count_that_fit():
+    from sae_assets.core.partition_budget import MAX_PARTITIONS_PER_ASSET, plan_partitions
+
+    # 2,000 shards x 4,096 ranges of a million-feature dictionary: 8.2M shard x range cells.
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(_wide(2000))
+    message = str(info.value)
+    assert "config key 'features.range_width'" in message and "8,192,000 shard x range partitions" in message
+    assert "features.range_width >= 20,972" in message and "corpus.num_shards <= 24" in message
+    # The suggestions are the extremes that fit: one feature narrower or one shard more does not.
+    assert plan_partitions(shards=2000, dictionary_width=1 << 20, range_width=20972).cells <= MAX_PARTITIONS_PER_ASSET
+    assert plan_partitions(shards=2000, dictionary_width=1 << 20, range_width=20971).cells > MAX_PARTITIONS_PER_ASSET
+    assert plan_partitions(shards=25, dictionary_width=1 << 20, range_width=256).cells > MAX_PARTITIONS_PER_ASSET
+    config_from_dict(_wide(2000, range_width=20972))  # what the message suggests is accepted
+    config_from_dict(_wide(24))
+    # Ranges alone over the limit: only a wider range helps, and the message says nothing of shards.
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(_wide(1, range_width=8))
+    assert "features.range_width >= 11" in str(info.value) and "corpus.num_shards" not in str(info.value).split(":")[-1]
+
+
+def test_partition_budget_of_a_growing_corpus_is_checked_when_its_shards_are_counted():
+    from sae_assets.defs.partitions import config_partitions
+
+    config = config_from_dict(_wide(1, documents_per_shard=50))  # the shard count is unknown until listed
+    assert len(config_partitions(config, num_shards=20)["shards"]) == 20
+    with pytest.raises(ConfigError) as info:
+        config_partitions(config, num_shards=3000)
+    message = str(info.value)
+    assert "12,288,000 shard x range partitions" in message and "(corpus.documents_per_shard)" in message
+    assert "corpus.documents_per_shard >= 6,250 (at most 24 shards)" in message

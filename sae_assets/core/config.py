@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from sae_assets.core.partition_budget import PartitionPlan, budget_problem, plan_partitions
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
 
 CorpusSource = Literal["embedded", "local", "huggingface"]
@@ -26,7 +28,7 @@ TokenizerKind = Literal["bpe", "pretrained"]
 ModelKind = Literal["embedded", "named"]
 ActivationDtype = Literal["float32", "float16", "bfloat16"]
 StorageBackend = Literal["local", "s3"]
-SaeArchitecture = Literal["relu", "topk"]
+SaeArchitecture = Literal["relu", "topk", "jumprelu", "batchtopk", "matryoshka", "gated"]
 SaeInit = Literal["anthropic", "orthogonal", "xavier", "data", "svd", "kmeans_rare", "outlier_rare"]
 
 
@@ -155,6 +157,18 @@ class ShuffleConfig:
         _check(self.block_rows >= 1, "shuffle.block_rows", "must be >= 1")
 
 
+def default_matryoshka_prefixes(width: int) -> tuple[int, ...]:
+    """The nested prefix sizes a 'matryoshka' point gets when it names none: F/8, F/4, F/2, F
+    (sizes below 1 and repeats dropped, so a tiny width has fewer levels)."""
+    return tuple(sorted({width // 8, width // 4, width // 2, width} - {0}))
+
+
+_L0_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
+"""Architectures whose sparsity is k, the number of active features per token."""
+_SPARSITY_TAGS = {"relu": "l1_", "gated": "l1_", "jumprelu": "l0_"}
+"""Key tag of the penalty coefficient of the other architectures (L1 lambda or L0 lambda)."""
+
+
 @dataclass(frozen=True)
 class DictionaryPoint:
     """One point of the SAE sweep; its `key` names the sae_dictionary partition."""
@@ -163,21 +177,51 @@ class DictionaryPoint:
     width: int = 1024
     """Dictionary size (number of features)."""
     sparsity: float = 5.0
-    """The L1 coefficient for 'relu'; k (active features per token) for 'topk'."""
+    """The L1 coefficient for 'relu' and 'gated'; the L0 coefficient for 'jumprelu'; k (active
+    features per token, on average over a batch for 'batchtopk' and 'matryoshka') for 'topk',
+    'batchtopk' and 'matryoshka'."""
+    prefixes: tuple[int, ...] = ()
+    """'matryoshka' only: the nested dictionary sizes m_1 < ... < m_n = width whose
+    reconstruction losses are summed; empty = `default_matryoshka_prefixes(width)`."""
 
     def __post_init__(self) -> None:
-        _check(self.width >= 1, "sae.sweep[].width", "must be >= 1")
-        _check(self.sparsity > 0, "sae.sweep[].sparsity", "must be > 0")
-        if self.architecture == "topk":
-            _check(float(self.sparsity).is_integer() and self.sparsity <= self.width, "sae.sweep[].sparsity",
-                   "must be a whole number k <= width for architecture 'topk'")
+        object.__setattr__(self, "prefixes", tuple(int(m) for m in self.prefixes))
+        _check(self.width >= 1, self._where("width"), "must be >= 1")
+        _check(self.sparsity > 0, self._where("sparsity"), "must be > 0")
+        if self.architecture in _L0_ARCHITECTURES:
+            _check(float(self.sparsity).is_integer() and self.sparsity <= self.width, self._where("sparsity"),
+                   f"must be a whole number k <= width ({self.width}) for architecture {self.architecture!r}")
+        if self.architecture != "matryoshka":
+            _check(not self.prefixes, self._where("prefixes"), "is only for architecture 'matryoshka'")
+        else:
+            m = self.matryoshka_prefixes
+            ok = m[0] >= 1 and m[-1] == self.width and all(a < b for a, b in zip(m, m[1:]))
+            _check(ok, self._where("prefixes"), f"is {list(m)}; must be strictly increasing sizes >= 1 "
+                   f"ending at the width {self.width}")
+
+    def _where(self, field_name: str) -> str:
+        """The config key of a field, with this point's partition key (errors name both)."""
+        return f"sae.sweep[{self.key}].{field_name}"
+
+    @property
+    def matryoshka_prefixes(self) -> tuple[int, ...]:
+        """The prefix sizes in effect: `prefixes`, or the default for the width when empty."""
+        return self.prefixes or default_matryoshka_prefixes(self.width)
 
     @property
     def key(self) -> str:
-        """Readable partition key, e.g. relu-w1024-l1_5 or topk-w1024-k32."""
-        value = f"{self.sparsity:g}"
-        tag = f"l1_{value}" if self.architecture == "relu" else f"k{int(self.sparsity)}"
-        return f"{self.architecture}-w{self.width}-{tag}"
+        """Readable partition key: relu-w1024-l1_5, gated-w1024-l1_5, jumprelu-w1024-l0_0.001,
+        topk-w1024-k32, batchtopk-w1024-k32, matryoshka-w1024-k32 (default prefixes) or
+        matryoshka-w1024-k32-p64_256_1024 (others). No | , [ ] (Dagster refuses them)."""
+        if self.architecture in _L0_ARCHITECTURES:
+            k = self.sparsity
+            tag = f"k{int(k)}" if float(k).is_integer() else f"k{k:g}"
+        else:
+            tag = f"{_SPARSITY_TAGS.get(self.architecture, '')}{self.sparsity:g}"
+        key = f"{self.architecture}-w{self.width}-{tag}"
+        if self.architecture == "matryoshka" and self.prefixes and self.prefixes != default_matryoshka_prefixes(self.width):
+            key += "-p" + "_".join(str(m) for m in self.prefixes)
+        return key
 
 
 @dataclass(frozen=True)
@@ -196,7 +240,7 @@ class SaeConfig:
     lr_decay_fraction: float = 0.2
     """Linear decay to zero over this final fraction of training (Anthropic 2024)."""
     l1_warmup_fraction: float = 0.05
-    """The L1 coefficient ramps from 0 over this first fraction of training (relu only)."""
+    """The sparsity coefficient ramps from 0 over this first fraction of training (relu, gated, jumprelu)."""
     init: SaeInit = "anthropic"
     """anthropic: W_dec columns at norm 0.1, W_enc = W_dec^T; others from "Informed initialization of sparse dictionaries"."""
     resample: bool = True
@@ -209,7 +253,7 @@ class SaeConfig:
     """A feature that has not fired on this many training tokens counts as dead (and is resampled);
     sae_metrics counts dead features over at least this many held-out tokens."""
     aux_k: int = 256
-    """TopK: the dead latents used by the AuxK loss."""
+    """TopK, BatchTopK, Matryoshka: the dead latents used by the AuxK loss."""
     aux_coefficient: float = 0.03125
     checkpoint_every: int = 200
     seed: int = 0
@@ -399,6 +443,14 @@ class RunConfig:
         if self.sae.hook_point:
             _check(self.sae.hook_point in self.activations.hook_points, "sae.hook_point",
                    f"must be one of activations.hook_points {list(self.activations.hook_points)}")
+        if not self.corpus.documents_per_shard:  # a growing corpus is checked when its shards are listed
+            problem = budget_problem(self.partition_plan(self.corpus.num_shards))
+            _check(problem is None, "features.range_width", problem or "")
+
+    def partition_plan(self, shards: int) -> PartitionPlan:
+        """The shard x feature-range partition counts of this config over `shards` data shards."""
+        return plan_partitions(shards=shards, dictionary_width=self.feature_dictionary.width,
+                               range_width=self.features.range_width)
 
     @property
     def feature_dictionary(self) -> DictionaryPoint:

@@ -10,7 +10,8 @@ shards with feature ranges (keys like `features-00000-00255|shard-0000`). Traini
 
 import dagster as dg
 
-from sae_assets.core.config import RunConfig
+from sae_assets.core.config import ConfigError, RunConfig
+from sae_assets.core.partition_budget import MAX_PARTITIONS_PER_ASSET, budget_problem
 
 SHARDS = dg.DynamicPartitionsDefinition(name="shards")
 BUCKETS = dg.DynamicPartitionsDefinition(name="buckets")
@@ -19,6 +20,10 @@ DICTIONARIES = dg.DynamicPartitionsDefinition(name="dictionaries")
 FEATURE_RANGES = dg.DynamicPartitionsDefinition(name="feature_ranges")
 """Consecutive ranges of features.range_width features of the dictionary the browser serves."""
 SHARD_FEATURES = dg.MultiPartitionsDefinition({"shard": SHARDS, "features": FEATURE_RANGES})
+_SIZE_KEYS = {"shards": "corpus.num_shards / corpus.documents_per_shard", "buckets": "shuffle.num_buckets",
+              "dictionaries": "sae.sweep", "feature_ranges": "features.range_width",
+              "step_ranges": "attribution.steps_per_range"}
+"""The config keys that set each dynamic partitions definition's size, for errors."""
 _PREFIX = {SHARDS.name: "shard-", BUCKETS.name: "bucket-"}
 _RANGE_PREFIX = "features-"
 
@@ -139,6 +144,13 @@ def config_partitions(config: RunConfig, *, num_shards: int | None = None) -> di
     }
     if num_shards is not None:
         wanted = {SHARDS.name: [shard_key(i) for i in range(num_shards)], **wanted}
+        problem = budget_problem(config.partition_plan(num_shards), documents_per_shard=config.corpus.documents_per_shard)
+        if problem:  # a growing corpus's shard count is known only now
+            raise ConfigError(f"config key 'features.range_width' {problem}")
+    for kind, keys in wanted.items():
+        if len(keys) > MAX_PARTITIONS_PER_ASSET:
+            raise ConfigError(f"the config implies {len(keys):,} {kind} partitions, over Dagster's recommended "
+                              f"{MAX_PARTITIONS_PER_ASSET:,} per asset (see {_SIZE_KEYS.get(kind, 'the config')})")
     return wanted
 
 

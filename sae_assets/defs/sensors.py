@@ -53,6 +53,7 @@ def corpus_growth(context: dg.SensorEvaluationContext, settings: RunSettings, st
     if not cfg.corpus.documents_per_shard:
         return dg.SkipReason("corpus.documents_per_shard is 0: shards are fixed by corpus.num_shards")
     wanted = [shard_key(i) for i in range(corpus.shard_count(cfg.corpus))]
+    config_partitions(cfg, num_shards=len(wanted))  # refuses, naming the key, a corpus grown past the partition budget
     existing = shard_keys(context.instance)
     new = [k for k in wanted if k not in existing]
     grown = []
