@@ -43,8 +43,8 @@ def test_lineage_follows_the_design():
     assert "sae_dictionary" in parents["sae_metrics"]
     assert parents["feature_samples"] == {"cached_activations", "sae_dictionary", "sae_metrics"}
     assert parents["feature_examples"] == {"feature_samples"}
-    assert parents["context_gather"] == {"cached_activations", "token_shards", "feature_examples", "sae_dictionary",
-                                         "sae_metrics"}
+    assert parents["context_gather"] == {"cached_activations", "token_shards", "tokenizer", "feature_examples",
+                                         "sae_dictionary", "sae_metrics"}
     assert parents["context_windows"] == {"feature_examples", "context_gather", "sae_dictionary", "sae_metrics"}
     assert parents["feature_site"] == {"site_json"}
 

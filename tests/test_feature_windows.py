@@ -30,14 +30,15 @@ def make_sae(kind: str) -> torch.nn.Module:
     return sae
 
 
-def pipeline(tables, sae, lo, hi, *, before=3, after=2, batch=7):
+def pipeline(tables, sae, lo, hi, *, before=3, after=2, batch=7, boundary_ids=()):
     parts = [sample_activation_table(t, hook=HOOK, encode_range=lambda x: sae.encode_range(x, lo, hi), lo=lo, hi=hi,
                                      top_k=3, sample_k=12, seed=5, batch_size=batch) for t in tables]
     merged = merge_feature_samples(parts)
     shown = feature_windows.select_shown_examples(merged, random_examples=2, activation_levels=3, examples_per_level=2)
     gathered = [feature_windows.gather_context_windows(
         shown, t, lambda x: sae.encode_range(x, lo, hi), shard=s, hook=HOOK, context_length=T, before=before,
-        after=after, lo=lo, batch_size=batch, where=f"shard {s}") for s, t in enumerate(tables)]
+        after=after, lo=lo, batch_size=batch, boundary_ids=boundary_ids, where=f"shard {s}")
+        for s, t in enumerate(tables)]
     windows = feature_windows.assemble_context_windows(shown, gathered, where="test")
     return merged, shown, gathered, windows
 
@@ -52,12 +53,13 @@ def test_encode_range_equals_slicing_the_full_encode(kind) -> None:
         sae.encode_range(x, 8, F + 1)
 
 
-@pytest.mark.parametrize("kind", ["relu", "topk"])
-def test_two_passes_equal_brute_force_windows(kind) -> None:
+@pytest.mark.parametrize(("kind", "boundary_ids"), [("relu", ()), ("topk", ()), ("relu", (0, 1, 2, 3, 4)),
+                                                     ("topk", (7,))])
+def test_two_passes_equal_brute_force_windows(kind, boundary_ids) -> None:
     tables = [shard_table(0, 5, 1), shard_table(1, 4, 2)]
     sae = make_sae(kind)
     lo, hi = 2, 9
-    merged, shown, _, windows = pipeline(tables, sae, lo, hi)
+    merged, shown, _, windows = pipeline(tables, sae, lo, hi, boundary_ids=boundary_ids, before=5, after=4)
     # Brute force: encode every token of every shard, cut each window by hand.
     dense = {}
     for t in tables:
@@ -68,13 +70,21 @@ def test_two_passes_equal_brute_force_windows(kind) -> None:
     want = sorted({(f, t) for f, t in zip(shown.column("feature").to_pylist(), shown.column("token_index").to_pylist())})
     got = list(zip(windows.column("feature").to_pylist(), windows.column("token_index").to_pylist()))
     assert got == want and len(got) > 0
+    clipped = 0
     for row in windows.to_pylist():
         tok, f = row["token_index"], row["feature"]
         pos = (tok & ((1 << schemas.SHARD_BITS) - 1)) % T
-        span = list(range(tok - min(3, pos), tok + min(2, T - 1 - pos) + 1))  # clipped to the sequence
+        span = list(range(tok - min(5, pos), tok + min(4, T - 1 - pos) + 1))  # clipped to the sequence
+        # ...and to the example's document: after the last boundary before it, up to the first at or after it.
+        starts = [s + 1 for s in span if s < tok and dense[s][1] in boundary_ids]
+        ends = [s for s in span if s >= tok and dense[s][1] in boundary_ids]
+        document = [s for s in span if s >= max(starts, default=span[0]) and s <= min(ends, default=span[-1])]
+        clipped += document != span
+        span = document
         assert row["first_token_index"] == span[0]
         assert row["token_ids"] == [dense[s][1] for s in span]
         np.testing.assert_allclose(row["activations"], [dense[s][0][f] for s in span], atol=1e-5)
+    assert (clipped > 0) == bool(boundary_ids), clipped  # the boundaries did cut some windows
     # The window's centre is the example itself: same value as in the examples table.
     centre = {(r["feature"], r["token_index"]): r["activations"][r["token_index"] - r["first_token_index"]]
               for r in windows.to_pylist()}

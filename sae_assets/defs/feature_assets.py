@@ -82,7 +82,7 @@ _SHOWN = ("features.random_examples", "features.activation_levels", "features.ex
 _WINDOW = ("feature_dictionary", "features.window_before", "features.window_after")
 FEATURE_SAMPLES = AssetIdentity("feature_samples", version="1", device="features.device", keys=_SAMPLING)
 FEATURE_EXAMPLES = AssetIdentity("feature_examples", version="1", keys=(*_SAMPLING, *_SHOWN))
-CONTEXT_GATHER = AssetIdentity("context_gather", version="2", device="features.device", keys=_WINDOW)
+CONTEXT_GATHER = AssetIdentity("context_gather", version="3", device="features.device", keys=_WINDOW)
 CONTEXT_WINDOWS = AssetIdentity("context_windows", version="2", device="features.device", keys=_WINDOW)
 SITE_JSON = AssetIdentity("site_json", version="1", pool="model", device="features.device", keys=(
     "feature_dictionary", "features.logit_effects", "features.activation_levels"))
@@ -205,11 +205,12 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
     @CONTEXT_GATHER.asset(
         group_name="features", partitions_def=SHARDS,
         backfill_policy=SINGLE_RUN,
-        deps=[cached_activations, token_shards,
+        deps=[cached_activations, token_shards, tokenizer,
               dg.AssetDep(feature_examples, partition_mapping=dg.AllPartitionMapping()), *dictionary],
         description="Pass 1 of the context windows, sharded over the dataset: for every feature range, the "
         "windows around that range's examples in this shard, encoded with the range's encoder slice; only "
-        "each example's own feature activation on its window is kept (no raw activations). "
+        "each example's own feature activation on its window is kept (no raw activations); windows stop at "
+        "document boundaries (the tokenizer's end-of-text token). "
         "A backfill runs every shard in one run.",
     )
     def context_gather(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
@@ -224,6 +225,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         bounds = {frange: range_of(frange, sae, dictionary_key) for frange in ranges}
         examples, upstream = read_upstream(store, "feature_examples", ranges)
         upstream.update(dictionary_versions)
+        tok_manifest = store.require("tokenizer", None)  # its end-of-text id separates packed documents
+        upstream["tokenizer"] = tok_manifest.data_version
         shown_by_range = {frange: pq.read_table(store.fetch(m, SHOWN_FILE)) for frange, m in zip(ranges, examples)}
         hook = sae_manifest.extra["hook"]
 
@@ -240,8 +243,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
                         shown, table, lambda x, lo=lo, hi=hi: sae.encode_range(x, lo, hi), shard=shard_index(shard),
                         hook=hook, context_length=tokens_manifest.extra["context_length"],
                         before=cfg.features.window_before, after=cfg.features.window_after, lo=lo,
-                        batch_size=cfg.features.batch_size, device=cfg.features.device,
-                        where=f"context_gather[{shard}] for {frange}")
+                        batch_size=cfg.features.batch_size, boundary_ids=(tok_manifest.extra["eos_id"],),
+                        device=cfg.features.device, where=f"context_gather[{shard}] for {frange}")
                     pq.write_table(windows, out.path(gathered_windows_file(frange)))
                     out.describe_table(gathered_windows_file(frange), rows=windows.num_rows)
                     total += windows.num_rows

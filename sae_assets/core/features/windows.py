@@ -93,6 +93,27 @@ def window_spans(token_index: np.ndarray, *, context_length: int, before: int, a
     return first.astype(np.int64), last.astype(np.int64)
 
 
+def clip_to_documents(token_index: np.ndarray, first: np.ndarray, last: np.ndarray, token_ids,
+                      boundary_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """((E,), (E,)) the window spans [first, last] cut back to each example's own document.
+
+    Documents are packed as `doc eos doc eos ...`: a window starts after the last boundary token
+    (an id of `boundary_ids`) before its example and ends at the first boundary at or after it,
+    so the previous document's text never shows. `token_ids(index_L)` gives the token ids of
+    global token indices.
+    """
+    if not len(boundary_ids) or not len(token_index):
+        return first, last
+    slot_L = _expand(first, last)  # (L,) span after span
+    example_L = np.repeat(np.arange(len(first)), last - first + 1)
+    boundary_L = np.isin(token_ids(slot_L), np.asarray(boundary_ids))
+    before_L = boundary_L & (slot_L < token_index[example_L])
+    first, last = first.copy(), last.copy()
+    np.maximum.at(first, example_L[before_L], slot_L[before_L] + 1)
+    np.minimum.at(last, example_L[boundary_L & ~before_L], slot_L[boundary_L & ~before_L])
+    return first, last
+
+
 def _expand(first: np.ndarray, last: np.ndarray) -> np.ndarray:
     """(L,) every index of every span [first, last], span after span."""
     lengths = last - first + 1
@@ -103,7 +124,8 @@ def _expand(first: np.ndarray, last: np.ndarray) -> np.ndarray:
 def gather_context_windows(shown: pa.Table, activations: pa.Table,
                            encode_range: Callable[[torch.Tensor], torch.Tensor], *, shard: int, hook: str,
                            context_length: int, before: int, after: int, lo: int, batch_size: int,
-                           device: str = "cpu", where: str, progress_log: ProgressLog | None = None) -> pa.Table:
+                           boundary_ids: Sequence[int] = (), device: str = "cpu", where: str,
+                           progress_log: ProgressLog | None = None) -> pa.Table:
     """Pass 1 for one feature range and one shard: the windows of the shown examples found in it.
 
     `activations` is the shard's cached_activations table (row r holds offset r); `hook` its
@@ -111,9 +133,11 @@ def gather_context_windows(shown: pa.Table, activations: pa.Table,
     Each window token is read once and encoded once with the range's encoder slice (B tokens at
     a time, as cached: no dtype change beyond float32 for the matmul, so the values equal what
     `feature_samples` saw), and every example keeps only *its* feature's activation on its
-    window. Returns `schemas.context_windows_schema`, one row per distinct (feature, example
-    token) in the shard, sorted by feature then token: bytes grow as examples x window, not
-    with the hook width D. A progress log counts the encoded batches and their tokens.
+    window. Windows stop at document boundaries (`boundary_ids`, e.g. the end-of-text token;
+    `clip_to_documents`). Returns `schemas.context_windows_schema`, one row per distinct
+    (feature, example token) in the shard, sorted by feature then token: bytes grow as
+    examples x window, not with the hook width D. A progress log counts the encoded batches and
+    their tokens.
     """
     tok = shown.column("token_index").to_numpy()
     here = (tok >> schemas.SHARD_BITS) == shard
@@ -122,6 +146,8 @@ def gather_context_windows(shown: pa.Table, activations: pa.Table,
         pairs = np.unique(np.stack([feature.astype(np.int64), tok]), axis=1)  # sorted by feature, then token
         feature, tok = pairs[0].astype(np.int32), pairs[1]
     first, last = window_spans(tok, context_length=context_length, before=before, after=after)
+    first, last = clip_to_documents(tok, first, last, lambda index_L: _token_ids(activations, index_L, where),
+                                    boundary_ids)
     token_index_U = np.unique(_expand(first, last)) if len(tok) else np.zeros(0, np.int64)  # (U,) sorted
     rows_U = token_index_U & _OFFSET_MASK
     if len(rows_U) and rows_U[-1] >= activations.num_rows:
@@ -154,6 +180,15 @@ def gather_context_windows(shown: pa.Table, activations: pa.Table,
         "token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids_U[slot_row_L], pa.int32())),
         "activations": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values_L, pa.float32())),
     }, schema=schemas.context_windows_schema())
+
+
+def _token_ids(activations: pa.Table, token_index_L: np.ndarray, where: str) -> np.ndarray:
+    """(L,) token ids of the shard's global token indices (row r holds offset r)."""
+    rows_L = token_index_L & _OFFSET_MASK
+    if len(rows_L) and int(rows_L.max()) >= activations.num_rows:
+        raise WindowError(f"{where}: example token {int(token_index_L[rows_L.argmax()])} lies beyond the shard's "
+                          f"{activations.num_rows} cached tokens (stale feature_examples?)")
+    return activations.column(schemas.TOKEN_ID).take(pa.array(rows_L, pa.int64())).to_numpy()
 
 
 def assemble_context_windows(shown: pa.Table, parts: Sequence[pa.Table], *, where: str,
