@@ -113,7 +113,7 @@ def main() -> int:
     pairs = {}
     for F in widths:
         for arch in archs:
-            sparsity = args.l1 if arch == "relu" else float(args.k)
+            sparsity = args.l1 if arch in ("relu", "gated", "jumprelu") else float(args.k)
             pairs[f"{arch}-w{F}"] = (lambda arch=arch, F=F, s=sparsity: train_rate(x_ND, arch, F, s, B, args.steps),
                                      lambda F=F: matmul_rate(B, D, F, args.steps))
     rates = _common.paired_rounds(pairs, args.repeats, args.warmup)

@@ -55,7 +55,8 @@ def sweep_overrides(args: argparse.Namespace, base) -> dict:
         sweep = []
         for p in base.sae.sweep:
             for value in wanted.get(p.architecture, [p.sparsity]):
-                sweep.append({"architecture": p.architecture, "width": p.width, "sparsity": value})
+                sweep.append({"architecture": p.architecture, "width": p.width, "sparsity": value,
+                              "prefixes": list(p.prefixes)})
         sae["sweep"] = sweep
     return {"sae": sae} if sae else {}
 

@@ -203,6 +203,14 @@ class DictionaryPoint:
         """The config key of a field, with this point's partition key (errors name both)."""
         return f"sae.sweep[{self.key}].{field_name}"
 
+    def as_dict(self) -> dict[str, Any]:
+        """The point as hashed into identities; `prefixes` only where set, so that points without
+        them keep the hashes they had before the field existed."""
+        values = dataclasses.asdict(self)
+        if not self.prefixes:
+            del values["prefixes"]
+        return values
+
     @property
     def matryoshka_prefixes(self) -> tuple[int, ...]:
         """The prefix sizes in effect: `prefixes`, or the default for the width when empty."""
@@ -219,7 +227,8 @@ class DictionaryPoint:
         else:
             tag = f"{_SPARSITY_TAGS.get(self.architecture, '')}{self.sparsity:g}"
         key = f"{self.architecture}-w{self.width}-{tag}"
-        if self.architecture == "matryoshka" and self.prefixes and self.prefixes != default_matryoshka_prefixes(self.width):
+        default = default_matryoshka_prefixes(self.width)
+        if self.architecture == "matryoshka" and self.prefixes and self.prefixes != default:
             key += "-p" + "_".join(str(m) for m in self.prefixes)
         return key
 
@@ -240,7 +249,8 @@ class SaeConfig:
     lr_decay_fraction: float = 0.2
     """Linear decay to zero over this final fraction of training (Anthropic 2024)."""
     l1_warmup_fraction: float = 0.05
-    """The sparsity coefficient ramps from 0 over this first fraction of training (relu, gated, jumprelu)."""
+    """The sparsity coefficient (relu, gated: L1; jumprelu: L0) ramps from 0 over this first
+    fraction of training."""
     init: SaeInit = "anthropic"
     """anthropic: W_dec columns at norm 0.1, W_enc = W_dec^T; others from "Informed initialization of sparse dictionaries"."""
     resample: bool = True
@@ -398,10 +408,14 @@ class AttributionConfig:
     ablation_windows: int = 32
     """Attributed training sequences run with and without each ablated unit."""
     seed: int = 0
-    """Seed of the random control units."""
+    """Seed of the random control units, the paired test's draws and the activation sample."""
+    activation_sequences: int = 256
+    """Training sequences (a seeded uniform sample) whose MLP activations rank each ablated neuron
+    among its layer by selectivity for its notable tokens: would activations alone have found it?"""
 
     def __post_init__(self) -> None:
         _check(len(self.tensors) >= 1, "attribution.tensors", "must name at least one tensor")
+        _check(self.activation_sequences >= 0, "attribution.activation_sequences", "must be >= 0")
         _check(len(set(self.tensors)) == len(self.tensors), "attribution.tensors", "has duplicates")
         _check(self.top_k >= 1, "attribution.top_k", "must be >= 1")
         _check(self.steps_per_range >= 1, "attribution.steps_per_range", "must be >= 1")
@@ -470,6 +484,8 @@ class RunConfig:
             if not hasattr(value, part):
                 raise ConfigError(f"config key '{path}' does not exist")
             value = getattr(value, part)
+        if isinstance(value, DictionaryPoint):
+            return value.as_dict()
         return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,7 +20,6 @@ other. Tests: tests/test_identity.py.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,7 +61,7 @@ def dictionary_point(cfg: RunConfig, partition: str | None) -> dict[str, Any]:
     """What a sweep-point partition carries of the config: its DictionaryPoint."""
     if partition is None:
         raise ValueError("a sweep-point asset needs its partition key (a sae.sweep point)")
-    return dataclasses.asdict(cfg.sae.point(partition))
+    return cfg.sae.point(partition).as_dict()
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,13 @@ update; `set_input_scale_from`), and reconstructions are divided by it again: `e
 `decode` and `forward` speak the caller's units, while the parameters and `loss` live in the
 scaled space. An architecture is one subclass that supplies `activate` (pre-activations to
 features), `penalties` (its sparsity and auxiliary losses) and, where its recipe needs them,
-the decoder constraints `constrain_gradients` / `constrain_weights`; JumpReLU or BatchTopK
-would be one more file. Tests: tests/test_sae_core.py.
+the decoder constraints `constrain_gradients` / `constrain_weights`. Optional hooks: an
+activation with per-feature parameters encodes a feature slice through `activate_range`; one
+that trains differently from how it infers (BatchTopK) overrides `activate_train`, which
+`loss` calls; per-feature parameters beyond the four are reset on resampling by
+`reset_features` and travel to SAELens through `saelens_tensors` / `load_saelens_tensors`.
+One file per architecture: relu, topk, jumprelu, batchtopk, matryoshka, gated.
+Tests: tests/test_sae_core.py, tests/test_sae_architectures.py.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ class LossOutput(NamedTuple):
     sparsity: Tensor
     """Scalar: the sparsity penalty as added to `total` (coefficient and warm-up applied)."""
     aux: Tensor
-    """Scalar: the auxiliary loss as added to `total` (e.g. TopK's AuxK; 0 where none)."""
+    """Scalar: the auxiliary loss as added to `total` (TopK's AuxK, a Gated SAE's gate
+    reconstruction, Matryoshka's inner-prefix losses; 0 where none)."""
     l0: Tensor
     """Scalar: mean number of non-zero features per row."""
     f: Tensor
@@ -55,9 +61,9 @@ class SparseAutoencoder(nn.Module, ABC):
     """Base of every architecture: x_hat = (f(x * s) @ W_dec + b_dec) / s, s = input_scale."""
 
     architecture: ClassVar[str]
-    """Our name for the architecture, as in DictionaryPoint.architecture ('relu', 'topk')."""
+    """Our name for the architecture, as in DictionaryPoint.architecture ('relu', 'topk', ...)."""
     saelens_architecture: ClassVar[str]
-    """The SAELens cfg.json `architecture` this maps to ('standard', 'topk')."""
+    """The SAELens cfg.json `architecture` this maps to ('standard', 'topk', 'jumprelu', 'gated')."""
     init_decoder_norm: ClassVar[float] = 1.0
     """Norm given to decoder rows by `initialize` (the recipe's choice)."""
     elementwise_activation: ClassVar[bool] = False
@@ -90,6 +96,32 @@ class SparseAutoencoder(nn.Module, ABC):
     @abstractmethod
     def hyperparameters(self) -> dict[str, Any]:
         """Constructor keyword arguments beyond d_in and width (what io.py records)."""
+
+    def activate_range(self, pre_BW: Tensor, lo: int, hi: int) -> Tensor:
+        """Activations of the features [lo, hi) from their pre-activations (B, hi - lo); only
+        called when `elementwise_activation`. Default: `activate` (no per-feature parameters)."""
+        return self.activate(pre_BW)
+
+    def activate_train(self, pre_BF: Tensor) -> Tensor:
+        """The activation `loss` uses (training); default `activate`. BatchTopK differs."""
+        return self.activate(pre_BF)
+
+    def reset_features(self, index_R: Tensor) -> list[tuple[Tensor, int]]:
+        """Reset this architecture's own per-feature parameters of resampled features to their
+        initial values; returns (parameter, feature dim) pairs whose optimizer state to zero."""
+        return []
+
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        """Tensors SAELens needs beyond W_enc, b_enc, W_dec, b_dec, by SAELens name (acting on
+        pre-activations, which folding the input scale leaves unchanged)."""
+        return {}
+
+    def load_saelens_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Set what `saelens_tensors` exports from a loaded state dict. Default: nothing."""
+
+    def saelens_fields(self) -> dict[str, Any]:
+        """Extra cfg.json keys SAELens reads for this architecture (e.g. k for TopK)."""
+        return {}
 
     def constrain_gradients(self) -> None:
         """Called after backward, before the optimizer step. Default: no constraint."""
@@ -126,7 +158,7 @@ class SparseAutoencoder(nn.Module, ABC):
             return self.activate(self.pre_activations(x_scaled_BD))[:, lo:hi]
         if self.apply_b_dec_to_input:
             x_scaled_BD = x_scaled_BD - self.b_dec
-        return self.activate(x_scaled_BD @ self.W_enc[:, lo:hi] + self.b_enc[lo:hi])
+        return self.activate_range(x_scaled_BD @ self.W_enc[:, lo:hi] + self.b_enc[lo:hi], lo, hi)
 
     def decoder_directions(self, lo: int = 0, hi: int | None = None) -> Tensor:
         """(hi - lo, D) decoder rows of features [lo, hi) in the units of the model's activations
@@ -147,7 +179,7 @@ class SparseAutoencoder(nn.Module, ABC):
         info = step_info if step_info is not None else StepInfo()
         xs_BD = x_BD * self.input_scale
         pre_BF = self.pre_activations(xs_BD)
-        f_BF = self.activate(pre_BF)
+        f_BF = self.activate_train(pre_BF)
         x_hat_BD = self.decode_scaled(f_BF)
         mse = (x_hat_BD - xs_BD).pow(2).sum(-1).mean()
         sparsity, aux = self.penalties(xs_BD, pre_BF, f_BF, x_hat_BD, info)

@@ -1,18 +1,28 @@
 """SAEs on disk in the layout SAELens 6 loads: a directory with cfg.json + sae_weights.safetensors.
 
-`export_tensors(sae)` gives the four tensors SAELens expects (W_enc (d_in, d_sae), b_enc
+`export_tensors(sae)` gives the tensors SAELens expects (W_enc (d_in, d_sae), b_enc
 (d_sae), W_dec (d_sae, d_in), b_dec (d_in), float32) with our `input_scale` s folded in, so
 they act on activations in the model's own units: W_enc' = s W_enc, W_dec' = W_dec / s,
 b_dec' = b_dec / s, b_enc' = b_enc (SAELens' own `fold_activation_norm_scaling_factor`), and
-cfg.json says `normalize_activations: "none"`. `saelens_config` writes the SAELens 6 keys
-(architecture 'standard' | 'topk', d_in, d_sae, dtype, device, apply_b_dec_to_input,
-normalize_activations, reshape_activations, k for topk, and `metadata` with sae_lens_version
->= 6 so no pre-6 conversion runs, hook_name, hook_layer) plus a `sae_assets` block SAELens
-ignores: our architecture name, hyperparameters, the folded scale and free-form extras.
-`load_sae` / `sae_from_saelens` rebuild our module (unfolding the scale when recorded) from our
-files or any SAELens 'standard'/'topk' SAE; outputs then match the original to float32
-rounding. `save_sae` writes weights, then cfg.json, each via a temp name + os.replace.
-Tests: tests/test_sae_core.py.
+cfg.json says `normalize_activations: "none"`. Folding leaves the pre-activations unchanged,
+so per-feature tensors on them need no folding. Per architecture (SAELens 6 names, read from
+its sae_lens/saes/*.py): relu -> 'standard'; topk -> 'topk' + cfg key `k`; jumprelu ->
+'jumprelu' + tensor `threshold` (d_sae,), which SAELens applies as f = ReLU(z) * 1[z >
+ReLU(threshold)]; batchtopk and matryoshka -> 'jumprelu' with `threshold` = the learnt
+inference threshold for every feature (SAELens saves its own BatchTopK and Matryoshka SAEs
+so); gated -> 'gated' with tensors W_enc, b_gate, r_mag, b_mag, W_dec, b_dec and no b_enc.
+`saelens_config` writes the SAELens 6 keys (architecture, d_in, d_sae, dtype, device,
+apply_b_dec_to_input, normalize_activations, reshape_activations, the architecture's own
+keys, and `metadata` with sae_lens_version >= 6 so no pre-6 conversion runs, hook_name,
+hook_layer) plus a `sae_assets` block SAELens ignores: our architecture name,
+hyperparameters, the folded scale and free-form extras. `load_sae` / `sae_from_saelens`
+rebuild our module (our architecture from the `sae_assets` block when present, else the
+SAELens one: 'standard', 'topk', 'jumprelu', 'gated'), unfolding the scale when recorded;
+outputs then match the original to float32 rounding. `save_sae` writes weights, then
+cfg.json, each via a temp name + os.replace. Not checked here: loading these files with a
+real SAELens install (needs sae-lens >= 6 in a venv of its own, `SAE.load_from_disk(dir)`,
+then comparing `encode`/`decode` with ours). Tests: tests/test_sae_core.py,
+tests/test_sae_architectures.py.
 """
 
 from __future__ import annotations
@@ -29,8 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sae_assets.core.sae.base import SparseAutoencoder
-from sae_assets.core.sae.relu import ReluSae
-from sae_assets.core.sae.topk import TopKSae
+from sae_assets.core.sae.build import ARCHITECTURES
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -48,7 +57,9 @@ def export_tensors(sae: SparseAutoencoder) -> dict[str, Tensor]:
     """The SAELens state dict, input scale folded in, float32, contiguous, on the CPU."""
     s = float(sae.input_scale)
     folded = {"W_enc": sae.W_enc.double() * s, "b_enc": sae.b_enc.double(),
-              "W_dec": sae.W_dec.double() / s, "b_dec": sae.b_dec.double() / s}
+              "W_dec": sae.W_dec.double() / s, "b_dec": sae.b_dec.double() / s, **sae.saelens_tensors()}
+    if sae.saelens_architecture == "gated":  # SAELens' gated SAE has b_gate (our b_enc) and no b_enc
+        del folded["b_enc"]
     return {name: t.float().cpu().contiguous() for name, t in folded.items()}
 
 
@@ -66,8 +77,7 @@ def saelens_config(sae: SparseAutoencoder, *, hook_name: str, extra: Mapping[str
         "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": sae.apply_b_dec_to_input,
         "normalize_activations": "none", "reshape_activations": "none", "metadata": metadata,
     }
-    if isinstance(sae, TopKSae):
-        cfg["k"] = sae.k
+    cfg.update(sae.saelens_fields())
     cfg["sae_assets"] = {"architecture": sae.architecture, "hyperparameters": sae.hyperparameters(),
                          "input_scale": float(sae.input_scale), "input_scale_folded": True, "extra": extra}
     return cfg
@@ -93,36 +103,48 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, *, hook_name: str,
     return directory
 
 
+_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+"""Our architecture for a SAELens one, when the file has no `sae_assets` block."""
+
+
 def _module_for(cfg: Mapping[str, Any], where: str) -> SparseAutoencoder:
-    arch, hp = cfg.get("architecture", "standard"), dict(cfg.get("sae_assets", {}).get("hyperparameters", {}))
-    d_in, width = int(cfg["d_in"]), int(cfg["d_sae"])
+    ours = cfg.get("sae_assets", {})
+    arch = cfg.get("architecture", "standard")
+    name = ours.get("architecture") or _FROM_SAELENS.get(arch)
+    if ours.get("architecture") and name not in ARCHITECTURES:
+        raise ValueError(f"{where}: key 'sae_assets.architecture' is {name!r}; known: {', '.join(ARCHITECTURES)}")
+    if name not in ARCHITECTURES:
+        raise ValueError(f"{where}: key 'architecture' is {arch!r}; supported: {', '.join(map(repr, _FROM_SAELENS))}")
+    hp = dict(ours.get("hyperparameters", {}))
+    if not hp:  # a file SAELens wrote: training-only coefficients do not matter for inference
+        hp = {"topk": {"k": int(cfg.get("k", 0))}, "jumprelu": {"l0_coefficient": 0.0}}.get(
+            name, {"l1_coefficient": 0.0})
     hp["apply_b_dec_to_input"] = bool(cfg.get("apply_b_dec_to_input", True))
-    if arch == "standard":
-        return ReluSae(d_in, width, l1_coefficient=hp.get("l1_coefficient", 0.0),
-                       l1_warmup_fraction=hp.get("l1_warmup_fraction", 0.0),
-                       apply_b_dec_to_input=hp["apply_b_dec_to_input"])
-    if arch == "topk":
-        return TopKSae(d_in, width, k=int(cfg["k"]), aux_k=hp.get("aux_k", 256),
-                       aux_coefficient=hp.get("aux_coefficient", 1 / 32), apply_b_dec_to_input=hp["apply_b_dec_to_input"])
-    raise ValueError(f"{where}: key 'architecture' is {arch!r}; supported: 'standard', 'topk'")
+    try:
+        return ARCHITECTURES[name](int(cfg["d_in"]), int(cfg["d_sae"]), **hp)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot build a {name!r} SAE from its hyperparameters {hp}: {exc}") from exc
 
 
 @torch.no_grad()
-def sae_from_saelens(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], *, where: str = CFG_FILE) -> SparseAutoencoder:
+def sae_from_saelens(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], *,
+                     where: str = CFG_FILE) -> SparseAutoencoder:
     """Our module from a SAELens config dict and state dict (unfolding our recorded input scale)."""
     if cfg.get("normalize_activations") not in (None, "none", False):
         raise ValueError(f"{where}: key 'normalize_activations' is {cfg['normalize_activations']!r}; "
                          "only 'none' (scale folded into the weights) is supported")
     sae = _module_for(cfg, where)
-    for name, param in (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec), ("b_dec", sae.b_dec)):
-        if name not in tensors or tuple(tensors[name].shape) != tuple(param.shape):
+    for name, expected in export_tensors(sae).items():
+        if name not in tensors or tuple(tensors[name].shape) != tuple(expected.shape):
             got = tuple(tensors[name].shape) if name in tensors else "missing"
-            raise ValueError(f"{where}: tensor {name} is {got}, expected {tuple(param.shape)}")
+            raise ValueError(f"{where}: tensor {name} is {got}, expected {tuple(expected.shape)}")
     s = float(cfg.get("sae_assets", {}).get("input_scale", 1.0))
     sae.W_enc.copy_((tensors["W_enc"].double() / s).float())
-    sae.b_enc.copy_(tensors["b_enc"].float())
+    if "b_enc" in tensors:
+        sae.b_enc.copy_(tensors["b_enc"].float())
     sae.W_dec.copy_((tensors["W_dec"].double() * s).float())
     sae.b_dec.copy_((tensors["b_dec"].double() * s).float())
+    sae.load_saelens_tensors({k: v.float() for k, v in tensors.items()})
     sae.input_scale.fill_(s)
     return sae
 

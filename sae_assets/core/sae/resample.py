@@ -5,7 +5,9 @@ reconstruction loss ||x - x_hat||^2 (in the SAE's scaled space), draws one input
 feature with probability proportional to loss^2 (without replacement while there are enough
 inputs with non-zero loss), and for each dead feature i sets decoder row i to the normalised
 input (x - b_dec, the part the decoder must explain), encoder column i to that direction
-times 0.2 x the mean encoder norm of the live features, and b_enc[i] to 0. Adam's moment
+times 0.2 x the mean encoder norm of the live features, b_enc[i] to 0, and the
+architecture's own per-feature parameters to their initial values (`reset_features`: a
+JumpReLU threshold, a Gated SAE's r_mag and b_mag). Adam's moment
 estimates (exp_avg, exp_avg_sq, and max_exp_avg_sq under AMSGrad) of exactly those rows and
 columns are zeroed (`reset_adam_rows`); live features and their optimizer state are left
 untouched. Deterministic given the torch `generator`. Tests: tests/test_sae_core.py.
@@ -67,4 +69,6 @@ def resample_dead_features(sae: SparseAutoencoder, optimizer: torch.optim.Optimi
     reset_adam_rows(optimizer, sae.W_dec, dead_R, 0)
     reset_adam_rows(optimizer, sae.W_enc, dead_R, 1)
     reset_adam_rows(optimizer, sae.b_enc, dead_R, 0)
+    for param, dim in sae.reset_features(dead_R):
+        reset_adam_rows(optimizer, param, dead_R, dim)
     return dead_R

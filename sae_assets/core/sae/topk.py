@@ -7,8 +7,10 @@ AuxK: the residual e = x - x_hat (detached) is reconstructed from the top `aux_k
 latents alone, e_hat = f_aux W_dec, and `aux_coefficient * ||e - e_hat||^2` is added; it needs
 the dead mask (`StepInfo.dead_F`) and is exactly 0 when nothing is dead. Decoder rows are kept
 at unit norm: the gradient component parallel to each row is removed before the step and rows
-are renormalised after it. Exported to SAELens as architecture 'topk'. Tests:
-tests/test_sae_core.py.
+are renormalised after it. Exported to SAELens as architecture 'topk'. The AuxK loss and the
+unit-norm decoder are module functions (`auxk_loss`, `remove_parallel_gradient`,
+`normalize_rows`) shared with BatchTopK, Matryoshka and (unit norm only) JumpReLU.
+Tests: tests/test_sae_core.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,38 @@ def topk_activation(pre_BF: Tensor, k: int) -> Tensor:
     """(B, F) with the k largest entries of each row ReLU'd in place and zeros elsewhere."""
     values_BK, indices_BK = pre_BF.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(pre_BF).scatter(-1, indices_BK, values_BK.relu())
+
+
+def auxk_loss(W_dec_FD: Tensor, x_BD: Tensor, pre_BF: Tensor, x_hat_BD: Tensor, dead_F: Tensor | None,
+              aux_k: int) -> Tensor:
+    """||e - e_hat||^2 (sum over D, mean over B) from the top aux_k dead latents; no coefficient.
+
+    e = x - x_hat (detached); e_hat = TopK over the dead latents' pre-activations @ W_dec.
+    Exactly 0 (no graph) when nothing is dead or aux_k is 0."""
+    n_dead = 0 if dead_F is None else int(dead_F.sum())
+    k_aux = min(aux_k, n_dead)
+    if k_aux == 0:
+        return x_hat_BD.new_zeros(())
+    residual_BD = (x_BD - x_hat_BD).detach()
+    dead_pre_BF = pre_BF.masked_fill(~dead_F.to(pre_BF.device), float("-inf"))
+    f_aux_BF = topk_activation(dead_pre_BF, k_aux)
+    return (f_aux_BF @ W_dec_FD - residual_BD).pow(2).sum(-1).mean()
+
+
+@torch.no_grad()
+def remove_parallel_gradient(W_dec_FD: Tensor) -> None:
+    """Remove from each decoder row's gradient its component along the row (in place)."""
+    grad_FD = W_dec_FD.grad
+    if grad_FD is None:
+        return
+    unit_FD = W_dec_FD / W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    grad_FD -= (grad_FD * unit_FD).sum(-1, keepdim=True) * unit_FD
+
+
+@torch.no_grad()
+def normalize_rows(W_dec_FD: Tensor) -> None:
+    """Renormalise decoder rows to unit norm (in place)."""
+    W_dec_FD /= W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 class TopKSae(SparseAutoencoder):
@@ -49,33 +83,23 @@ class TopKSae(SparseAutoencoder):
 
     def auxk_loss(self, x_BD: Tensor, pre_BF: Tensor, x_hat_BD: Tensor, dead_F: Tensor | None) -> Tensor:
         """||e - e_hat||^2 (sum over D, mean over B) from the top aux_k dead latents; no coefficient."""
-        n_dead = 0 if dead_F is None else int(dead_F.sum())
-        k_aux = min(self.aux_k, n_dead)
-        if k_aux == 0:
-            return x_hat_BD.new_zeros(())
-        residual_BD = (x_BD - x_hat_BD).detach()
-        dead_pre_BF = pre_BF.masked_fill(~dead_F.to(pre_BF.device), float("-inf"))
-        f_aux_BF = topk_activation(dead_pre_BF, k_aux)
-        return (f_aux_BF @ self.W_dec - residual_BD).pow(2).sum(-1).mean()
+        return auxk_loss(self.W_dec, x_BD, pre_BF, x_hat_BD, dead_F, self.aux_k)
 
     def penalties(self, x_BD: Tensor, pre_BF: Tensor, f_BF: Tensor, x_hat_BD: Tensor,
                   info: StepInfo) -> tuple[Tensor, Tensor]:
         aux = self.aux_coefficient * self.auxk_loss(x_BD, pre_BF, x_hat_BD, info.dead_F)
         return x_hat_BD.new_zeros(()), aux
 
-    @torch.no_grad()
     def constrain_gradients(self) -> None:
         """Remove from each decoder row's gradient its component along the row."""
-        grad_FD = self.W_dec.grad
-        if grad_FD is None:
-            return
-        unit_FD = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        grad_FD -= (grad_FD * unit_FD).sum(-1, keepdim=True) * unit_FD
+        remove_parallel_gradient(self.W_dec)
 
-    @torch.no_grad()
     def constrain_weights(self) -> None:
         """Renormalise decoder rows to unit norm."""
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        normalize_rows(self.W_dec)
+
+    def saelens_fields(self) -> dict[str, Any]:
+        return {"k": self.k}
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"k": self.k, "aux_k": self.aux_k, "aux_coefficient": self.aux_coefficient,

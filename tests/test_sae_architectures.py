@@ -1,0 +1,428 @@
+"""The SAE architectures beyond ReLU and TopK: JumpReLU, BatchTopK, Matryoshka BatchTopK, Gated.
+
+Each is checked against its paper's definition computed by hand here (forward pass, loss
+terms, straight-through gradients), trained through the real loop on toy data with known
+features (`sae_assets.core.sae.toy`), encoded feature-slice by feature-slice, saved in the
+SAELens layout and loaded back, and refused with a named config key when its sweep point is
+out of range. Tiny shapes, CPU, single-threaded torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_assets.core.config import ConfigError, DictionaryPoint, ModelConfig, SaeConfig, config_from_dict, replace
+from sae_assets.core.model.lm import build_embedded_model
+from sae_assets.core.model.training import train_language_model
+from sae_assets.core.sae import (
+    ARCHITECTURES, BatchTopKSae, GatedSae, JumpReLUSae, MatryoshkaSae, StepInfo, build_sae, load_sae, make_sae,
+    save_sae, train_sae,
+)
+from sae_assets.core.sae.batchtopk import batch_topk_activation
+from sae_assets.core.sae.checkpoint import CHECKPOINT_FILE
+from sae_assets.core.sae.evaluation import evaluate_dictionary
+from sae_assets.core.sae.metrics import reconstruction_stats
+from sae_assets.core.sae.resample import resample_dead_features
+from sae_assets.core.sae.toy import make_toy_data, toy_batches
+from sae_assets.core.sae.training import make_optimizer, train_step
+
+D, G, B = 32, 64, 128
+JUMPRELU = DictionaryPoint("jumprelu", G, 0.01)
+BATCHTOPK = DictionaryPoint("batchtopk", G, 4.0)
+MATRYOSHKA = DictionaryPoint("matryoshka", G, 4.0, prefixes=(8, 16, 64))
+GATED = DictionaryPoint("gated", G, 0.5)
+POINTS = [JUMPRELU, BATCHTOPK, MATRYOSHKA, GATED]
+SAELENS_NAMES = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "gated": "gated"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return make_toy_data(G, D, seed=0, mean_active=3.0, exponent=0.5)
+
+
+def _cfg(point: DictionaryPoint, steps: int, **changes) -> SaeConfig:
+    base = SaeConfig(sweep=(point,), train_tokens=B * steps, batch_size=B, learning_rate=3e-3, lr_warmup_steps=5,
+                     lr_decay_fraction=0.2, l1_warmup_fraction=0.1, init="data", resample=False,
+                     dead_after_tokens=10 * B, aux_k=16, checkpoint_every=4, seed=0)
+    return replace(base, **changes)
+
+
+def _sample(toy, rows: int = 1024, seed: int = 99) -> torch.Tensor:
+    return next(toy_batches(toy, rows, seed=seed)(0))
+
+
+def _built(toy, point: DictionaryPoint, scale: float = 1.0):
+    return build_sae(point, D, _cfg(point, 10), _sample(toy) * scale)
+
+
+def _perturbed(sae):
+    """The SAE with every per-feature parameter moved off its initial value (so tests see them)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        sae.b_enc.add_(0.1 * torch.randn(sae.width, generator=g))
+        if isinstance(sae, GatedSae):
+            sae.r_mag.copy_(0.3 * torch.randn(sae.width, generator=g))
+            sae.b_mag.copy_(0.2 * torch.randn(sae.width, generator=g))
+        if isinstance(sae, JumpReLUSae):
+            sae.log_threshold.copy_(torch.log(0.05 + 0.5 * torch.rand(sae.width, generator=g)))
+        if isinstance(sae, BatchTopKSae):
+            sae.threshold.fill_(0.4)
+    return sae
+
+
+# --- the loop: each trains, resamples, is scored ------------------------------------------------
+
+@pytest.mark.parametrize("point", POINTS, ids=lambda p: p.key)
+def test_each_trains_through_the_loop_with_resampling_and_is_scored(toy, point):
+    cfg = _cfg(point, 60, resample=True, resample_steps=(30,))
+    sae = build_sae(point, D, cfg, _sample(toy))
+    assert type(sae) is ARCHITECTURES[point.architecture]
+    with torch.no_grad():
+        sae.b_enc[:4] = -100.0  # four features that cannot fire: they die and get resampled
+    held_out = _sample(toy, 512, seed=7) * 3.0
+    before = sae.loss(held_out).mse.item()
+    outcome = train_sae(sae, toy_batches(toy, B, seed=1), cfg, point, log_every=20)
+    after = sae.loss(held_out).mse.item()
+    assert outcome.steps == 60 and outcome.resamples == 1
+    assert after < 0.5 * before, (before, after)
+    assert bool((sae.b_enc[:4] > -100.0).all())  # revived
+    stats = reconstruction_stats(sae, [held_out[:256], held_out[256:]])  # sae_metrics' code
+    assert 0 < stats.fvu < 1 and 0 < stats.l0 < G and stats.n_tokens == 512
+
+
+def _successor_tokens(n: int, seed: int, vocab: int = 50, ctx: int = 16) -> torch.Tensor:
+    """(n, ctx) sequences counting up from a random start, modulo the vocabulary."""
+    starts = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(seed))
+    return (starts + torch.arange(ctx)) % vocab
+
+
+def test_each_is_scored_by_the_sae_metrics_evaluation_on_a_real_model():
+    lm_cfg = ModelConfig(n_layers=1, d_model=D, n_heads=2, d_mlp=64, batch_size=16, train_tokens=16 * 16 * 30,
+                         learning_rate=1e-2, warmup_steps=5, seed=0)
+    model = build_embedded_model(lm_cfg, vocab_size=50, context_length=16)
+    train_language_model(model, _successor_tokens(64, 0), _successor_tokens(8, 1), lm_cfg, eval_every=1000)
+    hook = "blocks.0.hook_resid_post"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(_successor_tokens(256, 2), names_filter=hook)
+    acts_ND = cache[hook].reshape(-1, D).float()
+    for point in POINTS:
+        cfg = _cfg(point, 40)
+        sae = build_sae(point, D, cfg, acts_ND[:1024])
+        train_sae(sae, lambda start: (acts_ND[(i * B) % 3072:(i * B) % 3072 + B] for i in range(start, 10**6)),
+                  cfg, point)
+        got = evaluate_dictionary(model, sae, hook, _successor_tokens(8, 3).numpy(), _successor_tokens(4, 4).numpy(),
+                                  _successor_tokens(8, 5).numpy(), batch_size=4).metrics
+        assert 0 < got["l0"] < G and 0 < got["fvu"] < 1, (point.key, got)
+        assert got["sae_loss"] < got["zero_ablation_loss"] and got["loss_recovered"] > 0, (point.key, got)
+
+
+# --- JumpReLU -------------------------------------------------------------------------------------
+
+def test_jumprelu_forward_and_l0_penalty_follow_the_definition(toy):
+    sae = _perturbed(_built(toy, JUMPRELU))
+    x = _sample(toy, 64)
+    xs = x * sae.input_scale
+    z = xs @ sae.W_enc + sae.b_enc  # no pre-encoder bias (apply_b_dec_to_input False)
+    theta = sae.log_threshold.exp()
+    out = sae.loss(x, StepInfo(step=100, total_steps=100))
+    assert torch.allclose(out.f, z * (z > theta))
+    assert torch.allclose(out.sparsity, 0.01 * (z > theta).float().sum(-1).mean())
+    assert out.aux.item() == 0.0 and torch.allclose(out.total, out.mse + out.sparsity)
+    assert out.l0.item() == pytest.approx((z > theta).float().sum(-1).mean().item())
+
+
+def test_jumprelu_threshold_learns_through_both_straight_through_estimators(toy):
+    eps = 0.2  # wide enough that many pre-activations fall inside the kernel
+    sae = JumpReLUSae(D, G, l0_coefficient=0.5, bandwidth=eps)
+    point_sae = _perturbed(_built(toy, JUMPRELU))
+    sae.load_state_dict(point_sae.state_dict())
+    x = _sample(toy, 64)
+    out = sae.loss(x)
+    theta, z = sae.log_threshold.exp().detach(), sae.pre_activations(x * sae.input_scale).detach()
+    kernel = ((z - theta).abs() < eps / 2).float() / eps  # K((z - theta) / eps) / eps
+    assert kernel.sum() > 0
+    # through the L0 penalty: d/dtheta H = -K/eps, and d theta / d log theta = theta
+    (grad_l0,) = torch.autograd.grad(out.sparsity, sae.log_threshold, retain_graph=True)
+    assert torch.allclose(grad_l0, 0.5 * (-kernel).sum(0) / x.shape[0] * theta, atol=1e-6)
+    assert (grad_l0 <= 0).all() and (grad_l0 < 0).any()  # the penalty pushes thresholds up
+    # through the activation: d/dtheta JumpReLU = -(theta / eps) K, times dMSE/df
+    grad_f, grad_act = torch.autograd.grad(out.mse, [out.f, sae.log_threshold])
+    assert torch.allclose(grad_act, (-theta * kernel * grad_f).sum(0) * theta, atol=1e-6)
+    assert grad_act.abs().sum() > 0
+
+
+def test_jumprelu_l0_penalty_raises_thresholds_and_lowers_l0(toy):
+    sae = JumpReLUSae(D, G, l0_coefficient=1.0, bandwidth=0.5, init_threshold=0.05)
+    sae.load_state_dict({**_built(toy, JUMPRELU).state_dict(), "log_threshold": torch.full((G,), -3.0)})
+    optimizer = make_optimizer(sae, 0.05)
+    x = _sample(toy, 256)
+    l0_before, theta_before = sae.loss(x).l0.item(), sae.log_threshold.detach().clone()
+    for step, batch in zip(range(30), toy_batches(toy, B, seed=2)(0)):
+        train_step(sae, optimizer, batch, StepInfo(step, 30), 0.05)
+    assert (sae.log_threshold > theta_before).float().mean() > 0.9
+    assert sae.loss(x).l0.item() < 0.7 * l0_before
+
+
+# --- BatchTopK --------------------------------------------------------------------------------------
+
+def test_batchtopk_keeps_k_per_row_on_average_over_the_batch(toy):
+    sae = _built(toy, BATCHTOPK)
+    x = _sample(toy, 64)
+    out = sae.loss(x, StepInfo(dead_F=torch.zeros(G, dtype=torch.bool)))
+    per_row = (out.f != 0).sum(-1)
+    assert int(per_row.sum()) == 4 * 64 and out.l0.item() == 4.0
+    assert per_row.min() < 4 < per_row.max()  # a batch budget, not TopK's per-row one
+    relu_z = sae.pre_activations(x * sae.input_scale).relu()
+    kth = relu_z.flatten().sort(descending=True).values[4 * 64 - 1]
+    assert torch.equal(out.f != 0, relu_z >= kth) and torch.allclose(out.f[out.f != 0], relu_z[relu_z >= kth])
+    assert out.sparsity.item() == 0.0 and out.aux.item() == 0.0
+
+
+def test_batchtopk_inference_threshold_gives_about_k_per_token(toy):
+    sae = _built(toy, BATCHTOPK)
+    assert float(sae.threshold) == 0.0
+    with torch.no_grad():
+        sae.loss(_sample(toy, 128))  # no gradients: an evaluation, not a training step
+    sae.eval()
+    sae.loss(_sample(toy, 128))  # eval mode: neither
+    assert int(sae.threshold_batches) == 0 and float(sae.threshold) == 0.0
+    sae.train()
+    mins = []
+    for batch in zip(range(150), toy_batches(toy, B, seed=3)(0)):
+        f = sae.loss(batch[1]).f
+        mins.append(float(f[f > 0].min().detach()))
+    assert int(sae.threshold_batches) == 150 and float(sae.threshold) > 0
+    expected = torch.tensor(mins[:100]).double().mean() * 0.99**50  # mean of 100, then EMA of 50
+    expected += sum(0.01 * 0.99 ** (149 - i) * m for i, m in enumerate(mins) if i >= 100)
+    assert float(sae.threshold) == pytest.approx(float(expected), rel=1e-5)
+    with torch.no_grad():
+        f_inf = sae.encode(_sample(toy, 2048, seed=11))
+    assert torch.equal(f_inf, sae.activate(sae.pre_activations(_sample(toy, 2048, seed=11) * sae.input_scale)))
+    assert (f_inf != 0).sum(-1).float().mean().item() == pytest.approx(4.0, rel=0.2)
+
+
+def test_batchtopk_auxk_trains_only_dead_latents(toy):
+    sae = _built(toy, BATCHTOPK)
+    x = _sample(toy, 64)
+    dead_F = torch.zeros(G, dtype=torch.bool)
+    dead_F[::3] = True
+    out = sae.loss(x, StepInfo(dead_F=dead_F))
+    assert out.aux.item() > 0 and torch.allclose(out.total, out.mse + out.aux)
+    sae.zero_grad()
+    out.aux.backward()
+    grad_F = sae.W_enc.grad.abs().sum(0)
+    assert (grad_F[~dead_F] == 0).all() and (grad_F[dead_F] > 0).any()
+
+
+def test_batchtopk_resume_restores_the_threshold_bit_identically(toy, tmp_path):
+    cfg = _cfg(BATCHTOPK, 12)
+    batches = toy_batches(toy, B, seed=5)
+    whole = build_sae(BATCHTOPK, D, cfg, _sample(toy))
+    expected = train_sae(whole, batches, cfg, BATCHTOPK, checkpoint_dir=tmp_path / "whole", log_every=2)
+
+    def killed_at_6(start: int):
+        for step, x in zip(range(start, 6), batches(start)):
+            yield x
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        train_sae(build_sae(BATCHTOPK, D, cfg, _sample(toy)), killed_at_6, cfg, BATCHTOPK,
+                  checkpoint_dir=tmp_path / "resumed", log_every=2)
+    assert (tmp_path / "resumed" / CHECKPOINT_FILE).exists()
+    second = build_sae(BATCHTOPK, D, cfg, _sample(toy))
+    resumed = train_sae(second, batches, cfg, BATCHTOPK, checkpoint_dir=tmp_path / "resumed", log_every=2)
+    assert resumed.curve == expected.curve and int(second.threshold_batches) == 12
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name
+
+
+class _Killed(Exception):
+    pass
+
+
+# --- Matryoshka -------------------------------------------------------------------------------------
+
+def test_matryoshka_loss_is_the_sum_of_prefix_losses(toy):
+    sae = _perturbed(_built(toy, MATRYOSHKA))
+    x = _sample(toy, 64)
+    xs = x * sae.input_scale
+    f = batch_topk_activation(sae.pre_activations(xs), 4)
+    by_hand = sum(((f[:, :m] @ sae.W_dec[:m] + sae.b_dec - xs) ** 2).sum(-1).mean() for m in (8, 16, 64))
+    out = sae.loss(x)
+    assert torch.allclose(out.f, f)
+    assert torch.allclose(out.total, by_hand, rtol=1e-5)
+    assert torch.allclose(out.mse, ((f @ sae.W_dec + sae.b_dec - xs) ** 2).sum(-1).mean())
+    dead_F = torch.zeros(G, dtype=torch.bool)
+    dead_F[40:] = True
+    with_aux = sae.loss(x, StepInfo(dead_F=dead_F))
+    auxk = BatchTopKSae.penalties(sae, xs, sae.pre_activations(xs), f, f @ sae.W_dec + sae.b_dec,
+                                  StepInfo(dead_F=dead_F))[1]
+    assert auxk.item() > 0 and torch.allclose(with_aux.total, by_hand + auxk, rtol=1e-5)
+
+
+def test_matryoshka_default_prefixes_and_keys():
+    assert DictionaryPoint("matryoshka", 1024, 32).matryoshka_prefixes == (128, 256, 512, 1024)
+    assert DictionaryPoint("matryoshka", 4, 1).matryoshka_prefixes == (1, 2, 4)
+    default = DictionaryPoint("matryoshka", 1024, 32)
+    assert default.key == "matryoshka-w1024-k32"
+    assert DictionaryPoint("matryoshka", 1024, 32, (128, 256, 512, 1024)).key == default.key  # the same model
+    other = DictionaryPoint("matryoshka", 1024, 32, (64, 1024))
+    assert other.key == "matryoshka-w1024-k32-p64_1024" and other.key != default.key
+    assert not set("|,[]") & set(other.key)
+    assert MatryoshkaSae(D, 64, k=4).prefixes == (8, 16, 32, 64)
+
+
+# --- Gated ------------------------------------------------------------------------------------------
+
+def test_gated_forward_and_losses_follow_the_definition(toy):
+    sae = _perturbed(_built(toy, GATED))
+    x = _sample(toy, 64)
+    xs = x * sae.input_scale
+    centred = xs - sae.b_dec
+    pi_gate = centred @ sae.W_enc + sae.b_gate
+    pi_mag = centred @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag
+    f = (pi_gate > 0).float() * pi_mag.relu()
+    out = sae.loss(x, StepInfo(step=100, total_steps=100))
+    assert torch.allclose(out.f, f, atol=1e-5) and torch.allclose(sae.encode(x), f, atol=1e-5)
+    assert torch.allclose(out.mse, ((f @ sae.W_dec + sae.b_dec - xs) ** 2).sum(-1).mean(), rtol=1e-5)
+    assert torch.allclose(out.sparsity, 0.5 * (pi_gate.relu() * sae.W_dec.norm(dim=-1)).sum(-1).mean(), rtol=1e-5)
+    assert torch.allclose(out.aux, ((pi_gate.relu() @ sae.W_dec + sae.b_dec - xs) ** 2).sum(-1).mean(), rtol=1e-5)
+    # the gate's own reconstruction uses frozen decoder copies: it moves the gate, never the
+    # decoder (b_dec only through the input centring, as the paper's x - b_dec)
+    sae.zero_grad()
+    out.aux.backward()
+    assert sae.W_dec.grad is None and sae.r_mag.grad is None and sae.b_mag.grad is None
+    frozen_aux = ((pi_gate.relu() @ sae.W_dec.detach() + sae.b_dec.detach() - xs) ** 2).sum(-1).mean()
+    expected = torch.autograd.grad(frozen_aux, [sae.W_enc, sae.b_enc, sae.b_dec])
+    for got, want in zip((sae.W_enc.grad, sae.b_enc.grad, sae.b_dec.grad), expected):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6) and want.abs().sum() > 0
+
+
+def test_resampling_resets_per_feature_parameters_and_their_adam_state(toy):
+    for point in (JUMPRELU, GATED):
+        sae = _perturbed(_built(toy, point))
+        optimizer = make_optimizer(sae, 1e-3)
+        train_step(sae, optimizer, _sample(toy, 64), StepInfo(), 1e-3)
+        dead_F = torch.zeros(G, dtype=torch.bool)
+        dead_F[:5] = True
+        own = [sae.log_threshold] if point is JUMPRELU else [sae.r_mag, sae.b_mag]
+        before = [p.detach().clone() for p in own]
+        resample_dead_features(sae, optimizer, _sample(toy, 256), dead_F, torch.Generator().manual_seed(0))
+        initial = [torch.tensor(0.001).log()] if point is JUMPRELU else [torch.tensor(0.0)] * 2
+        for param, old, value in zip(own, before, initial):
+            assert torch.allclose(param[:5], value.expand(5)) and torch.equal(param[5:], old[5:])
+            state = optimizer.state[param]
+            assert (state["exp_avg"][:5] == 0).all() and (state["exp_avg_sq"][:5] == 0).all()
+
+
+# --- slices, files ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("point", POINTS, ids=lambda p: p.key)
+def test_encode_range_equals_the_slice_of_encode(toy, point):
+    sae = _perturbed(_built(toy, point, scale=2.0))
+    assert sae.elementwise_activation
+    x = _sample(toy, 128) * 2.0
+    with torch.no_grad():
+        full = sae.encode(x)
+        assert (full != 0).any()
+        for lo, hi in ((0, G), (0, 7), (5, 37), (60, 64)):
+            assert torch.allclose(sae.encode_range(x, lo, hi), full[:, lo:hi], atol=1e-6), (lo, hi)
+
+
+def _saelens_forward(cfg: dict, tensors: dict, x: torch.Tensor) -> torch.Tensor:
+    """Features as SAELens 6's JumpReLUSAE / GatedSAE compute them from these files."""
+    sae_in = x - tensors["b_dec"] * cfg["apply_b_dec_to_input"]
+    if cfg["architecture"] == "jumprelu":
+        z = sae_in @ tensors["W_enc"] + tensors["b_enc"]
+        return z.relu() * (z > tensors["threshold"].relu())
+    gate = (sae_in @ tensors["W_enc"] + tensors["b_gate"]) > 0
+    return gate * (sae_in @ (tensors["W_enc"] * tensors["r_mag"].exp()) + tensors["b_mag"]).relu()
+
+
+@pytest.mark.parametrize("point", POINTS, ids=lambda p: p.key)
+def test_save_load_round_trip_in_saelens_layout(toy, tmp_path, point):
+    sae = _perturbed(_built(toy, point, scale=5.0))
+    assert float(sae.input_scale) != pytest.approx(1.0)
+    save_sae(sae, tmp_path / "sae", hook_name="blocks.0.hook_resid_post")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    tensors = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
+    assert cfg["architecture"] == SAELENS_NAMES[point.architecture]
+    assert cfg["sae_assets"]["architecture"] == point.architecture and "k" not in cfg
+    names = {"W_enc", "W_dec", "b_dec"} | ({"b_gate", "r_mag", "b_mag"} if point is GATED else {"b_enc", "threshold"})
+    assert set(tensors) == names and all(v.dtype == torch.float32 for v in tensors.values())
+    if point in (BATCHTOPK, MATRYOSHKA):
+        assert torch.equal(tensors["threshold"], torch.full((G,), 0.4))
+    loaded = load_sae(tmp_path / "sae")
+    assert type(loaded) is type(sae) and loaded.hyperparameters() == sae.hyperparameters()
+    x = _sample(toy, 256) * 5.0
+    with torch.no_grad():
+        x_hat, f = sae(x)
+        loaded_hat, loaded_f = loaded(x)
+        lens_f = _saelens_forward(cfg, tensors, x)
+    for got in (loaded_f, lens_f):
+        assert torch.equal(got != 0, f != 0) and torch.allclose(got, f, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(loaded_hat, x_hat, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(loaded.encode_range(x, 3, 20), f[:, 3:20], rtol=1e-4, atol=1e-5)
+
+
+def test_a_saelens_written_jumprelu_or_gated_file_loads_without_our_block(toy, tmp_path):
+    for point in (JUMPRELU, GATED):
+        sae = _perturbed(_built(toy, point))
+        save_sae(sae, tmp_path / point.architecture, hook_name="blocks.0.hook_resid_post")
+        cfg_path = tmp_path / point.architecture / "cfg.json"
+        cfg = json.loads(cfg_path.read_text())
+        del cfg["sae_assets"]  # as SAELens would write it (input scale 1 here)
+        cfg_path.write_text(json.dumps(cfg))
+        loaded = load_sae(tmp_path / point.architecture)
+        assert type(loaded) is type(sae)
+        x = _sample(toy, 64)
+        assert torch.allclose(loaded.encode(x), sae.encode(x), rtol=1e-4, atol=1e-5)
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("entry", "field", "words"), [
+    ({"architecture": "batchtopk", "width": 16, "sparsity": 32}, "sparsity", "k <= width (16)"),
+    ({"architecture": "matryoshka", "width": 16, "sparsity": 2.5}, "sparsity", "whole number"),
+    ({"architecture": "jumprelu", "width": 16, "sparsity": -0.001}, "sparsity", "must be > 0"),
+    ({"architecture": "gated", "width": 16, "sparsity": 0}, "sparsity", "must be > 0"),
+    ({"architecture": "matryoshka", "width": 16, "sparsity": 2, "prefixes": [8, 4, 16]}, "prefixes",
+     "strictly increasing"),
+    ({"architecture": "matryoshka", "width": 16, "sparsity": 2, "prefixes": [4, 8]}, "prefixes",
+     "ending at the width 16"),
+    ({"architecture": "matryoshka", "width": 16, "sparsity": 2, "prefixes": [0, 16]}, "prefixes", ">= 1"),
+    ({"architecture": "topk", "width": 16, "sparsity": 2, "prefixes": [8, 16]}, "prefixes", "only for architecture"),
+])
+def test_bad_hyperparameters_name_the_sweep_point_and_the_key(entry, field, words):
+    good = {"architecture": "relu", "width": 16, "sparsity": 1}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"sae": {"sweep": [good, entry]}})
+    message = str(err.value)
+    assert f"'sae.sweep[{entry['architecture']}-w16-" in message and f"].{field}'" in message, message
+    assert words in message, message
+
+
+def test_modules_refuse_out_of_range_arguments():
+    for make in (lambda: BatchTopKSae(D, 8, k=9), lambda: MatryoshkaSae(D, 8, k=2, prefixes=(4, 2, 8)),
+                 lambda: MatryoshkaSae(D, 8, k=2, prefixes=(2, 4)), lambda: JumpReLUSae(D, 8, l0_coefficient=-1),
+                 lambda: JumpReLUSae(D, 8, l0_coefficient=1, init_threshold=0),
+                 lambda: GatedSae(D, 8, l1_coefficient=-1),
+                 lambda: BatchTopKSae(D, 8, k=2, threshold_decay=1.0)):
+        with pytest.raises(ValueError):
+            make()
+    cfg = _cfg(MATRYOSHKA, 10)
+    assert make_sae(MATRYOSHKA, D, cfg).prefixes == (8, 16, 64)
+    assert make_sae(DictionaryPoint("matryoshka", G, 4.0), D, cfg).prefixes == (8, 16, 32, 64)
