@@ -110,6 +110,13 @@ def test_attribution_tables_count_group_and_ablate(graph):
     assert (flips["flips"] <= flips["instances"]).all()
     assert flips.filter(pl.col("notable"))["token_id"].is_in(notable["token_id"].to_list()).all()
     assert manifest.extra["ablated_units"] == summary.height
+    # The paired test and the activation-only ranking reach the manifest (and the asset's metadata).
+    assert manifest.extra["paired_test_pairs"] <= summary.height
+    p_value = manifest.extra["paired_test_p_value"]
+    assert p_value is None if not manifest.extra["paired_test_pairs"] else 0 < p_value <= 1
+    ranked = summary.filter(pl.col("unit_kind") == "mlp_neuron")["activation_rank"].drop_nulls()
+    assert ranked.len() > 0 and ranked.is_between(1, cfg.model.d_mlp).all()
+    assert (summary["layer_units"] == cfg.model.d_mlp).all()
 
 
 def test_rerun_is_byte_identical(graph):

@@ -396,3 +396,49 @@ def test_training_corpus_counts_unigrams_over_the_training_rows_only():
     corpus = analysis.training_corpus(tokens_ST, first_S, train_S, ["a", "b", "c", "d", "e"])
     assert corpus.datum_ids.tolist() == [0, 6] and corpus.tokens.tolist() == [[0, 1, 1], [1, 3, 3]]
     assert corpus.train_freq.tolist() == [1 / 6, 3 / 6, 0.0, 2 / 6, 0.0]  # the held-out row's 2s are not counted
+
+
+def test_paired_sign_flip_test_is_exact_one_sided_and_drops_missing_pairs():
+    from sae_assets.core.attribution.significance import paired_sign_flip_test
+
+    # Three positive differences: only the all-plus sign vector reaches the observed sum.
+    assert paired_sign_flip_test([0.5, 0.4, 0.3], [0.1, 0.1, 0.1]).p_value == pytest.approx(1 / 8)
+    # d = (1, -1): sums over the four sign vectors are 0, 2, -2, 0; three reach the observed 0.
+    assert paired_sign_flip_test([1.0, 0.0], [0.0, 1.0]).p_value == pytest.approx(3 / 4)
+    # One-sided: the control beating the unit gives a large p, not a small one.
+    assert paired_sign_flip_test([0.1, 0.1, 0.1], [0.5, 0.4, 0.3]).p_value == pytest.approx(1.0)
+    test = paired_sign_flip_test([0.2, None, 0.3], [0.1, 0.5, None])
+    assert (test.pairs, test.mean_difference) == (1, pytest.approx(0.1))
+    assert paired_sign_flip_test([None], [0.2]).p_value is None
+    # The Monte Carlo draw agrees with the exact enumeration on 14 pairs, and is seeded.
+    rng = np.random.default_rng(3)
+    a, b = rng.uniform(size=14), rng.uniform(size=14) - 0.1
+    exact = paired_sign_flip_test(a, b).p_value
+    drawn = paired_sign_flip_test(a, b, exact_max=0, draws=100_000, seed=1)
+    assert drawn.method.startswith("monte-carlo") and drawn.p_value == pytest.approx(exact, abs=0.01)
+    assert paired_sign_flip_test(a, b, exact_max=0, draws=5000, seed=1) == \
+        paired_sign_flip_test(a, b, exact_max=0, draws=5000, seed=1)
+
+
+def test_activation_ranks_equal_a_brute_force_selectivity_ranking():
+    from sae_assets.core.attribution.activation_baseline import activation_ranks, sample_sequences
+
+    model = tiny_model()
+    tokens_ST = torch.cat(batches(3)).numpy()
+    rows = sample_sequences(len(tokens_ST), 10, seed=4)
+    assert len(rows) == len(set(rows.tolist())) == 10 and np.all(np.diff(rows) > 0)
+    sample = tokens_ST[rows]
+    units = [("mlp_neuron", 0, 5), ("mlp_neuron", 0, 17), ("attention_head", 0, 1), ("mlp_neuron", 0, 2)]
+    notable = {units[0]: {3, 11}, units[1]: {7}, units[2]: {3}, units[3]: {VOCAB + 5}}  # the last never occurs
+    got = activation_ranks(model, sample, units, notable, batch_size=4)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.from_numpy(sample.astype(np.int64)),
+                                        names_filter="blocks.0.mlp.hook_post")
+    acts_NH = cache["blocks.0.mlp.hook_post"].reshape(-1, CFG.d_mlp).double().numpy()
+    flat = sample.reshape(-1)
+    want = []
+    for unit, tokens in ((5, [3, 11]), (17, [7])):
+        selectivity = acts_NH[np.isin(flat, tokens)].mean(0) - acts_NH.mean(0)
+        want.append(1 + int((selectivity > selectivity[unit]).sum()))
+    assert got == [want[0], want[1], None, None]
+    assert all(1 <= r <= CFG.d_mlp for r in got[:2])

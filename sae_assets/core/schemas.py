@@ -234,4 +234,7 @@ def ablation_summary_schema() -> pa.Schema:
         pa.field("notable_tokens", pa.int64(), nullable=False),
         pa.field("notable_flip_proportion", pa.float64()),  # null when no notable token was predicted
         pa.field("control_notable_flip_proportion", pa.float64()),
+        # Rank (1 = most selective) of the unit among its layer's units by activation on its
+        # notable tokens (activation_baseline.py); null for heads or unseen tokens.
+        pa.field("activation_rank", pa.int32()), pa.field("layer_units", pa.int32(), nullable=False),
     ])

@@ -106,10 +106,10 @@ def _shifts(store, context, lm_manifest, upstream: dict) -> "pl.DataFrame":
 
 
 ATTRIBUTION_TABLES = AssetIdentity(
-    "attribution_tables", version="1", device="model.device",
+    "attribution_tables", version="2", device="model.device",
     keys=(*(f"attribution.{key}" for key in ("capture", "tensors", "top_k", "steps_per_range", "heuristic_min_count",
                                              "heuristic_top_relative", "heuristic_top_count", "ablation_kind",
-                                             "ablation_units", "ablation_windows", "seed")),
+                                             "ablation_units", "ablation_windows", "seed", "activation_sequences")),
           "model.kind", "model.val_fraction", "model.seed", "corpus.training_shards"))
 
 
@@ -119,7 +119,8 @@ ATTRIBUTION_TABLES = AssetIdentity(
           dg.AssetDep(token_shards, partition_mapping=dg.AllPartitionMapping()), tokenizer],
     description="Training-data attribution: how often each parameter lands in a datum's top-k shifts, units "
     "(MLP neurons, heads), their notable tokens (the heuristic of 'Gradient capture / training-data attribution "
-    "from outlier parameter shifts') and zero-ablation prediction flips against random control units.",
+    "from outlier parameter shifts') and zero-ablation prediction flips against random control units, with a "
+    "one-sided paired sign-flip test (paired_test_p_value) and each neuron's rank by activations alone.",
 )
 def attribution_tables(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
     from sae_assets.core.attribution import analysis
@@ -145,7 +146,8 @@ def attribution_tables(context: dg.AssetExecutionContext, settings: RunSettings,
     with ATTRIBUTION_TABLES.writer(store, cfg, None, upstream=upstream) as out:
         for name, table in zip(TABLE_FILES, built):
             capture_io.write_table(out, name, table)
-        out.extra.update(analysis.summary(built))
-    return result(out.manifest, store, {"source": note, **analysis.summary(built),
+        facts = analysis.summary(built, seed=cfg.attribution.seed)
+        out.extra.update(facts)
+    return result(out.manifest, store, {"source": note, **facts,
                                         "ablation_summary": dg.MetadataValue.md(analysis.summary_markdown(built))},
                   content_version=True)

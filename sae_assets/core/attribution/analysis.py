@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from sae_assets.core import schemas
-from sae_assets.core.attribution import ablation, heuristic, tables
+from sae_assets.core.attribution import ablation, activation_baseline, heuristic, significance, tables
 from sae_assets.core.attribution.tensors import TensorLayout
 from sae_assets.core.config import AttributionConfig
 from sae_assets.core.progress import QUIET, ProgressLog
@@ -98,6 +98,9 @@ def ablate_units(model: torch.nn.Module, units: list[tuple[str, int, int]], data
     for kind, layer, unit, token in zip(*(notable.column(c).to_pylist() for c in [*tables.UNIT, "token_id"])):
         notable_of.get((kind, layer, unit), set()).add(token)
     windows = {key: [row_of[int(d)] for d in _windows(data, key, cfg.ablation_windows)] for key in units}
+    sampled = activation_baseline.sample_sequences(len(corpus.tokens), cfg.activation_sequences, cfg.seed)
+    ranks = activation_baseline.activation_ranks(model, corpus.tokens[sampled], units, notable_of,
+                                                 batch_size=batch_size)
     report = progress_log or QUIET
     report.start(len(windows))
     union = sorted({row for rows in windows.values() for row in rows})  # clean predictions once per window
@@ -105,7 +108,7 @@ def ablate_units(model: torch.nn.Module, units: list[tuple[str, int, int]], data
     position = {row: i for i, row in enumerate(union)}
     flip_rows, summary_rows = [], []
     tokens = int(clean_all.numel())
-    for step, (key, window_rows) in enumerate(windows.items(), start=1):
+    for step, ((key, window_rows), rank) in enumerate(zip(windows.items(), ranks), start=1):
         tokens_WT = torch.from_numpy(corpus.tokens[window_rows].astype(np.int64))
         clean = clean_all[[position[row] for row in window_rows]].numpy()
         control = ablation.control_unit(_units_in_layer(model, key[0]), key[1], key[2], cfg.seed)
@@ -119,7 +122,8 @@ def ablate_units(model: torch.nn.Module, units: list[tuple[str, int, int]], data
         summary_rows.append((*key, control, len(window_rows), int(clean.size), arms["attributed"][2],
                              arms["control"][2], len(notable_of[key]),
                              ablation.notable_proportion(*arms["attributed"][:2], notable_of[key]),
-                             ablation.notable_proportion(*arms["control"][:2], notable_of[key])))
+                             ablation.notable_proportion(*arms["control"][:2], notable_of[key]),
+                             rank, _units_in_layer(model, key[0])))
         tokens += 2 * int(clean.size)  # the two ablated arms
         report.update(step, tokens=tokens)
     report.close()
@@ -143,10 +147,13 @@ def _mean(values: list[float | None]) -> float | None:
     return round(float(np.mean(present)), 6) if present else None
 
 
-def summary(built: AttributionTables) -> dict[str, int | float | None]:
-    """Headline facts: sizes, and notable-token flip proportions of attributed vs control units."""
+def summary(built: AttributionTables, *, seed: int = 0) -> dict[str, int | float | str | None]:
+    """Headline facts: sizes, notable-token flip proportions of attributed vs control units, the
+    one-sided paired test of the two, and how the ablated neurons rank by activations alone."""
     rows = built.ablation_summary.to_pylist()
     pairs = [(r["notable_flip_proportion"], r["control_notable_flip_proportion"]) for r in rows]
+    test = significance.paired_sign_flip_test([a for a, _ in pairs], [b for _, b in pairs], seed=seed)
+    percentiles = [r["activation_rank"] / r["layer_units"] for r in rows if r["activation_rank"] is not None]
     return {
         "parameters_in_topk": built.parameter_counts.num_rows, "units_attributed": built.units.num_rows,
         "units_with_notable_tokens": len(set(zip(*(built.notable_tokens.column(c).to_pylist() for c in tables.UNIT)))),
@@ -154,6 +161,10 @@ def summary(built: AttributionTables) -> dict[str, int | float | None]:
         "notable_flip_proportion_mean": _mean([a for a, _ in pairs]),
         "control_notable_flip_proportion_mean": _mean([b for _, b in pairs]),
         "units_beating_control": sum(1 for a, b in pairs if a is not None and (b is None or a > b)),
+        "paired_test_pairs": test.pairs, "paired_test_mean_difference": test.mean_difference,
+        "paired_test_p_value": test.p_value, "paired_test_method": test.method,
+        # Rank / layer units: near 0 means activations alone single the neuron out, near 0.5 chance.
+        "activation_rank_percentile_median": round(float(np.median(percentiles)), 4) if percentiles else None,
     }
 
 
@@ -162,13 +173,14 @@ def summary_markdown(built: AttributionTables) -> str:
     tokens: dict[tuple, list[str]] = {}
     for row in built.notable_tokens.to_pylist():
         tokens.setdefault((row["unit_kind"], row["layer"], row["unit"]), []).append(repr(row["token"]))
-    lines = ["| unit | notable tokens | flips on notable: unit / control | flip rate: unit / control |",
-             "|---|---|---|---|"]
+    lines = ["| unit | notable tokens | flips on notable: unit / control | flip rate: unit / control | "
+             "activation rank |", "|---|---|---|---|---|"]
     show = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
+    rank_text = lambda r: "–" if r["activation_rank"] is None else f"{r['activation_rank']} of {r['layer_units']}"  # noqa: E731
     for r in built.ablation_summary.to_pylist():
         key = (r["unit_kind"], r["layer"], r["unit"])
         lines.append(f"| L{r['layer']} {r['unit_kind']} {r['unit']} (control {r['control_unit']}) | "
                      f"{' '.join(tokens.get(key, []))} | {show(r['notable_flip_proportion'])} / "
                      f"{show(r['control_notable_flip_proportion'])} | {show(r['flip_rate'])} / "
-                     f"{show(r['control_flip_rate'])} |")
+                     f"{show(r['control_flip_rate'])} | {rank_text(r)} |")
     return "\n".join(lines) if built.ablation_summary.num_rows else "No unit was ablated."
