@@ -3,10 +3,14 @@
 `require_chromium()` fails under CI (where `make test` installs both) and skips elsewhere when
 they are missing; `headless_chromium(profile_dir, size)` starts one with the flags this machine
 needs (no sandbox as root, no GPU, no background or update traffic) and a fresh profile.
+`serve_counting(directory)` serves a site on 127.0.0.1 and counts the bytes of each file sent
+(tests/test_site_scale.py, bench/site_scale.py).
 """
 
+import http.server
 import os
 import shutil
+import threading
 
 import pytest
 
@@ -33,3 +37,38 @@ def headless_chromium(profile_dir, size: str):
     for flag in (*FLAGS, f"--window-size={size}", f"--user-data-dir={profile_dir}"):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+class CountingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a directory, uncached, and records (file, bytes) of every response body it sends."""
+
+    sent: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def end_headers(self):
+        self.send_header("Cache-Control", "no-store")  # every view pays for what it loads
+        super().end_headers()
+
+    def copyfile(self, source, outputfile):
+        data = source.read()
+        outputfile.write(data)
+        with self.lock:
+            self.sent.append((self.path.split("?")[0].lstrip("/"), len(data)))
+
+    def log_message(self, *args):
+        pass
+
+
+def take_sent() -> list[tuple[str, int]]:
+    """The (file, bytes) sent since the last call."""
+    with CountingHandler.lock:
+        sent, CountingHandler.sent[:] = list(CountingHandler.sent), []
+    return sent
+
+
+def serve_counting(directory) -> http.server.ThreadingHTTPServer:
+    """A started server for `directory` on a free port; call shutdown() and server_close() when done."""
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a, **k: CountingHandler(*a, directory=str(directory), **k))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -138,10 +138,12 @@ def test_context_windows_are_centred_on_their_examples(graph):
 def test_site_files_and_neuronpedia_export(graph):
     instance, _, store, _ = graph
     site = store.require("feature_site", None)
-    assert {"index.html", "app.js", "style.css", "site-index.js"} <= set(site.files)
+    assert {"index.html", "app.js", "style.css", "site-meta.js", "index-0.js", "search-0.js"} <= set(site.files)
     assert len([n for n in site.files if n.startswith("feature-")]) == 64
-    index = store.read_bytes(site, "site-index.js").decode()
-    assert index.startswith("window.SAE_SITE_INDEX = ") and "<" not in index.split("=", 1)[1]
+    meta = store.read_bytes(site, "site-meta.js").decode()
+    assert meta.startswith("window.SAE_SITE_META = ") and json.loads(meta.split("=", 1)[1].rstrip(";\n"))["features"] == 64
+    index = store.read_bytes(site, "index-0.js").decode()
+    assert index.startswith('SAE_SITE.chunk("index-0",') and "<" not in index[len('SAE_SITE.chunk("index-0",'):]
     doc = json.loads(store.read_bytes(store.require("site_json", "features-00000-00023"), "feature-000001.json"))
     assert doc["feature"] == 1 and len(doc["logits"]["top"]) == 10
     export = store.require("neuronpedia_export", None)

@@ -18,6 +18,7 @@ import pytest
 from browser import headless_chromium, require_chromium
 from support import TINY, write_run_config
 
+from sae_assets.core.features.site_index import search_key
 from sae_assets.definitions import build_resources
 from sae_assets.demo import materialize_all
 
@@ -30,6 +31,7 @@ require_chromium()
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
@@ -88,23 +90,34 @@ def payload_feature(site_dir: Path) -> int:
     raise AssertionError("no feature shows the payload text; the corpus should make that certain")
 
 
+def index_rows(site_dir: Path) -> list:
+    """Every index row, from the feature-order chunks `index-<n>.js`."""
+    rows = []
+    for n in range(len(list(site_dir.glob("index-*.js")))):
+        text = (site_dir / f"index-{n}.js").read_text()
+        rows += json.loads(text[len(f'SAE_SITE.chunk("index-{n}",'):-len(");\n")])
+    return rows
+
+
 def test_feature_page_from_file_url(site, driver):
     site_dir, _ = site
     driver.get((site_dir / "index.html").as_uri())
     wait_loaded(driver, "list")
-    index = driver.execute_script("return window.SAE_SITE_INDEX")
-    live = [row for row in index["features"] if row[1] > 0]
+    live = [row for row in index_rows(site_dir) if row[1] > 0]
     rows = driver.find_elements(By.CSS_SELECTOR, "#features tbody tr")
     assert len(rows) == len(live) > 0, "the list shows every feature that fired"
-    # Search by token narrows the list to features whose top tokens contain the query.
-    query = next(t for row in live for t in row[3] if t.strip())
+    # Search by token narrows the list to features with that top token (trimmed, any case).
+    key = next(k for row in live for k in map(search_key, row[3]) if k and k.upper().lower() == k and k.isprintable())
     box = driver.find_element(By.ID, "search")
-    box.send_keys(query.strip())
-    matching = {row[0] for row in live if any(query.strip().lower() in t.lower() for t in row[3])}
-    shown = {int(r.get_attribute("data-feature")) for r in driver.find_elements(By.CSS_SELECTOR, "#features tbody tr")}
+    box.send_keys(key.upper())
+    WebDriverWait(driver, 20).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-query") == key)
+    wait_loaded(driver, "search")
+    matching = [row[0] for row in live if key in {search_key(t) for t in row[3]}]
+    shown = [int(r.get_attribute("data-feature")) for r in driver.find_elements(By.CSS_SELECTOR, "#features tbody tr")]
     assert shown == matching and shown
-    box.clear()
-    box.send_keys("\b")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.BACKSPACE)
+    wait_loaded(driver, "list")
 
     feature = payload_feature(site_dir)
     driver.find_element(By.CSS_SELECTOR, f'a[href="#feature={feature}"]').click()

@@ -50,16 +50,20 @@ CODE_LOCATION_MAY_NOT_LOAD = ("torch", "transformer_lens", "tokenizers", "safete
 even starts; the asset bodies import what they use."""
 
 
+CONFIG_MODULES = ("sae_assets.core.config", "sae_assets.core.partition_budget")
+"""The core modules the code location loads: the run config and its partition-count check (stdlib only)."""
+
+
 def test_loading_the_code_location_loads_no_heavy_module():
     """In a fresh interpreter: import sae_assets.definitions and every sae_assets.defs module, then
-    list the heavy modules and the sae_assets.core modules other than config that got loaded."""
+    list the heavy modules and the sae_assets.core modules other than the config's that got loaded."""
     code = (
         "import importlib, pkgutil, sys\n"
         "import sae_assets.definitions, sae_assets.defs\n"
         "for m in pkgutil.iter_modules(sae_assets.defs.__path__):\n"
         "    importlib.import_module('sae_assets.defs.' + m.name)\n"
         f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({CODE_LOCATION_MAY_NOT_LOAD!r}))\n"
-        "core = sorted(m for m in sys.modules if m.startswith('sae_assets.core.') and m != 'sae_assets.core.config')\n"
+        f"core = sorted(m for m in sys.modules if m.startswith('sae_assets.core.') and m not in {CONFIG_MODULES!r})\n"
         "defs = sorted(m for m in sys.modules if m.startswith('sae_assets.defs.'))\n"
         "print(','.join(heavy)); print(','.join(core)); print(len(defs))\n"
     )

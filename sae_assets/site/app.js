@@ -1,18 +1,26 @@
-// The feature browser: a feature list (search by token, sort, density) and a feature page
-// (statistics, activation histogram, examples coloured by activation, logit effects).
+// The feature browser: a paged feature list (search by token, sort by density or max) and a
+// feature page (statistics, activation histogram, examples coloured by activation, logits).
 //
-// Data arrive as scripts, not fetch(), so the site also works from file://:
-//   site-index.js           sets window.SAE_SITE_INDEX = {dictionary, n_tokens, hist_edges, features: [[id, density, max, [tokens]]]}
-//   feature-<id>.js         calls SAE_SITE.feature({...one feature document...}), id zero-padded to 6 digits
-// Every string from the corpus reaches the page through textContent or createTextNode, never
-// innerHTML: tokens are text, whatever they contain.
+// Data arrive as scripts, not fetch(), so the site also works from file://, and in chunks, so
+// that no view loads more than its own files, whatever the number of features
+// (sae_assets/core/features/site_index.py writes them):
+//   site-meta.js            window.SAE_SITE_META = {dictionary, n_tokens, hist_edges, features, live, chunk,
+//                           chunks, orders, search_buckets, ...}
+//   index-<n>.js            SAE_SITE.chunk("index-<n>", rows n*chunk.. in feature order); a row is
+//                           [id, density, max, [top tokens]]
+//   by-<order>-<n>.js       the same rows sorted by density or max (high first): page n of that order
+//   search-<b>.js           [[key, first posting row, count], ...] for the search keys hashed to bucket b
+//   tokens-<n>.js           posting rows n*chunk..: each key's features, keys in sorted order
+//   feature-<id>.js         SAE_SITE.feature({...one feature document...}), id zero-padded to 6 digits
+// A search key is a top token trimmed of ASCII whitespace and lower-cased; its bucket is FNV-1a
+// of its UTF-16 code units, as in site_index.py. Every string from the corpus reaches the page
+// through textContent or createTextNode, never innerHTML: tokens are text, whatever they contain.
 (function () {
   "use strict";
-  var INDEX = window.SAE_SITE_INDEX;
-  var PAGE = 200;
-  var shown = PAGE;
-  var pending = {};
-  var cache = {};
+  var META = window.SAE_SITE_META;
+  var pendingFeature = {}, features = {};
+  var chunks = {}, loadedOrder = [], waiting = {};  // loaded chunks by name; callbacks waiting for a script
+  var page = 0, generation = 0, searchTimer = null;  // a list render drops its result if a newer one began
 
   function el(tag, attrs, children) {
     var node = document.createElement(tag);
@@ -33,21 +41,110 @@
 
   function pad(id) { var s = String(id); while (s.length < 6) s = "0" + s; return s; }
 
-  // --- the feature list ---------------------------------------------------------------------
-  function renderList() {
-    var query = document.getElementById("search").value.trim().toLowerCase();
-    var sort = document.getElementById("sort").value;
-    var hideDead = document.getElementById("hide-dead").checked;
-    var rows = INDEX.features.filter(function (r) {
-      if (hideDead && r[1] === 0) return false;
-      if (!query) return true;
-      return r[3].some(function (t) { return t.toLowerCase().indexOf(query) !== -1; });
+  function visible(token) { return token.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5"); }
+
+  // --- data scripts ---------------------------------------------------------------------------
+  function loadScript(src, fail) {
+    var script = el("script", {src: src});
+    script.onerror = fail;
+    document.body.appendChild(script);
+  }
+
+  function loadChunk(name, done, fail) {
+    if (Object.prototype.hasOwnProperty.call(chunks, name)) return done(chunks[name]);
+    if (waiting[name]) return waiting[name].push([done, fail]);
+    waiting[name] = [[done, fail]];
+    loadScript(name + ".js", function () {
+      var callbacks = waiting[name] || [];
+      delete waiting[name];
+      callbacks.forEach(function (c) { c[1](name + ".js"); });
     });
-    if (sort === "density") rows.sort(function (a, b) { return b[1] - a[1] || a[0] - b[0]; });
-    if (sort === "max") rows.sort(function (a, b) { return b[2] - a[2] || a[0] - b[0]; });
+  }
+
+  function loadChunks(names, done, fail) {
+    var got = [], left = names.length;
+    names.forEach(function (name, i) {
+      loadChunk(name, function (data) { got[i] = data; if (--left === 0) done(got); }, fail);
+    });
+  }
+
+  window.SAE_SITE = {
+    chunk: function (name, data) {
+      chunks[name] = data;
+      loadedOrder.push(name);
+      if (loadedOrder.length > 64) delete chunks[loadedOrder.shift()];  // paging far keeps memory bounded
+      var callbacks = waiting[name] || [];
+      delete waiting[name];
+      callbacks.forEach(function (c) { c[0](data); });
+    },
+    feature: function (doc) {
+      features[doc.feature] = doc;
+      var done = pendingFeature[doc.feature];
+      delete pendingFeature[doc.feature];
+      if (done) done(doc);
+    }
+  };
+
+  // --- the feature list -----------------------------------------------------------------------
+  function searchKey(text) { return text.replace(/^[ \t\n\r\f\v]+|[ \t\n\r\f\v]+$/g, "").toLowerCase(); }
+
+  function bucketOf(key, buckets) {
+    var h = 0x811c9dc5;
+    for (var i = 0; i < key.length; i++) h = Math.imul(h ^ key.charCodeAt(i), 0x01000193) >>> 0;
+    return h % buckets;
+  }
+
+  // Each page source calls done(rows, total, pages, page) with the rows of one page only.
+  function browsePage(done, fail) {
+    var sort = document.getElementById("sort").value, hideDead = document.getElementById("hide-dead").checked;
+    var sorted = sort !== "feature";  // dead features (density 0) come last in both sorted orders
+    var total = sorted && hideDead ? META.live : META.features;
+    var pages = Math.max(1, Math.ceil(total / META.chunk)), p = Math.min(page, pages - 1);
+    if (!total) return done([], total, pages, p);
+    loadChunk((sorted ? "by-" + sort + "-" : "index-") + p, function (rows) {
+      done(hideDead ? rows.filter(function (r) { return r[1] !== 0; }) : rows, total, pages, p);
+    }, fail);
+  }
+
+  function searchPage(key, done, fail) {
+    loadChunk("search-" + bucketOf(key, META.search_buckets), function (entries) {
+      var hit = entries.find(function (e) { return e[0] === key; });
+      if (!hit) return done([], 0, 1, 0);
+      var size = META.chunk, pages = Math.ceil(hit[2] / size), p = Math.min(page, pages - 1);
+      var lo = hit[1] + p * size, hi = Math.min(hit[1] + hit[2], lo + size), names = [];
+      for (var c = Math.floor(lo / size); c <= Math.floor((hi - 1) / size); c++) names.push("tokens-" + c);
+      loadChunks(names, function (parts) {
+        var rows = [].concat.apply([], parts), base = Math.floor(lo / size) * size;
+        done(rows.slice(lo - base, hi - base), hit[2], pages, p);
+      }, fail);
+    }, fail);
+  }
+
+  function renderList() {
+    var mine = ++generation, key = searchKey(document.getElementById("search").value);
+    document.body.setAttribute("data-loaded", "loading");
+    document.getElementById("sort").disabled = !!key;  // matches come in feature order, a page at a time
+    var show = function (rows, total, pages, p) {
+      if (mine !== generation) return;
+      page = p;
+      showRows(rows);
+      var what = key ? total + " features with top token \u201c" + key + "\u201d" : total + " features";
+      document.getElementById("count").textContent = rows.length + " shown \u00b7 " + what +
+        (pages > 1 ? " \u00b7 page " + (p + 1) + " of " + pages : "");
+      pager(p, pages);
+      document.body.setAttribute("data-query", key);
+      document.body.setAttribute("data-loaded", key ? "search" : "list");
+    };
+    var fail = function (file) {
+      if (mine === generation) document.getElementById("count").textContent = file + " is missing: rematerialize feature_site";
+    };
+    if (key) searchPage(key, show, fail); else browsePage(show, fail);
+  }
+
+  function showRows(rows) {
     var body = document.querySelector("#features tbody");
     body.textContent = "";
-    rows.slice(0, shown).forEach(function (r) {
+    rows.forEach(function (r) {
       var tokens = el("td", {}, r[3].map(function (t) { return el("span", {"class": "chip", text: visible(t)}); }));
       var tr = el("tr", {"class": "row", "data-feature": String(r[0])}, [
         el("td", {}, [el("a", {href: "#feature=" + r[0], text: String(r[0])})]),
@@ -57,35 +154,26 @@
       tr.addEventListener("click", function () { location.hash = "feature=" + r[0]; });
       body.appendChild(tr);
     });
-    document.getElementById("count").textContent = rows.length + " of " + INDEX.features.length + " features";
-    var more = document.getElementById("more");
-    more.textContent = "";
-    if (rows.length > shown) {
-      var button = el("button", {text: "show " + Math.min(PAGE, rows.length - shown) + " more"});
-      button.addEventListener("click", function () { shown += PAGE; renderList(); });
-      more.appendChild(button);
-    }
   }
 
-  function visible(token) { return token.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5"); }
+  function pager(p, pages) {
+    var bar = document.getElementById("pager");
+    bar.textContent = "";
+    if (pages <= 1) return;
+    [["\u2039 previous", p - 1, p > 0], ["next \u203a", p + 1, p < pages - 1]].forEach(function (b) {
+      var button = el("button", {text: b[0], "data-page": String(b[1])});
+      button.disabled = !b[2];
+      button.addEventListener("click", function () { page = b[1]; renderList(); window.scrollTo(0, 0); });
+      bar.appendChild(button);
+    });
+  }
 
-  // --- a feature page -----------------------------------------------------------------------
+  // --- a feature page -------------------------------------------------------------------------
   function loadFeature(id, done) {
-    if (cache[id]) return done(cache[id]);
-    pending[id] = done;
-    var script = el("script", {src: "feature-" + pad(id) + ".js"});
-    script.onerror = function () { delete pending[id]; showError("no data for feature " + id); };
-    document.body.appendChild(script);
+    if (features[id]) return done(features[id]);
+    pendingFeature[id] = done;
+    loadScript("feature-" + pad(id) + ".js", function () { delete pendingFeature[id]; showError("no data for feature " + id); });
   }
-
-  window.SAE_SITE = {
-    feature: function (doc) {
-      cache[doc.feature] = doc;
-      var done = pending[doc.feature];
-      delete pending[doc.feature];
-      if (done) done(doc);
-    }
-  };
 
   function showError(message) {
     var view = document.getElementById("feature-view");
@@ -153,7 +241,7 @@
       el("span", {}, ["max ", el("b", {text: fmt(doc.max)})]),
       el("span", {}, ["mean when active ", el("b", {text: fmt(doc.mean)})])]));
     view.appendChild(el("h3", {text: "Activation histogram (log-spaced bins)"}));
-    view.appendChild(histogram(doc.histogram, INDEX.hist_edges));
+    view.appendChild(histogram(doc.histogram, META.hist_edges));
     view.appendChild(el("div", {"class": "columns"}, [logitTable("Promoted tokens", doc.logits.top),
                                                       logitTable("Suppressed tokens", doc.logits.bottom)]));
     var top = el("section", {id: "top-examples"}, [el("h3", {text: "Top activations"})]);
@@ -175,13 +263,12 @@
     var match = /^#feature=(\d+)$/.exec(location.hash);
     document.getElementById("list-view").hidden = !!match;
     document.getElementById("feature-view").hidden = !match;
-    if (match) {
+    if (match) {  // a feature page loads its own script and nothing of the list
       var view = document.getElementById("feature-view");
       view.textContent = "loading\u2026";
       loadFeature(parseInt(match[1], 10), function (doc) { renderFeature(doc); document.body.setAttribute("data-loaded", String(doc.feature)); });
     } else {
       renderList();
-      document.body.setAttribute("data-loaded", "list");
     }
   }
 
@@ -197,11 +284,15 @@
     document.addEventListener("mousemove", function (e) { tip.style.left = (e.clientX + 12) + "px"; tip.style.top = (e.clientY + 12) + "px"; });
   }
 
-  if (!INDEX) { document.body.textContent = "site-index.js is missing: rematerialize the feature_site asset."; return; }
-  document.getElementById("subtitle").textContent = INDEX.dictionary + " \u00b7 " + INDEX.features.length +
-    " features \u00b7 " + INDEX.n_tokens + " tokens";
-  ["search", "sort", "hide-dead"].forEach(function (id) {
-    document.getElementById(id).addEventListener("input", function () { shown = PAGE; renderList(); });
+  if (!META) { document.body.textContent = "site-meta.js is missing: rematerialize the feature_site asset."; return; }
+  document.getElementById("subtitle").textContent = META.dictionary + " \u00b7 " + META.features +
+    " features \u00b7 " + META.n_tokens + " tokens";
+  document.getElementById("search").addEventListener("input", function () {
+    clearTimeout(searchTimer);  // one search when typing pauses, not one per keystroke
+    searchTimer = setTimeout(function () { page = 0; renderList(); }, 150);
+  });
+  ["sort", "hide-dead"].forEach(function (id) {  // "change": fired by every browser for selects and checkboxes
+    document.getElementById(id).addEventListener("change", function () { page = 0; renderList(); });
   });
   window.addEventListener("hashchange", route);
   tooltip();
