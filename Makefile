@@ -50,6 +50,7 @@ bench: install
 	$(PY) bench/lm_train_overhead.py
 	$(PY) bench/capture_overhead.py
 	$(PY) bench/feature_sampling.py
+	$(PY) bench/scale_projection.py
 
 # Remove artifact versions past retention (storage.gc_grace_hours, storage.gc_keep_versions in the
 # run config named by $SAE_ASSETS_CONFIG); `make gc GC_ARGS=--dry-run` only reports.

@@ -80,13 +80,13 @@ def range_of(partition: str, sae, dictionary: str) -> tuple[int, int]:
 _SAMPLING = ("feature_dictionary", "features.top_k", "features.sample_k", "features.seed")
 _SHOWN = ("features.random_examples", "features.activation_levels", "features.examples_per_level")
 _WINDOW = ("feature_dictionary", "features.window_before", "features.window_after")
-FEATURE_SAMPLES = AssetIdentity("feature_samples", version="1", device="features.device", keys=_SAMPLING)
-FEATURE_EXAMPLES = AssetIdentity("feature_examples", version="1", keys=(*_SAMPLING, *_SHOWN))
+FEATURE_SAMPLES = AssetIdentity("feature_samples", version="2", device="features.device", keys=_SAMPLING)
+FEATURE_EXAMPLES = AssetIdentity("feature_examples", version="2", keys=(*_SAMPLING, *_SHOWN))
 CONTEXT_GATHER = AssetIdentity("context_gather", version="3", device="features.device", keys=_WINDOW)
 CONTEXT_WINDOWS = AssetIdentity("context_windows", version="2", device="features.device", keys=_WINDOW)
 SITE_JSON = AssetIdentity("site_json", version="1", pool="model", device="features.device", keys=(
     "feature_dictionary", "features.logit_effects", "features.activation_levels"))
-FEATURE_SITE = AssetIdentity("feature_site", version="1", keys=("feature_dictionary",))
+FEATURE_SITE = AssetIdentity("feature_site", version="2", keys=("feature_dictionary",))  # 2: chunked index
 NEURONPEDIA_EXPORT = AssetIdentity("neuronpedia_export", version="1", keys=(
     "model.name", "sae_hook", "feature_dictionary", "features.top_k", "features.random_examples",
     "features.window_before", "features.window_after"))
@@ -95,8 +95,7 @@ NEURONPEDIA_EXPORT = AssetIdentity("neuronpedia_export", version="1", keys=(
 def write_samples(out, samples: "FeatureSamples") -> None:
     import pyarrow.parquet as pq
 
-    for name in SAMPLE_TABLES:
-        table = getattr(samples, name)
+    for name, table in zip(SAMPLE_TABLES, samples.stored()):  # stats: only the features that fired
         pq.write_table(table, out.path(f"{name}.parquet"))
         out.describe_table(f"{name}.parquet", rows=table.num_rows)
 
@@ -327,8 +326,9 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
     @FEATURE_SITE.asset(
         group_name="features",
         deps=[dg.AssetDep(site_json, partition_mapping=dg.AllPartitionMapping())],
-        description="The static feature browser: index.html, app.js, style.css and one script per feature; "
-        "open index.html from disk or serve the directory from any static host.",
+        description="The static feature browser: index.html, app.js, style.css, a chunked index (list pages, "
+        "sorted orders, token search) and one script per feature; open index.html from disk or serve the "
+        "directory from any static host.",
     )
     def feature_site(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
         store = storage.store()

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sae_assets.core.schemas import feature_sample_schema, feature_stats_schema, feature_top_schema
 
@@ -40,7 +41,8 @@ class FeatureSamples(NamedTuple):
     """`feature_sample_schema`: up to sample_k rows per feature, a uniform sample without
     replacement of the tokens where it fired (all of them where fewer than sample_k)."""
     stats: pa.Table
-    """`feature_stats_schema(len(hist_edges) - 1)`: hi - lo rows."""
+    """`feature_stats_schema(len(hist_edges) - 1)`: hi - lo rows (on disk only the non-zero
+    ones, see `stored`)."""
     lo: int
     hi: int
     top_k: int
@@ -49,6 +51,19 @@ class FeatureSamples(NamedTuple):
     n_tokens: int
     """Tokens offered (active or not): count / n_tokens is a feature's density."""
     hist_edges: tuple[float, ...]
+
+    def stored(self) -> tuple[pa.Table, pa.Table, pa.Table]:
+        """(top, sample, stats) as written to storage: stats rows only for features that fired.
+
+        A shard's stats would otherwise take a row per feature of the range whatever the shard's
+        size, so the bytes of every shard x range cell would grow as shards x features; with only
+        the non-zero rows they grow with the shard's active entries. `from_tables` restores the
+        rest as the zero rows they were.
+        """
+        s = self.stats
+        nonzero = pc.or_(pc.or_(pc.greater(s.column("count"), 0), pc.not_equal(s.column("sum"), 0.0)),
+                         pc.not_equal(s.column("max"), 0.0))
+        return self.top, self.sample, s.filter(nonzero)
 
     def meta(self) -> dict:
         return dict(lo=self.lo, hi=self.hi, top_k=self.top_k, sample_k=self.sample_k, seed=str(self.seed),
@@ -66,8 +81,36 @@ class FeatureSamples(NamedTuple):
         for name, table, schema in zip(("top", "sample", "stats"), (top, sample, stats), want):
             if not table.schema.equals(schema, check_metadata=False):
                 raise ValueError(f"{name} table schema {table.schema} != expected {schema}")
-        return cls(top, sample, stats, int(m["lo"]), int(m["hi"]), int(m["top_k"]), int(m["sample_k"]),
-                   int(m["seed"]), int(m["n_tokens"]), edges)
+        lo, hi = int(m["lo"]), int(m["hi"])
+        if stats.num_rows != hi - lo:
+            stats = _dense_stats(stats, lo, hi)
+        return cls(top, sample, stats, lo, hi, int(m["top_k"]), int(m["sample_k"]), int(m["seed"]),
+                   int(m["n_tokens"]), edges)
+
+
+def _dense_stats(stats: pa.Table, lo: int, hi: int) -> pa.Table:
+    """A row per feature of [lo, hi) from the rows of the features that fired (`stored`); zeros elsewhere."""
+    feature = stats.column("feature").to_numpy().astype(np.int64)
+    if len(feature) and (feature[0] < lo or feature[-1] >= hi or np.any(np.diff(feature) <= 0)):
+        raise ValueError(f"stats rows must name distinct features of [{lo}, {hi}) in increasing order")
+    row_W = np.full(hi - lo, -1, np.int64)
+    row_W[feature - lo] = np.arange(len(feature))
+    has_W = row_W >= 0
+    columns = {}
+    for field in stats.schema:
+        values = stats.column(field.name).combine_chunks()
+        if field.name == "feature":
+            columns[field.name] = pa.array(np.arange(lo, hi, dtype=np.int32))
+        elif field.name == "hist":
+            bins = field.type.list_size
+            dense_WH = np.zeros((hi - lo, bins), np.int64)
+            dense_WH[has_W] = np.asarray(values.flatten()).reshape(-1, bins)
+            columns[field.name] = pa.FixedSizeListArray.from_arrays(pa.array(dense_WH.reshape(-1)), bins)
+        else:
+            dense_W = np.zeros(hi - lo, values.type.to_pandas_dtype())
+            dense_W[has_W] = values.to_numpy()
+            columns[field.name] = pa.array(dense_W, values.type)
+    return pa.table(columns, schema=stats.schema)
 
 
 def build_feature_samples(top: dict[str, np.ndarray], sample: dict[str, np.ndarray],
