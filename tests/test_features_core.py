@@ -240,6 +240,26 @@ def test_parquet_round_trip() -> None:
         FeatureSamples.from_tables(got.top.replace_schema_metadata(None), got.sample, got.stats)
 
 
+def test_stored_stats_keep_only_features_that_fired_and_read_back_whole() -> None:
+    x, tok = make_data(n=300)
+    x[:, 5:9] = 0.0  # four features never fire
+    got = run(x, tok, 2, 14, batch=64)
+    top, sample, stats = got.stored()
+    fired = got.stats.column("count").to_numpy() > 0
+    assert stats.num_rows == int(fired.sum()) == got.hi - got.lo - 4
+    assert stats.column("feature").to_pylist() == (np.flatnonzero(fired) + got.lo).tolist()
+    tables = []
+    for table in (top, sample, stats):
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        tables.append(pq.read_table(io.BytesIO(buf.getvalue())))
+    back = FeatureSamples.from_tables(*tables)
+    assert back.stats.num_rows == got.hi - got.lo
+    assert_same(back, got)
+    with pytest.raises(ValueError, match="distinct features"):
+        FeatureSamples.from_tables(top, sample, stats.take([1, 0]))
+
+
 def test_bad_input_is_rejected() -> None:
     s = FeatureRangeSampler(0, 4, top_k=2, seed=0)
     with pytest.raises(ValueError, match=r"\(B, 4\)"):
@@ -278,3 +298,70 @@ def test_cuda_matches_cpu() -> None:
     for i in range(0, 600, 64):
         s.update(torch.from_numpy(x[i:i + 64]).cuda(), torch.from_numpy(tok[i:i + 64]).cuda())
     assert_same(s.result(), run(x, tok, 0, 24, batch=64))
+
+
+def wide_data(n: int = 700, f: int = 200, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """make_data over 200 features (three 64-feature words and a tail), plus entries the kernel's
+    bit tests must skip or catch: negatives, -0.0, +inf and subnormals."""
+    x, tok = make_data(n=n, f=f, density=0.1, seed=seed)
+    rng = np.random.default_rng(seed)
+    for value in (-1.0, -0.0, np.inf, 1e-45, -np.inf):
+        rows, cols = rng.integers(0, n, 40), rng.integers(3, f, 40)
+        x[rows, cols] = value
+    return x, tok
+
+
+@pytest.mark.parametrize(("batch", "threads"), [(5, 2), (64, 1), (64, 3), (700, 2), (333, 8)])
+def test_compiled_kernel_equals_torch_path(batch: int, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The numba kernel (CPU batches) and the torch code (CUDA batches, here run on the CPU) give
+    byte-equal tables, float64 sums included, however the features are split between threads."""
+    x, tok = wide_data()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    for lo, hi, top_k, sample_k in ((0, 200, 6, 25), (5, 138, 1, 3), (64, 192, 20, 300)):
+        got, want = (FeatureRangeSampler(lo, hi, top_k=top_k, sample_k=sample_k, seed=SEED, compiled=c) for c in (True, False))
+        for i in range(0, len(x), batch):
+            for s in (got, want):
+                s.update(torch.from_numpy(x[i:i + batch, lo:hi]), torch.from_numpy(tok[i:i + batch]))
+        a, b = got.result(), want.result()
+        assert a.top.equals(b.top) and a.sample.equals(b.sample) and a.stats.equals(b.stats), (lo, hi)
+        assert len(a.top) and len(a.sample) and a.meta() == b.meta()
+        # A result in the middle leaves the state usable: more batches give the one-pass tables.
+        assert_same(got.result(), run(x, tok, lo, hi, batch=700, top_k=top_k, sample_k=sample_k))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_both_paths_reject_nan_and_repeats(compiled: bool) -> None:
+    x = np.zeros((3, 130), np.float32)
+    x[1, [7, 129]] = np.float32("nan")
+    x[2, 100] = -np.float32("nan")  # the sign bit set, as x86 makes NaNs
+    x[0, 5] = 1.0
+    with pytest.raises(ValueError, match=r"NaN activations for feature\(s\) \[17, 110, 139\]"):
+        FeatureRangeSampler(10, 140, top_k=2, seed=0, compiled=compiled).update(torch.from_numpy(x), np.arange(3))
+    s = FeatureRangeSampler(0, 2, top_k=4, seed=0, compiled=compiled)
+    with pytest.raises(ValueError, match="token 12 was offered twice"):  # within one batch
+        s.update(torch.tensor([[1.0, 0.0], [2.0, 0.0], [2.0, 0.0]]), np.array([11, 12, 12]))
+    s = FeatureRangeSampler(0, 2, top_k=1, sample_k=5, seed=0, compiled=compiled)
+    s.update(torch.tensor([[0.0, 1.0], [0.0, 2.0]]), np.array([11, 12]))
+    with pytest.raises(ValueError, match="token 11 was offered twice for feature offset 1"):  # found by the sample
+        s.update(torch.tensor([[0.0, 0.5]]), np.array([11]))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_ties_on_neighbouring_tokens(compiled: bool) -> None:
+    """Equal activations on consecutive token indices in random orders: the top-K tie rule (the
+    smaller index wins) is decided between neighbours, where an off-by-one would show."""
+    n = 300
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        x = np.round(rng.random((n, 6)) * 2 + 1).astype(np.float32)  # three values, many ties
+        x[:, :3] = 1.0  # one value: the top-K is the smallest indices
+        tok = rng.permutation(n).astype(np.int64) + 5000
+        for top_k, batch in ((2, 1), (3, 300), (7, 13)):
+            want = brute_force(x, tok, 0, 6, top_k=top_k, sample_k=9, seed=SEED)
+            s = FeatureRangeSampler(0, 6, top_k=top_k, sample_k=9, seed=SEED, compiled=compiled)
+            for i in range(0, n, batch):
+                s.update(torch.from_numpy(x[i:i + batch]), torch.from_numpy(tok[i:i + batch]))
+            got = s.result()
+            for name, col in zip(("feature", "rank", "token_index", "activation"), want["top"]):
+                np.testing.assert_array_equal(got.top.column(name).to_numpy(), col, err_msg=name)
+            np.testing.assert_array_equal(got.sample.column("token_index").to_numpy(), want["sample"][3])

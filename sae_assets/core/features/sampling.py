@@ -11,11 +11,14 @@ shards processed in any batches and merged by `merge_feature_samples` (features/
 which also defines the tables) give the tables one pass would. Memory is O(B·W) per batch plus O(W·(top_k + sample_k))
 state: a batch's active entries are first compared with each feature's current worst kept
 entry, and only the survivors are sorted together with their feature's row. Every token must
-be offered once; after a ValueError from `update` start again with a new sampler. Pure
-torch/numpy; tests: tests/test_features_core.py.
+be offered once; after a ValueError from `update` start again with a new sampler. CPU batches
+go through one compiled pass (sampling_kernels.py, numba) with the same results; CUDA batches
+through the torch code here. Tests: tests/test_features_core.py.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import torch
@@ -241,12 +244,15 @@ class FeatureRangeSampler:
         Size of the uniform sample of activating tokens per feature; default 10 * top_k.
     hist_edges
         Histogram bin edges of the positive activations (values outside go to the end bins).
+    compiled
+        Update CPU state with the compiled kernel (sampling_kernels.py); False runs the torch
+        code, the path of CUDA batches, on the CPU too (for tests). The tables are the same.
 
     State lives on the device of the first batch; `result()` may be called at any time.
     """
 
     def __init__(self, lo: int, hi: int, *, top_k: int, seed: int, sample_k: int | None = None,
-                 hist_edges=DEFAULT_HIST_EDGES) -> None:
+                 hist_edges=DEFAULT_HIST_EDGES, compiled: bool = True) -> None:
         if not 0 <= lo < hi or hi > 2**31:
             raise ValueError(f"feature range must satisfy 0 <= lo < hi <= 2**31, got [{lo}, {hi})")
         sample_k = 10 * top_k if sample_k is None else sample_k
@@ -258,7 +264,9 @@ class FeatureRangeSampler:
         self.hist_edges = check_hist_edges(hist_edges)
         self._keys_W = feature_keys(self.seed, np.arange(self.lo, self.hi)).view(np.int64)  # validates seed
         self.n_tokens = 0
+        self.compiled = bool(compiled)
         self._device: torch.device | None = None
+        self._kernel_args: tuple | None = None  # the compiled kernel's arguments, from its first batch on
 
     def _init_state(self, device: torch.device) -> None:
         W, H = self.width, len(self.hist_edges) - 1
@@ -297,6 +305,10 @@ class FeatureRangeSampler:
         tok_B = tok_B.to(torch.int64)
         if f_BW.shape[0] == 0:
             return
+        if self.compiled and self._device.type == "cpu":
+            self._update_compiled(f_BW.detach().numpy(), tok_B.contiguous().numpy())
+            self.n_tokens += int(f_BW.shape[0])
+            return
         max_W = f_BW.amax(0)  # dense, so that NaN anywhere is seen
         if bool(torch.isnan(max_W).any()):
             bad = (torch.isnan(max_W).nonzero()[:, 0] + self.lo).tolist()
@@ -318,13 +330,35 @@ class FeatureRangeSampler:
         self._sample.offer(w_N, order_N, t_N, v_N)
         self.n_tokens += int(f_BW.shape[0])
 
+    def _update_compiled(self, f_BW: np.ndarray, tok_B: np.ndarray) -> None:
+        """One pass of the compiled kernel over a C-contiguous float32 (B, W) batch on the CPU."""
+        from sae_assets.core.features import sampling_kernels as kernels  # numba: only when used
+
+        if self._kernel_args is None:  # constants, then numpy views sharing the state tensors' memory
+            edges_E = self._inner_edges.numpy()
+            self._kernel_args = (self._keys_W.view(np.uint64), edges_E, kernels.hist_bin_table(edges_E),
+                                 *(x.numpy() for x in self.state_tensors().values()))
+        status, b, w = kernels.update(f_BW, tok_B, self._kernel_args, torch.get_num_threads())
+        if status == kernels.NAN:
+            bad = (np.flatnonzero(np.isnan(f_BW).any(0)) + self.lo).tolist()
+            raise ValueError(f"NaN activations for feature(s) {bad[:5]} (range [{self.lo}, {self.hi}))")
+        if status == kernels.REPEATED:
+            _BestK._raise_repeated(int(tok_B[b]), int(w))
+
     def result(self) -> FeatureSamples:
         """The tables for every token offered so far (the sampler can go on afterwards)."""
         if self._device is None:
             self._init_state(torch.device("cpu"))
         top = self._top.columns(self.lo)
         del top["key"]
-        sample = self._sample.columns(self.lo)
+        sample = self._sample
+        if self._kernel_args is not None:  # the kernel keeps the sample rows in arrival order or as heaps
+            from sae_assets.core.features.sampling_kernels import sorted_heap_rows
+
+            sample = copy.copy(sample)
+            arrays = sorted_heap_rows(sample.key_WK.numpy(), sample.tok_WK.numpy(), sample.val_WK.numpy())
+            sample.key_WK, sample.tok_WK, sample.val_WK = (torch.from_numpy(x) for x in arrays)
+        sample = sample.columns(self.lo)
         sample = {"feature": sample["feature"], "rank": sample["rank"], "hash": order_key_to_hash(sample["key"]),
                   "token_index": sample["token_index"], "activation": sample["activation"]}
         stats = {"feature": np.arange(self.lo, self.hi, dtype=np.int32), "count": self._count_W.cpu().numpy(),
