@@ -5,8 +5,8 @@ page shows (`feature_windows.select_shown_examples`), their context windows and 
 direction's logit effects into plain dicts, ready for `json.dumps`. Token ids become strings
 through `token_strings` (each id decoded alone; bytes of a split UTF-8 character show as
 U+FFFD). Strings stay raw here: the browser inserts them as text, never as HTML.
-`neuronpedia_feature` maps a document onto the fields of Neuronpedia's upload batches
-(SAEDashboard's NeuronpediaRunner layout). Tests: tests/test_feature_assets.py, tests/test_feature_browser.py.
+`neuronpedia_feature` (core/features/neuronpedia.py) maps a document onto Neuronpedia's fields.
+Tests: tests/test_feature_assets.py, tests/test_feature_browser.py, tests/test_site_panels.py.
 """
 
 from __future__ import annotations
@@ -17,11 +17,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from sae_assets.core.features.merge import FeatureSamples
+from sae_assets.core.features.neuronpedia import neuronpedia_feature  # noqa: F401  (the export's per-feature dict)
+from sae_assets.core.features.panels import LogitEffects, logit_effects  # noqa: F401
 
 # Letter key: W features in the range, D model width, V vocabulary, N logit effects kept.
+
+Neighbours = tuple[np.ndarray, np.ndarray]  # panels.nearest_features: ids (W, K), cosines (W, K)
+Alignment = tuple[np.ndarray, np.ndarray, np.ndarray]  # panels.neuron_alignment: dims, weights, L1 shares
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -57,18 +61,6 @@ def _num(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def logit_effects(W_dec_WD: torch.Tensor, W_U_DV: torch.Tensor, n: int) -> tuple[np.ndarray, ...]:
-    """Decoder rows (W, D) through the unembedding (D, V): (top ids, top values, bottom ids, bottom values), each (W, n).
-
-    The full (W, V) product exists only for one feature range at a time.
-    """
-    effects_WV = (W_dec_WD.float() @ W_U_DV.float().to(W_dec_WD.device)).cpu()
-    n = min(n, effects_WV.shape[1])
-    top = effects_WV.topk(n, dim=1)
-    bottom = effects_WV.topk(n, dim=1, largest=False)
-    return top.indices.numpy(), top.values.numpy(), bottom.indices.numpy(), bottom.values.numpy()
-
-
 def _windows_by_key(windows: pa.Table) -> dict[tuple[int, int], tuple[int, list[int], list[float]]]:
     out = {}
     feature, tok = windows.column("feature").to_pylist(), windows.column("token_index").to_pylist()
@@ -86,9 +78,14 @@ def _example(key, activation, windows, strings) -> dict[str, Any]:
 
 
 def feature_documents(samples: FeatureSamples, shown: pa.Table, windows: pa.Table, strings: Sequence[str], *,
-                      logits: tuple[np.ndarray, ...], activation_levels: int,
-                      dictionary: str) -> Iterator[dict[str, Any]]:
-    """One JSON-ready document per feature of the range, in feature order."""
+                      logits: LogitEffects, activation_levels: int, dictionary: str,
+                      neighbours: Neighbours | None = None,
+                      alignment: Alignment | None = None) -> Iterator[dict[str, Any]]:
+    """One JSON-ready document per feature of the range, in feature order.
+
+    `neighbours` and `alignment` are the range's rows of `panels.nearest_features` and
+    `panels.neuron_alignment`; without them the document's lists are empty.
+    """
     win = _windows_by_key(windows)
     stats = samples.stats.to_pydict()
     examples: dict[int, dict[str, list]] = {}
@@ -97,7 +94,7 @@ def feature_documents(samples: FeatureSamples, shown: pa.Table, windows: pa.Tabl
         by_role = examples.setdefault(f, {"top": [], "random": [], "level": []})
         entry = _example((f, t), a, win, strings)
         by_role[role].append({**entry, "level": level} if role == "level" else entry)
-    top_ids, top_vals, bottom_ids, bottom_vals = logits
+    top_ids, top_vals, bottom_ids, bottom_vals = logits[:4]
     for w, f in enumerate(stats["feature"]):
         count, peak = stats["count"][w], stats["max"][w]
         mine = examples.get(f, {"top": [], "random": [], "level": []})
@@ -112,6 +109,11 @@ def feature_documents(samples: FeatureSamples, shown: pa.Table, windows: pa.Tabl
             "top": mine["top"], "random": mine["random"], "levels": levels,
             "logits": {"top": [[strings[i], _num(v)] for i, v in zip(top_ids[w], top_vals[w])],
                        "bottom": [[strings[i], _num(v)] for i, v in zip(bottom_ids[w], bottom_vals[w])]},
+            "logit_histogram": {"counts": [int(c) for c in logits.hist_counts[w]],
+                                "edges": [_num(e) for e in logits.hist_edges[w]]},
+            "neighbours": [[int(i), _num(c)] for i, c in zip(*(a[w] for a in neighbours))] if neighbours else [],
+            "neuron_alignment": [[int(i), _num(v), _num(s)] for i, v, s in zip(*(a[w] for a in alignment))]
+            if alignment else [],
         }
 
 
@@ -125,31 +127,3 @@ def index_row(doc: dict[str, Any], n_tokens: int = 5) -> list:
         if len(seen) == n_tokens:
             break
     return [doc["feature"], doc["density"], doc["max"], seen]
-
-
-def neuronpedia_feature(doc: dict[str, Any], hist_edges: Sequence[float]) -> dict[str, Any]:
-    """A document in the field layout of a Neuronpedia upload batch's `features` entries."""
-    counts = doc["histogram"]
-    centers = [_num(math.sqrt(hist_edges[i] * hist_edges[i + 1])) for i in range(len(counts))]  # log-midpoints
-    nonzero = [i for i, c in enumerate(counts) if c]
-    span = range(nonzero[0], nonzero[-1] + 1) if nonzero else range(0)
-    activations = []
-    for example in doc["top"] + doc["random"]:
-        activations.append({"bin_min": -1, "bin_max": -1, "bin_contains": -1, "tokens": example["tokens"],
-                            "values": example["acts"], "qualifying_token_index": example["center"]})
-    for level in doc["levels"]:
-        for example in level["examples"]:
-            activations.append({"bin_min": level["low"], "bin_max": level["high"], "bin_contains": -1,
-                                "tokens": example["tokens"], "values": example["acts"],
-                                "qualifying_token_index": example["center"]})
-    return {
-        "feature_index": doc["feature"], "frac_nonzero": doc["density"], "max_act_approx": doc["max"],
-        "pos_str": [t for t, _ in doc["logits"]["top"]], "pos_values": [v for _, v in doc["logits"]["top"]],
-        "neg_str": [t for t, _ in doc["logits"]["bottom"]], "neg_values": [v for _, v in doc["logits"]["bottom"]],
-        "freq_hist_data_bar_heights": [counts[i] for i in span], "freq_hist_data_bar_values": [centers[i] for i in span],
-        "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
-        "activations": activations, "decoder_weights_dist": [],
-        "neuron_alignment_indices": [], "neuron_alignment_values": [], "neuron_alignment_l1": [],
-        "correlated_neurons_indices": [], "correlated_neurons_pearson": [], "correlated_neurons_l1": [],
-        "correlated_features_indices": [], "correlated_features_pearson": [], "correlated_features_l1": [],
-    }
