@@ -483,17 +483,32 @@ def project(args, sizes, measured, counts) -> None:
         fit = fit_stage("feature_samples", sizes, measured, counts, counts_at, rate)
         samples_at.append(f"{shard_tokens:,} tokens {fit.projected_bytes / activations:.3g}x")
     print(f"feature_samples vs the activation cache by shard size: {', '.join(samples_at)}")
-    print_goal(args, measured, fits, activations)
+    print_goal(args, measured, fits, activations, counts, target)
 
 
-def print_goal(args, measured, fits: dict, activations: float) -> None:
+def active_entry_ratios(args, measured, counts, target) -> tuple[float, float]:
+    """feature_samples' rows over the active entries T x L0 (each of its three tables keeps at most
+    one row per active entry): the largest at the bench sizes, and at the target."""
+    bench = max(sum(m["feature_samples"]["rows"].values()) / (c["T"] * args.bench_l0)
+                for m, c in zip(measured, counts))
+    return bench, sum(target["rows"]["feature_samples"].values()) / (target["T"] * args.l0)
+
+
+def print_goal(args, measured, fits: dict, activations: float, counts, target) -> None:
     tol = args.tolerance
+    bench_ratio, target_ratio = active_entry_ratios(args, measured, counts, target)
     print(f"\nGOAL: no stage's bytes grow faster than tokens x d_model or features x examples x window "
           f"(exponent noise {tol})")
     for stage, fit in fits.items():
         within = grows_within(fit.data_exponents, tol)
         bound, allowed = DESIGN_BOUNDS[stage]
         design = "within" if (fit.data_exponents <= np.asarray(allowed) + tol).all() else "BEYOND"
+        if not within and stage == "feature_samples" and max(bench_ratio, target_ratio) <= 3:
+            # Per shard it keeps at most top_k + sample_k rows and a stats row per feature that
+            # fired, none of which can exceed the shard's active entries: rows <= 3 x T x L0.
+            within = (f"tokens x L0 (rows {bench_ratio:.2f} x the active entries here, {target_ratio:.2f} at the "
+                      f"target; L0 <= d_model), so within tokens x d_model, though its fitted F exponent is not 0 "
+                      f"where a feature fires on more than top_k tokens a shard")
         note = (f"ok, within {within}" if within else "GROWS FASTER than both") + f"; {design} DESIGN's {bound}"
         if design == "BEYOND" and (fit.row_exponents <= np.asarray(allowed) + tol).all():
             note += " in bytes, but its rows are within: the excess is bytes a row (compression, pages per file)"
