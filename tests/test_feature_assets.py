@@ -3,6 +3,7 @@ same tables from 1 and 7 shards, context windows centred on their examples, the 
 byte-identical reruns, and refusal of bad input (a range outside the dictionary, a dictionary
 that failed its checks, a missing context shard)."""
 
+import gzip
 import json
 import shutil
 
@@ -146,10 +147,18 @@ def test_site_files_and_neuronpedia_export(graph):
     assert index.startswith('SAE_SITE.chunk("index-0",') and "<" not in index[len('SAE_SITE.chunk("index-0",'):]
     doc = json.loads(store.read_bytes(store.require("site_json", "features-00000-00023"), "feature-000001.json"))
     assert doc["feature"] == 1 and len(doc["logits"]["top"]) == 10
+    assert sum(doc["logit_histogram"]["counts"]) == TINY["tokenizer"]["vocab_size"]
+    assert len(doc["neighbours"]) == 10 and 1 not in [n[0] for n in doc["neighbours"]]
+    assert len(doc["neuron_alignment"]) == 5
+    assert all(0 < share <= 1 and g != 1 for g, share in doc["cofiring"])
+    assert store.require("context_windows", "features-00000-00023").files["cofiring.parquet"].rows > 0
     export = store.require("neuronpedia_export", None)
-    batches = [json.loads(store.read_bytes(export, f"batch-{i}.json")) for i in range(3)]
-    assert sum(len(b["features"]) for b in batches) == 64
-    assert batches[0]["features"][1]["feature_index"] == 1
+    features = [json.loads(line) for i in range(3)
+                for line in gzip.decompress(store.read_bytes(export, f"features.batch-{i}.jsonl.gz")).splitlines()]
+    assert [f["index"] for f in features] == [str(i) for i in range(64)]
+    assert features[1]["topkCosSimIndices"] == [n[0] for n in doc["neighbours"]]
+    assert export.extra["layout"]["features.batch-0.jsonl.gz"] == "features/batch-0.jsonl.gz"
+    assert {"release.jsonl", "model.jsonl", "sourceset.jsonl", "source.jsonl"} <= set(export.files)
 
 
 def test_rerun_is_byte_identical_and_keeps_the_version(graph):

@@ -130,6 +130,15 @@ def context_windows_schema() -> pa.Schema:
     ])
 
 
+def cofiring_schema() -> pa.Schema:
+    """context_gather (per shard) and context_windows (per range): every feature of the whole
+    dictionary active at each top example's token (core/features/cofiring.py)."""
+    return pa.schema([
+        pa.field("token_index", pa.int64(), nullable=False),
+        pa.field("features", pa.list_(pa.int32()), nullable=False),  # ascending
+    ])
+
+
 # --- training-data attribution (sae_assets.core.attribution) ------------------------------------
 
 def raw_shift_schema() -> pa.Schema:

@@ -6,7 +6,7 @@
     context_windows [feature range]          pass 2: every shard's windows of the range, checked
     site_json [feature range]                one JSON document per feature + index rows
     feature_site                             the static browser (HTML/CSS/JS) with all the data
-    neuronpedia_export                       (features.neuronpedia_export) upload batches
+    neuronpedia_export                       (features.neuronpedia_export) Neuronpedia bulk-import files
 
 The dictionary is `features.dictionary` (a sae.sweep key). `build_feature_assets(key)` makes
 the assets for it, wiring their dependency on exactly that sae_dictionary/sae_metrics
@@ -42,12 +42,13 @@ from sae_assets.defs.partitions import (
     shard_index,
     shard_keys,
 )
-from sae_assets.defs.site_files import INDEX_ROWS_FILE, write_neuronpedia_batches, write_site
+from sae_assets.defs.site_files import INDEX_ROWS_FILE, write_neuronpedia_export, write_site
 from sae_assets.defs.plots import bar_chart_markdown
 
 SAMPLE_TABLES = ("top", "sample", "stats")
 SHOWN_FILE = "shown.parquet"
 WINDOWS_FILE = "windows.parquet"
+COFIRING_FILE = "cofiring.parquet"
 
 
 class FeatureInputError(ValueError):
@@ -82,14 +83,13 @@ _SHOWN = ("features.random_examples", "features.activation_levels", "features.ex
 _WINDOW = ("feature_dictionary", "features.window_before", "features.window_after")
 FEATURE_SAMPLES = AssetIdentity("feature_samples", version="2", device="features.device", keys=_SAMPLING)
 FEATURE_EXAMPLES = AssetIdentity("feature_examples", version="2", keys=(*_SAMPLING, *_SHOWN))
-CONTEXT_GATHER = AssetIdentity("context_gather", version="3", device="features.device", keys=_WINDOW)
-CONTEXT_WINDOWS = AssetIdentity("context_windows", version="2", device="features.device", keys=_WINDOW)
-SITE_JSON = AssetIdentity("site_json", version="1", pool="model", device="features.device", keys=(
+CONTEXT_GATHER = AssetIdentity("context_gather", version="4", device="features.device", keys=_WINDOW)
+CONTEXT_WINDOWS = AssetIdentity("context_windows", version="3", device="features.device", keys=_WINDOW)
+SITE_JSON = AssetIdentity("site_json", version="2", pool="model", device="features.device", keys=(
     "feature_dictionary", "features.logit_effects", "features.activation_levels"))
-FEATURE_SITE = AssetIdentity("feature_site", version="2", keys=("feature_dictionary",))  # 2: chunked index
-NEURONPEDIA_EXPORT = AssetIdentity("neuronpedia_export", version="1", keys=(
-    "model.name", "sae_hook", "feature_dictionary", "features.top_k", "features.random_examples",
-    "features.window_before", "features.window_after"))
+FEATURE_SITE = AssetIdentity("feature_site", version="3", keys=("feature_dictionary",))  # 3: weight panels
+NEURONPEDIA_EXPORT = AssetIdentity("neuronpedia_export", version="2", keys=(  # 2: bulk-import jsonl layout
+    "model.name", "sae_hook", "feature_dictionary", "corpus.source", "corpus.hf_name", "tokenizer.context_length"))
 
 
 def write_samples(out, samples: "FeatureSamples") -> None:
@@ -209,13 +209,15 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         description="Pass 1 of the context windows, sharded over the dataset: for every feature range, the "
         "windows around that range's examples in this shard, encoded with the range's encoder slice; only "
         "each example's own feature activation on its window is kept (no raw activations); windows stop at "
-        "document boundaries (the tokenizer's end-of-text token). "
+        "document boundaries (the tokenizer's end-of-text token). Beside them, the ids of every feature of the "
+        "dictionary active at each top example's token (co-firing). "
         "A backfill runs every shard in one run.",
     )
     def context_gather(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
         import pyarrow.parquet as pq
 
         from resources.arrow_files import open_ipc_table
+        from sae_assets.core.features import cofiring as feature_cofiring
         from sae_assets.core.features import windows as feature_windows
 
         cfg, store = settings.load(), storage.store()
@@ -246,6 +248,12 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
                         device=cfg.features.device, where=f"context_gather[{shard}] for {frange}")
                     pq.write_table(windows, out.path(gathered_windows_file(frange)))
                     out.describe_table(gathered_windows_file(frange), rows=windows.num_rows)
+                    cofiring = feature_cofiring.gather_cofiring(
+                        shown, table, sae.encode, shard=shard_index(shard), hook=hook,  # B x F <= batch x range
+                        batch_size=max(1, cfg.features.batch_size * (hi - lo) // sae.width), device=cfg.features.device,
+                        where=f"context_gather[{shard}] for {frange}")
+                    pq.write_table(cofiring, out.path(gathered_cofiring_file(frange)))
+                    out.describe_table(gathered_cofiring_file(frange), rows=cofiring.num_rows)
                     total += windows.num_rows
                     report.update(step, tokens=total)
                 report.close()
@@ -258,11 +266,12 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         deps=[feature_examples, dg.AssetDep(context_gather, partition_mapping=dg.AllPartitionMapping()), *dictionary],
         description="Pass 2, per feature range: every shard's pass-1 windows assembled and checked, each shown "
         "example's feature activation on every token of its window (features.window_before / window_after "
-        "around it).",
+        "around it), and the features active at each top example's token.",
     )
     def context_windows(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
         import pyarrow.parquet as pq
 
+        from sae_assets.core.features import cofiring as feature_cofiring
         from sae_assets.core.features import windows as feature_windows
 
         cfg, store = settings.load(), storage.store()
@@ -279,21 +288,29 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         report.close()
         windows = feature_windows.assemble_context_windows(
             shown, parts, where=f"context_windows[{frange}]", shard_names=[g.partition for g in gathers])
+        cofiring = feature_cofiring.assemble_cofiring(
+            shown, [pq.read_table(store.fetch(g, gathered_cofiring_file(frange))) for g in gathers],
+            where=f"context_windows[{frange}]")
         with CONTEXT_WINDOWS.writer(store, cfg, frange, upstream={**upstream, **gather_versions}) as out:
             pq.write_table(windows, out.path(WINDOWS_FILE))
             out.describe_table(WINDOWS_FILE, rows=windows.num_rows)
+            pq.write_table(cofiring, out.path(COFIRING_FILE))
+            out.describe_table(COFIRING_FILE, rows=cofiring.num_rows)
         return result(out.manifest, store, {"windows": windows.num_rows})
 
     @SITE_JSON.asset(
         group_name="features", partitions_def=FEATURE_RANGES,
         deps=[feature_examples, context_windows, language_model, tokenizer, *dictionary],
         description="One JSON document per feature (density, max, histogram, top/random/per-level examples "
-        "with context, logit effects of the decoder direction) and the range's index rows.",
+        "with context, logit effects of the decoder direction and their histogram over the vocabulary, the 10 "
+        "nearest features by decoder cosine, the model dimensions the decoder weighs most, the features co-firing "
+        "on its top examples) and the range's index rows.",
     )
     def site_json(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
         import pyarrow.parquet as pq
 
-        from sae_assets.core.features import site_data
+        from sae_assets.core.features import cofiring as feature_cofiring
+        from sae_assets.core.features import panels, site_data
 
         cfg, store = settings.load(), storage.store()
         model, model_manifest = load_language_model(store, device=cfg.features.device)
@@ -304,11 +321,15 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             sae, lo, hi, examples, upstream = range_inputs(store, cfg, frange)
             [windows], window_versions = read_upstream(store, "context_windows", [frange])
             samples = read_samples(store, examples)
-            logits = site_data.logit_effects(sae.decoder_directions(lo, hi), model.W_U.detach(),
-                                             cfg.features.logit_effects)
+            directions = sae.decoder_directions(lo, hi)
+            shown = pq.read_table(store.fetch(examples, SHOWN_FILE))
+            cofiring = feature_cofiring.cofiring_features(
+                shown, pq.read_table(store.fetch(windows, COFIRING_FILE)), lo, hi)
             docs = site_data.feature_documents(
-                samples, pq.read_table(store.fetch(examples, SHOWN_FILE)),
-                pq.read_table(store.fetch(windows, WINDOWS_FILE)), token_strings, logits=logits,
+                samples, shown, pq.read_table(store.fetch(windows, WINDOWS_FILE)), token_strings,
+                logits=panels.logit_effects(directions, model.W_U.detach(), cfg.features.logit_effects),
+                neighbours=panels.nearest_features(sae.decoder_directions(), lo, hi),
+                alignment=panels.neuron_alignment(directions), cofiring=cofiring,
                 activation_levels=cfg.features.activation_levels, dictionary=dictionary_key)
             upstream.update(window_versions, language_model=model_manifest.data_version,
                             tokenizer=tok_manifest.data_version)
@@ -344,13 +365,15 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         @NEURONPEDIA_EXPORT.asset(
             group_name="features",
             deps=[dg.AssetDep(site_json, partition_mapping=dg.AllPartitionMapping())],
-            description="The features in Neuronpedia's upload layout: batch-<n>.json per feature range.",
+            description="The features in Neuronpedia's bulk-import layout (as SAEDashboard's exporter writes "
+            "it): release/model/sourceset/source .jsonl and, per feature range, gzipped JSONL of features and "
+            "activations; the store's names are flat, manifest extra `layout` maps each to its import path.",
         )
         def neuronpedia_export(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
             store = storage.store()
             parts, upstream = read_upstream(store, "site_json", feature_range_keys(context.instance))
             with NEURONPEDIA_EXPORT.writer(store, settings.load(), None, upstream=upstream) as out:
-                n_features = write_neuronpedia_batches(out, store, parts, settings.load())
+                n_features = write_neuronpedia_export(out, store, parts, settings.load())
             return result(out.manifest, store, {"features": n_features})
 
         assets.append(neuronpedia_export)
@@ -360,6 +383,11 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
 def gathered_windows_file(feature_range: str) -> str:
     """context_gather's file of one feature range's windows in the shard."""
     return f"windows-{feature_range}.parquet"
+
+
+def gathered_cofiring_file(feature_range: str) -> str:
+    """context_gather's file of the features active at one range's top-example tokens in the shard."""
+    return f"cofiring-{feature_range}.parquet"
 
 
 def site_data_file(feature: int) -> str:

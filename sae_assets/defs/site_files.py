@@ -1,4 +1,4 @@
-"""Writing the feature browser's files: the static site and the Neuronpedia export.
+"""Writing the feature browser's files: the static site and the Neuronpedia bulk-import export.
 
 The site is flat (every file in one directory; the store's file names have no folders) so that
 it opens from file:// and from any static host or bucket prefix as it is: index.html, app.js,
@@ -80,21 +80,41 @@ def write_site(out, store, parts, *, dictionary: str) -> int:
     return n_features
 
 
-def write_neuronpedia_batches(out, store, parts, cfg) -> int:
-    """`batch-<n>.json` per feature range plus `run_settings.json`, as Neuronpedia's uploader reads them."""
-    from sae_assets.core.features import site_data
+def neuronpedia_names(cfg):
+    """The model, source set, layer and hook an export of `cfg`'s browsed dictionary names."""
+    from sae_assets.core.features.neuronpedia import ExportNames, layer_of, slug
 
-    n_features = 0
+    return ExportNames(model_id=slug(cfg.model.name or "sae-assets-embedded"), source_set=slug(cfg.feature_dictionary.key),
+                       layer=layer_of(cfg.sae_hook), hook=cfg.sae_hook)
+
+
+def write_neuronpedia_export(out, store, parts, cfg) -> int:
+    """Neuronpedia's bulk-import files from the site_json manifests `parts`; return the feature count.
+
+    `release.jsonl`, `model.jsonl`, `sourceset.jsonl`, `source.jsonl`, and per feature range
+    `features.batch-<n>.jsonl.gz` / `activations.batch-<n>.jsonl.gz`: the store's names have no
+    folders, so the manifest's extra `layout` maps each file to its path in the import directory
+    (`features/batch-<n>.jsonl.gz`, ...), under `<model id>/<source id>/`.
+    """
+    from sae_assets.core.features import neuronpedia
+
+    names = neuronpedia_names(cfg)
+    layout, n_features, n_tokens = {}, 0, 0
     for n, manifest in enumerate(parts):
-        edges = manifest.extra["hist_edges"]
-        features = [site_data.neuronpedia_feature(json.loads(store.read_bytes(manifest, name)), edges)
+        edges, n_tokens = manifest.extra["hist_edges"], manifest.extra["n_tokens"]
+        features = [neuronpedia.neuronpedia_feature(json.loads(store.read_bytes(manifest, name)), edges)
                     for name in feature_files(manifest)]
-        batch = {"model_id": cfg.model.name or "sae-assets-embedded", "layer": cfg.sae_hook,
-                 "sae_set": cfg.feature_dictionary.key, "features": features}
-        out.path(f"batch-{n}.json").write_text(json.dumps(batch, ensure_ascii=False))
+        for kind, rows in (("features", (neuronpedia.feature_row(f, names) for f in features)),
+                           ("activations", (r for f in features for r in neuronpedia.activation_rows(f, names)))):
+            out.path(f"{kind}.batch-{n}.jsonl.gz").write_bytes(neuronpedia.jsonl_gz(rows))
+            layout[f"{kind}.batch-{n}.jsonl.gz"] = f"{kind}/batch-{n}.jsonl.gz"
         n_features += len(features)
-    settings = {"sae_id": cfg.feature_dictionary.key, "hook_point": cfg.sae_hook, "n_features": n_features,
-                "n_examples_top": cfg.features.top_k, "n_examples_random": cfg.features.random_examples,
-                "window": [cfg.features.window_before, cfg.features.window_after]}
-    out.path("run_settings.json").write_text(json.dumps(settings, indent=2))
+    dataset = cfg.corpus.hf_name or cfg.corpus.source
+    headers = neuronpedia.header_rows(
+        names, description=f"sae_assets dictionary {cfg.feature_dictionary.key} at {cfg.sae_hook}", dataset=dataset,
+        prompts=n_tokens // cfg.tokenizer.context_length, tokens_per_prompt=cfg.tokenizer.context_length)
+    for name, row in headers.items():
+        out.path(name).write_bytes(neuronpedia.jsonl([row]))
+        layout[name] = name
+    out.extra.update(layout=layout, directory=f"{names.model_id}/{neuronpedia.source_id(names)}", features=n_features)
     return n_features

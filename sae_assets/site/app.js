@@ -1,5 +1,6 @@
 // The feature browser: a paged feature list (search by token, sort by density or max) and a
-// feature page (statistics, activation histogram, examples coloured by activation, logits).
+// feature page (statistics, activation histogram, examples coloured by activation, logits, the
+// logit histogram, nearest and co-firing features, neuron alignment, activation intervals).
 //
 // Data arrive as scripts, not fetch(), so the site also works from file://, and in chunks, so
 // that no view loads more than its own files, whatever the number of features
@@ -199,14 +200,14 @@
     return row;
   }
 
-  function histogram(counts, edges) {
+  function histogram(counts, edges, cls) {
     var first = counts.findIndex(function (c) { return c > 0; });
     if (first < 0) return el("p", {text: "never fired"});
     var last = counts.length - 1;
     while (counts[last] === 0) last--;
-    var ns = "http://www.w3.org/2000/svg", w = 560, h = 120, n = last - first + 1, peak = Math.max.apply(null, counts);
+    var ns = "http://www.w3.org/2000/svg", w = cls ? 300 : 560, h = 120, n = last - first + 1, peak = Math.max.apply(null, counts);
     var svg = document.createElementNS(ns, "svg");
-    svg.setAttribute("class", "hist");
+    svg.setAttribute("class", cls || "hist");
     svg.setAttribute("width", w); svg.setAttribute("height", h + 18);
     for (var i = first; i <= last; i++) {
       var bar = document.createElementNS(ns, "rect"), bh = Math.max(1, h * counts[i] / peak);
@@ -231,6 +232,35 @@
     }))]);
   }
 
+  // The weight panels: logit histogram, nearest features by decoder cosine, features co-firing on
+  // the top examples (with the share of those examples), the model dimensions the decoder weighs most.
+  function numberTable(id, title, head, rows) {
+    var table = el("table", {"class": "panel"}, [el("tr", {}, head.map(function (h) { return el("th", {text: h}); }))]);
+    rows.forEach(function (cells) {
+      table.appendChild(el("tr", {}, cells.map(function (c) { return el("td", {"class": "num"}, [c]); })));
+    });
+    return el("section", {id: id}, [el("h3", {text: title}), rows.length ? table : el("p", {text: "none"})]);
+  }
+
+  function weightPanels(doc) {
+    var near = (doc.neighbours || []).map(function (n) {
+      return [el("a", {href: "#feature=" + Number(n[0]), text: String(n[0])}), fmt(n[1])];
+    });
+    var cofiring = (doc.cofiring || []).map(function (c) {
+      return [el("a", {href: "#feature=" + Number(c[0]), text: String(c[0])}), (100 * c[1]).toFixed(0) + "%"];
+    });
+    var aligned = (doc.neuron_alignment || []).map(function (a) {
+      return [String(a[0]), fmt(a[1]), (100 * a[2]).toFixed(1) + "%"];
+    });
+    var hist = doc.logit_histogram, logitHist = el("section", {id: "logit-histogram"}, [
+      el("h3", {text: "Logit effects over the vocabulary"}),
+      hist && hist.counts.length ? histogram(hist.counts, hist.edges, "hist logit") : el("p", {text: "none"})]);
+    return el("div", {"class": "columns four"}, [logitHist,
+      numberTable("neighbours", "Nearest features (decoder cosine)", ["feature", "cosine"], near),
+      numberTable("cofiring", "Co-firing on top examples", ["feature", "of examples"], cofiring),
+      numberTable("neuron-alignment", "Neuron alignment", ["dimension", "weight", "of L1"], aligned)]);
+  }
+
   function renderFeature(doc) {
     var view = document.getElementById("feature-view");
     view.textContent = "";
@@ -244,10 +274,11 @@
     view.appendChild(histogram(doc.histogram, META.hist_edges));
     view.appendChild(el("div", {"class": "columns"}, [logitTable("Promoted tokens", doc.logits.top),
                                                       logitTable("Suppressed tokens", doc.logits.bottom)]));
+    view.appendChild(weightPanels(doc));
     var top = el("section", {id: "top-examples"}, [el("h3", {text: "Top activations"})]);
     doc.top.forEach(function (e) { top.appendChild(exampleRow(e, doc.max)); });
     view.appendChild(top);
-    var levels = el("section", {id: "level-examples"}, [el("h3", {text: "Across the activation range"})]);
+    var levels = el("section", {id: "level-examples"}, [el("h3", {text: "Activation intervals"})]);
     doc.levels.forEach(function (level) {
       if (!level.examples.length) return;
       levels.appendChild(el("div", {"class": "level-title", text: "(" + fmt(level.low) + ", " + fmt(level.high) + "]"}));

@@ -1,8 +1,10 @@
 """The feature browser's data: one JSON document per feature, index rows and a Neuronpedia export.
 
 `feature_documents` joins a range's merged samples (statistics, histogram), the examples the
-page shows (`feature_windows.select_shown_examples`), their context windows and the decoder
-direction's logit effects into plain dicts, ready for `json.dumps`. Token ids become strings
+page shows (`feature_windows.select_shown_examples`), their context windows, the decoder
+direction's panels (logit effects and their histogram, nearest features, neuron alignment:
+core/features/panels.py) and the features co-firing on the top examples
+(core/features/cofiring.py) into plain dicts, ready for `json.dumps`. Token ids become strings
 through `token_strings` (each id decoded alone; bytes of a split UTF-8 character show as
 U+FFFD). Strings stay raw here: the browser inserts them as text, never as HTML.
 `neuronpedia_feature` (core/features/neuronpedia.py) maps a document onto Neuronpedia's fields.
@@ -80,11 +82,12 @@ def _example(key, activation, windows, strings) -> dict[str, Any]:
 def feature_documents(samples: FeatureSamples, shown: pa.Table, windows: pa.Table, strings: Sequence[str], *,
                       logits: LogitEffects, activation_levels: int, dictionary: str,
                       neighbours: Neighbours | None = None,
-                      alignment: Alignment | None = None) -> Iterator[dict[str, Any]]:
+                      alignment: Alignment | None = None,
+                      cofiring: Sequence[Sequence[tuple[int, float]]] | None = None) -> Iterator[dict[str, Any]]:
     """One JSON-ready document per feature of the range, in feature order.
 
-    `neighbours` and `alignment` are the range's rows of `panels.nearest_features` and
-    `panels.neuron_alignment`; without them the document's lists are empty.
+    `neighbours`, `alignment` and `cofiring` are the range's rows of `panels.nearest_features`,
+    `panels.neuron_alignment` and `cofiring.cofiring_features`; without them the lists are empty.
     """
     win = _windows_by_key(windows)
     stats = samples.stats.to_pydict()
@@ -114,6 +117,7 @@ def feature_documents(samples: FeatureSamples, shown: pa.Table, windows: pa.Tabl
             "neighbours": [[int(i), _num(c)] for i, c in zip(*(a[w] for a in neighbours))] if neighbours else [],
             "neuron_alignment": [[int(i), _num(v), _num(s)] for i, v, s in zip(*(a[w] for a in alignment))]
             if alignment else [],
+            "cofiring": [[int(i), _num(share, 3)] for i, share in cofiring[w]] if cofiring else [],
         }
 
 
