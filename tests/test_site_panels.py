@@ -104,11 +104,12 @@ def test_cofiring_matches_a_dense_encode(kind):
         t, hook=HOOK, encode_range=lambda x: sae.encode_range(x, lo, hi), lo=lo, hi=hi, top_k=4, sample_k=8, seed=3,
         batch_size=7) for t in tables])
     shown = feature_windows.select_shown_examples(merged, random_examples=2, activation_levels=2, examples_per_level=1)
-    parts = [feature_cofiring.gather_cofiring(shown, t, sae.encode, shard=s, hook=HOOK, batch_size=5, where=f"shard {s}")
+    parts = [feature_cofiring.gather_cofiring(shown, t, lambda x: sae.encode_range(x, lo, hi), shard=s, hook=HOOK,
+                                              batch_size=5, lo=lo, where=f"shard {s}")
              for s, t in enumerate(tables)]
     table = feature_cofiring.assemble_cofiring(shown, parts, where="test")
     got = feature_cofiring.cofiring_features(shown, table, lo, hi, k=5)
-    dense = {}  # brute force: every token of every shard through the whole dictionary
+    dense = {}  # brute force: every token of every shard through the whole dictionary, read within the range
     for t in tables:
         x = torch.from_numpy(np.asarray(t.column(HOOK).combine_chunks().flatten()).reshape(-1, SHARD_WIDTH).copy())
         dense.update(zip(t.column("token_index").to_pylist(), sae.encode(x).detach().numpy()))
@@ -116,7 +117,7 @@ def test_cofiring_matches_a_dense_encode(kind):
     assert any(got)
     for w, f in enumerate(range(lo, hi)):
         tokens = [r["token_index"] for r in top if r["feature"] == f]
-        share = {g: np.mean([dense[t][g] > 0 for t in tokens]) for g in range(n_features) if g != f} if tokens else {}
+        share = {g: np.mean([dense[t][g] > 0 for t in tokens]) for g in range(lo, hi) if g != f} if tokens else {}
         expected = sorted(((g, v) for g, v in share.items() if v > 0), key=lambda gv: (-gv[1], gv[0]))[:5]
         assert [g for g, _ in got[w]] == [g for g, _ in expected]
         assert [v for _, v in got[w]] == pytest.approx([v for _, v in expected])

@@ -83,7 +83,7 @@ _SHOWN = ("features.random_examples", "features.activation_levels", "features.ex
 _WINDOW = ("feature_dictionary", "features.window_before", "features.window_after")
 FEATURE_SAMPLES = AssetIdentity("feature_samples", version="2", device="features.device", keys=_SAMPLING)
 FEATURE_EXAMPLES = AssetIdentity("feature_examples", version="2", keys=(*_SAMPLING, *_SHOWN))
-CONTEXT_GATHER = AssetIdentity("context_gather", version="4", device="features.device", keys=_WINDOW)
+CONTEXT_GATHER = AssetIdentity("context_gather", version="5", device="features.device", keys=_WINDOW)
 CONTEXT_WINDOWS = AssetIdentity("context_windows", version="3", device="features.device", keys=_WINDOW)
 SITE_JSON = AssetIdentity("site_json", version="2", pool="model", device="features.device", keys=(
     "feature_dictionary", "features.logit_effects", "features.activation_levels"))
@@ -248,9 +248,9 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
                         device=cfg.features.device, where=f"context_gather[{shard}] for {frange}")
                     pq.write_table(windows, out.path(gathered_windows_file(frange)))
                     out.describe_table(gathered_windows_file(frange), rows=windows.num_rows)
-                    cofiring = feature_cofiring.gather_cofiring(
-                        shown, table, sae.encode, shard=shard_index(shard), hook=hook,  # B x F <= batch x range
-                        batch_size=max(1, cfg.features.batch_size * (hi - lo) // sae.width), device=cfg.features.device,
+                    cofiring = feature_cofiring.gather_cofiring(  # within the range: linear in the features
+                        shown, table, lambda x, lo=lo, hi=hi: sae.encode_range(x, lo, hi), shard=shard_index(shard),
+                        hook=hook, batch_size=cfg.features.batch_size, lo=lo, device=cfg.features.device,
                         where=f"context_gather[{shard}] for {frange}")
                     pq.write_table(cofiring, out.path(gathered_cofiring_file(frange)))
                     out.describe_table(gathered_cofiring_file(frange), rows=cofiring.num_rows)

@@ -257,7 +257,7 @@
       hist && hist.counts.length ? histogram(hist.counts, hist.edges, "hist logit") : el("p", {text: "none"})]);
     return el("div", {"class": "columns four"}, [logitHist,
       numberTable("neighbours", "Nearest features (decoder cosine)", ["feature", "cosine"], near),
-      numberTable("cofiring", "Co-firing on top examples", ["feature", "of examples"], cofiring),
+      numberTable("cofiring", "Co-firing on top examples (same feature range)", ["feature", "of examples"], cofiring),
       numberTable("neuron-alignment", "Neuron alignment", ["dimension", "weight", "of L1"], aligned)]);
   }
 

@@ -1,11 +1,13 @@
-"""Features that co-fire on a feature's top examples: which other features of the dictionary are
-active at its top-K example tokens, and in what fraction of them.
+"""Features that co-fire on a feature's top examples: which other features of its feature range
+are active at its top-K example tokens, and in what fraction of them.
 
 Computed beside the context windows, in the same two passes:
 1. `gather_cofiring` (context_gather, per shard and feature range): the range's top examples
    whose token lies in the shard; each distinct token's cached activation is encoded once with
-   the *whole* dictionary, and the ids of its active features are kept (E tokens x L0 ids; no
-   activations leave the pass). Cost: E x D x F per range.
+   the range's encoder slice, and the ids of its active features are kept (no activations leave
+   the pass). Cost: E x D x W per range, so F x top_k x D x W in all: linear in the features.
+   Co-firing across the whole dictionary would cost F x D per example token, F^2 x top_k x D
+   in all (features x d_model per example), which no stage may; so the panel names the range.
 2. `assemble_cofiring` (context_windows, per range): every shard's table, checked to cover the
    range's top tokens exactly.
 `cofiring_features` (site_json) then counts, per feature, the other features active on its top
@@ -39,10 +41,11 @@ def _top_tokens(shown: pa.Table) -> np.ndarray:
 
 
 def gather_cofiring(shown: pa.Table, activations: pa.Table, encode: Callable[[torch.Tensor], torch.Tensor], *,
-                    shard: int, hook: str, batch_size: int, device: str = "cpu", where: str) -> pa.Table:
+                    shard: int, hook: str, batch_size: int, lo: int = 0, device: str = "cpu",
+                    where: str) -> pa.Table:
     """`schemas.cofiring_schema` rows for the distinct top-example tokens of `shown` in this shard,
-    sorted by token: the ids of every feature `encode(x_BD) -> (B, F)` finds active there.
-    Memory per step is batch_size x F: context_gather scales the batch down by range / F."""
+    sorted by token: the ids (lo + column) of every feature `encode(x_BD) -> (B, W)` finds active
+    there. Memory per step is batch_size x W."""
     tok = _top_tokens(shown)
     token_index_U = np.unique(tok[(tok >> schemas.SHARD_BITS) == shard])
     rows_U = token_index_U & _OFFSET_MASK
@@ -59,7 +62,7 @@ def gather_cofiring(shown: pa.Table, activations: pa.Table, encode: Callable[[to
         with torch.no_grad():
             row_N, feature_N = (encode(x_BD) > 0).nonzero(as_tuple=True)  # row-major: ids ascend per row
         counts[start:start + len(x_BD)] = torch.bincount(row_N, minlength=len(x_BD)).cpu().numpy()
-        ids.append(feature_N.cpu().numpy().astype(np.int32))
+        ids.append(feature_N.cpu().numpy().astype(np.int32) + lo)
     offsets = np.r_[0, np.cumsum(counts)].astype(np.int32)
     flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
     return pa.table({"token_index": token_index_U,
