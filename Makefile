@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export DAGSTER_HOME := $(CURDIR)/.data/dagster_home
 
-.PHONY: install browser postgres demo test ui bench gc clean
+.PHONY: install browser postgres demo test ui bench experiments gc clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench: install
 	$(PY) bench/capture_overhead.py
 	$(PY) bench/feature_sampling.py
 	$(PY) bench/scale_projection.py
+
+# The published findings reproduced (README "Results"); not part of `make demo` or `make test`.
+# Artifacts under .data/experiments/, plots under bench/results/.
+experiments: install
+	$(PY) bench/attribution_experiment.py
 
 # Remove artifact versions past retention (storage.gc_grace_hours, storage.gc_keep_versions in the
 # run config named by $SAE_ASSETS_CONFIG); `make gc GC_ARGS=--dry-run` only reports.

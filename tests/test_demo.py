@@ -93,3 +93,17 @@ def test_a_one_key_edit_reruns_exactly_what_reads_the_key_and_what_reads_their_n
     assert stale_cells(instance, config_path) == {}, "everything Dagster calls stale was rematerialized"
     again = materialize_stale(instance, config_path, cursor_path=directory / "cursor", log=lambda *_: None)
     assert again.ran == {}
+
+
+def test_materialize_upstream_of_runs_one_corner_of_the_graph(tmp_path):
+    """What the experiments use: the target and what it is built from, every partition, nothing else."""
+    from sae_assets.demo import materialize_upstream_of
+
+    config_path = write_run_config(tmp_path, TINY, {"root": str(tmp_path / "artifacts")})
+    with dg.DagsterInstance.ephemeral() as instance:
+        ran = materialize_upstream_of(instance, config_path, "token_shards", log=lambda *_: None)
+        assert list(ran) == ["corpus_shards", "tokenizer", "token_shards"]
+        materialized = {key.to_user_string() for key in instance.get_asset_keys()}
+        assert materialized == {"corpus_shards", "tokenizer", "token_shards"}
+        shards = instance.get_dynamic_partitions("shards")
+        assert instance.get_materialized_partitions(dg.AssetKey("token_shards")) == set(shards) and shards
