@@ -43,13 +43,15 @@ from feature_sampling import CONTEXT, HOOK, activations_table, dictionary
 
 from resources.arrow_files import write_ipc_file
 from sae_assets.core import schemas
-from sae_assets.core.features import site_data
+from sae_assets.core.features import cofiring as feature_cofiring
+from sae_assets.core.features import panels, site_data
 from sae_assets.core.features import windows as feature_windows
 from sae_assets.core.features.merge import merge_feature_samples
 from sae_assets.core.features.sampling import sample_activation_table
 from sae_assets.core.partition_budget import MAX_PARTITIONS_PER_ASSET, plan_partitions, smallest_range_width
 from sae_assets.defs import site_files
-from sae_assets.defs.feature_assets import (SHOWN_FILE, WINDOWS_FILE, gathered_windows_file, site_data_file,
+from sae_assets.defs.feature_assets import (COFIRING_FILE, SHOWN_FILE, WINDOWS_FILE, gathered_cofiring_file,
+                                            gathered_windows_file, site_data_file,
                                             write_samples)
 
 VOCAB, EOS = 4096, 0  # the bench's vocabulary; token 0 ends documents (1 token in 4096, ids are uniform)
@@ -111,6 +113,7 @@ class SizeRun:
         W = args.bench_range_width
         self.ranges = [(lo, min(lo + W, F)) for lo in range(0, F, W)]
         self.encoders = {lo: (lambda x, lo=lo, hi=hi: self.sae.encode_range(x, lo, hi)) for lo, hi in self.ranges}
+        self.cofiring: dict = {}
         self.m = {name: {"cpu": 0.0, "bytes": {}, "rows": {}, "files": {}, "footer": {}}
                   for name in (*STAGES, "activations")}
 
@@ -182,6 +185,10 @@ class SizeRun:
                         before=f["window_before"], after=f["window_after"], lo=lo, batch_size=f["batch_size"],
                         boundary_ids=(EOS,), where="bench")
                     pq.write_table(gathers[s, lo], out.path(gathered_windows_file(f"{lo}")))
+                    self.cofiring[s, lo] = feature_cofiring.gather_cofiring(  # the asset's second table
+                        examples[lo][1], t, self.encoders[lo], shard=s, hook=HOOK, batch_size=f["batch_size"], lo=lo,
+                        where="bench")
+                    pq.write_table(self.cofiring[s, lo], out.path(gathered_cofiring_file(f"{lo}")))
             self.record("context_gather", "slots", out, sum(_slots(gathers[s, lo]) for lo, _ in self.ranges))
         return gathers
 
@@ -190,13 +197,20 @@ class SizeRun:
         with self.cpu("context_windows"):
             windows = feature_windows.assemble_context_windows(shown, parts, where="bench")
             pq.write_table(windows, out.path(WINDOWS_FILE))
+            cofiring = feature_cofiring.assemble_cofiring(shown, [self.cofiring[s, lo] for s in range(self.S)],
+                                                          where="bench")
+            pq.write_table(cofiring, out.path(COFIRING_FILE))
         self.record("context_windows", "slots", out, _slots(windows))
         strings, W_U = [f"tok{i}" for i in range(VOCAB)], torch.randn(self.D, VOCAB)
         out = Folder(self.tmp / f"site_json-{lo}")
         with self.cpu("site_json"):
-            logits = site_data.logit_effects(self.sae.W_dec[lo:hi].detach(), W_U, f["logit_effects"])
-            docs = site_data.feature_documents(merged, shown, windows, strings, logits=logits,
-                                               activation_levels=f["activation_levels"], dictionary="bench")
+            directions = self.sae.decoder_directions(lo, hi)  # the panels, as site_json computes them
+            docs = site_data.feature_documents(
+                merged, shown, windows, strings, logits=panels.logit_effects(directions, W_U, f["logit_effects"]),
+                neighbours=panels.nearest_features(self.sae.decoder_directions(), lo, hi),
+                alignment=panels.neuron_alignment(directions),
+                cofiring=feature_cofiring.cofiring_features(shown, cofiring, lo, hi),
+                activation_levels=f["activation_levels"], dictionary="bench")
             write_site_json(out, docs, merged)
         self.record("site_json", "features", out, hi - lo)
         return out
@@ -253,7 +267,8 @@ def cpu_terms(stage: str, c: dict) -> list[float]:
             "feature_examples": [0, c["samples_in"], F],  # merge sorts every shard's rows; per-feature stats
             "context_gather": [c["unique"] * W * D, c["slots"], c["S"] * c["shown"]],  # encode, slots, scan
             "context_windows": [0, c["slots"], c["shown"]],
-            "site_json": [F * D * c.get("V", VOCAB), c["slots"], F],  # logit effects, window tokens, documents
+            "site_json": [F * D * (c.get("V", VOCAB) + F), c["slots"], F],  # logit effects and exact nearest
+            # features (F x F x D: every pair of decoder rows), window tokens, documents
             "feature_site": [0, c["slots"], F]}[stage]
 
 
@@ -509,6 +524,11 @@ def print_goal(args, measured, fits: dict, activations: float, counts, target) -
             within = (f"tokens x L0 (rows {bench_ratio:.2f} x the active entries here, {target_ratio:.2f} at the "
                       f"target; L0 <= d_model), so within tokens x d_model, though its fitted F exponent is not 0 "
                       f"where a feature fires on more than top_k tokens a shard")
+        if not within and grows_within(fit.row_exponents, tol):
+            # Bytes = rows x bytes a row; a row's bytes are bounded (its uncompressed width), only
+            # the compression of small files varies, so the rows decide how the stage grows.
+            within = (f"{grows_within(fit.row_exponents, tol)} in rows (its bytes a row vary with compression "
+                      f"across more, smaller files, up to the uncompressed row)")
         note = (f"ok, within {within}" if within else "GROWS FASTER than both") + f"; {design} DESIGN's {bound}"
         if design == "BEYOND" and (fit.row_exponents <= np.asarray(allowed) + tol).all():
             note += " in bytes, but its rows are within: the excess is bytes a row (compression, pages per file)"
