@@ -1,4 +1,6 @@
-"""The SAE architectures beyond ReLU and TopK: JumpReLU, BatchTopK, Matryoshka BatchTopK, Gated.
+"""The SAE architectures beyond ReLU and TopK: JumpReLU, BatchTopK, Matryoshka BatchTopK, Gated;
+and the sparse decoder of TopK, BatchTopK and Matryoshka (the same loss and gradients as the
+dense product), and every architecture on a CUDA device when one is present.
 
 Each is checked against its paper's definition computed by hand here (forward pass, loss
 terms, straight-through gradients), trained through the real loop on toy data with known
@@ -9,6 +11,7 @@ out of range. Tiny shapes, CPU, single-threaded torch.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 
@@ -23,12 +26,14 @@ from sae_assets.core.sae import (
     ARCHITECTURES, BatchTopKSae, GatedSae, JumpReLUSae, MatryoshkaSae, StepInfo, build_sae, load_sae, make_sae,
     save_sae, train_sae,
 )
-from sae_assets.core.sae.batchtopk import batch_topk_activation
+from sae_assets.core.sae.batchtopk import batch_topk, batch_topk_activation, batch_topk_codes
 from sae_assets.core.sae.checkpoint import CHECKPOINT_FILE
 from sae_assets.core.sae.evaluation import evaluate_dictionary
 from sae_assets.core.sae.metrics import reconstruction_stats
 from sae_assets.core.sae.resample import resample_dead_features
+from sae_assets.core.sae.sparse import sparse_decode
 from sae_assets.core.sae.toy import make_toy_data, toy_batches
+from sae_assets.core.sae.topk import auxk_loss, topk_activation, topk_codes
 from sae_assets.core.sae.training import make_optimizer, train_step
 
 D, G, B = 32, 64, 128
@@ -189,6 +194,24 @@ def test_batchtopk_keeps_k_per_row_on_average_over_the_batch(toy):
     kth = relu_z.flatten().sort(descending=True).values[4 * 64 - 1]
     assert torch.equal(out.f != 0, relu_z >= kth) and torch.allclose(out.f[out.f != 0], relu_z[relu_z >= kth])
     assert out.sparsity.item() == 0.0 and out.aux.item() == 0.0
+
+
+@pytest.mark.parametrize("case", ["plain", "one-heavy-row", "heavy-rows", "few-positive"])
+def test_staged_batch_topk_keeps_exactly_the_one_stage_entries(case):
+    g = torch.Generator().manual_seed(4)
+    acts = torch.randn(96, 512, generator=g).relu()
+    lift = 10.0 + torch.rand(96, 512, generator=g)  # no ties at the K-th value (either would be right)
+    if case == "heavy-rows":  # ten rows with 40 top entries each (> 4k): a rerun with wider rows
+        acts[:10, :40] += lift[:10, :40]
+    if case == "one-heavy-row":  # one row holds all of them (> half the width): one top-k over everything
+        acts[5] += lift[5]
+    if case == "few-positive":  # fewer positive entries than k x B: zeros tie at the K-th value
+        acts = acts * (torch.rand(96, 512, generator=g) < 0.005)
+    values, indices = batch_topk(acts, 4)
+    want_values, want_indices = acts.flatten().topk(4 * 96, sorted=False)
+    assert indices.unique().numel() == 4 * 96
+    assert torch.equal(torch.zeros(96 * 512).scatter(0, indices, values),
+                       torch.zeros(96 * 512).scatter(0, want_indices, want_values))
 
 
 def test_batchtopk_inference_threshold_gives_about_k_per_token(toy):
@@ -426,3 +449,142 @@ def test_modules_refuse_out_of_range_arguments():
     cfg = _cfg(MATRYOSHKA, 10)
     assert make_sae(MATRYOSHKA, D, cfg).prefixes == (8, 16, 64)
     assert make_sae(DictionaryPoint("matryoshka", G, 4.0), D, cfg).prefixes == (8, 16, 32, 64)
+
+
+# --- sparse decoding (TopK, BatchTopK, Matryoshka) ---------------------------------------------------
+
+TOPK = DictionaryPoint("topk", G, 4.0)
+SPARSE_POINTS = [TOPK, BATCHTOPK, MATRYOSHKA]
+
+
+def _loss_and_grads(sae, x, info):
+    sae.zero_grad()
+    out = sae.loss(x, info)
+    out.total.backward()
+    return out, {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("point", SPARSE_POINTS, ids=lambda p: p.key)
+@pytest.mark.parametrize("dead_every", [0, 3], ids=["none-dead", "auxk"])
+def test_sparse_decoder_gives_the_dense_loss_and_gradients(toy, point, dead_every):
+    sparse = _perturbed(_built(toy, point, scale=2.0))
+    dense = copy.deepcopy(sparse)
+    dense.sparse_decoder = False
+    assert sparse.sparse_decoder and not dense.sparse_decoder
+    dead_F = torch.zeros(G, dtype=torch.bool)
+    if dead_every:
+        dead_F[::dead_every] = True
+    x = _sample(toy, 96) * 2.0
+    (got, got_grads), (want, want_grads) = (_loss_and_grads(m, x, StepInfo(dead_F=dead_F)) for m in (sparse, dense))
+    assert torch.equal(got.f, want.f) and got.l0.item() == want.l0.item()
+    for name in ("total", "mse", "aux"):
+        assert torch.allclose(getattr(got, name), getattr(want, name), rtol=1e-5), name
+    assert (got.aux.item() > 0) == bool(dead_every) or point is MATRYOSHKA  # Matryoshka's aux has the prefixes
+    assert set(got_grads) == set(want_grads) >= {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name, want_grad in want_grads.items():
+        scale = want_grad.abs().max().item()
+        assert scale > 0 and torch.allclose(got_grads[name], want_grad, rtol=1e-4, atol=1e-5 * scale), name
+    if isinstance(sparse, BatchTopKSae):  # the same threshold update on both paths
+        assert torch.equal(sparse.threshold, dense.threshold) and int(sparse.threshold_batches) == 1
+
+
+def test_centred_encoder_gradients_equal_plain_autograd(toy):
+    sae = _perturbed(_built(toy, BATCHTOPK, scale=2.0))
+    assert sae.apply_b_dec_to_input
+    xs = (_sample(toy, 64) * 2.0 * sae.input_scale).requires_grad_()
+    params = [xs, sae.W_enc, sae.b_enc, sae.b_dec]
+    pre = sae.pre_activations(xs)
+    by_hand = (xs - sae.b_dec) @ sae.W_enc + sae.b_enc
+    assert torch.allclose(pre, by_hand, atol=1e-5)
+    weights = torch.randn(pre.shape, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad((pre * weights).sum(), params)
+    want = torch.autograd.grad((by_hand * weights).sum(), params, retain_graph=True)
+    for name, g, w in zip(("x", "W_enc", "b_enc", "b_dec"), got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item()), name
+    codes = batch_topk_codes(pre.detach(), 4)  # the kept entries alone, through pre_entries' sparse backward
+    entries = sae.pre_entries(xs, pre.detach(), codes.rows_N, codes.features_N)
+    assert torch.equal(entries, pre.detach()[codes.rows_N, codes.features_N])
+    weights_N = torch.randn(entries.shape, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad((entries * weights_N).sum(), params)
+    want = torch.autograd.grad((by_hand[codes.rows_N, codes.features_N] * weights_N).sum(), params)
+    for name, g, w in zip(("x", "W_enc", "b_enc", "b_dec"), got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item()), name
+
+
+def test_sparse_codes_decode_as_the_dense_product_with_empty_rows():
+    g = torch.Generator().manual_seed(0)
+    W_dec = torch.randn(G, D, generator=g, requires_grad=True)
+    pre = torch.randn(6, G, generator=g)
+    pre[2] = -1.0  # a row BatchTopK leaves empty
+    codes = batch_topk_codes(pre, 3)
+    assert codes.offsets_B.tolist() == sorted(codes.offsets_B.tolist()) and codes.offsets_B[0] == 0
+    assert (codes.rows_N == 2).sum() == 0 and codes.values_N.numel() == 18
+    f = codes.dense()
+    assert torch.equal(f, batch_topk_activation(pre, 3))
+    assert torch.allclose(sparse_decode(codes, W_dec), f @ W_dec, atol=1e-6)
+    rows = topk_codes(pre, 5)
+    assert torch.equal(rows.dense(), topk_activation(pre, 5))
+    assert torch.allclose(sparse_decode(rows, W_dec), rows.dense() @ W_dec, atol=1e-6)
+
+
+def test_matryoshka_sparse_prefixes_equal_the_dense_ones(toy):
+    sae = _perturbed(_built(toy, MATRYOSHKA))
+    pre = sae.pre_activations(_sample(toy, 64) * sae.input_scale)
+    codes = batch_topk_codes(pre, 4)
+    got = sae.prefix_reconstructions_sparse(codes)
+    want = sae.prefix_reconstructions(codes.dense())
+    assert got.shape == (64, 3, D)
+    for level, part in enumerate(want):
+        assert torch.allclose(got[:, level], part, atol=1e-5), level
+
+
+def test_auxk_through_the_sparse_decoder_equals_its_dense_definition(toy):
+    sae = _perturbed(_built(toy, TOPK, scale=2.0))
+    xs = _sample(toy, 96) * 2.0 * sae.input_scale
+    pre = sae.pre_activations(xs)
+    x_hat = topk_activation(pre, 4) @ sae.W_dec + sae.b_dec
+    dead_F = torch.zeros(G, dtype=torch.bool)
+    dead_F[::3] = True  # 22 dead, more than aux_k
+    got = auxk_loss(sae.W_dec, xs, pre, x_hat, dead_F, 16)
+    f_aux = topk_activation(pre.masked_fill(~dead_F, float("-inf")), 16)  # the dense definition
+    want = ((f_aux @ sae.W_dec - (xs - x_hat).detach()) ** 2).sum(-1).mean()
+    assert got.item() > 0 and torch.allclose(got, want, rtol=1e-5)
+    got_grads = torch.autograd.grad(got, [sae.W_dec, sae.W_enc], retain_graph=True)
+    want_grads = torch.autograd.grad(want, [sae.W_dec, sae.W_enc])
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6 * w.abs().max().item())
+    assert (got_grads[0][~dead_F] == 0).all() and (got_grads[0][dead_F] != 0).any()  # dead rows only
+    assert auxk_loss(sae.W_dec, xs, pre, x_hat, torch.zeros(G, dtype=torch.bool), 16).item() == 0.0
+
+
+# --- CUDA ---------------------------------------------------------------------------------------------
+
+ALL_POINTS = [DictionaryPoint("relu", G, 0.5), TOPK, *POINTS]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("point", ALL_POINTS, ids=lambda p: p.key)
+def test_cuda_loss_gradients_and_training_match_the_cpu(toy, tmp_path, point):
+    cpu = _perturbed(_built(toy, point, scale=2.0))
+    gpu = copy.deepcopy(cpu).cuda()
+    dead_F = torch.zeros(G, dtype=torch.bool)
+    dead_F[::4] = True
+    x = _sample(toy, 96) * 2.0
+    (c_out, c_grads) = _loss_and_grads(cpu, x, StepInfo(dead_F=dead_F))
+    (g_out, g_grads) = _loss_and_grads(gpu, x.cuda(), StepInfo(dead_F=dead_F.cuda()))
+    assert torch.allclose(g_out.total.cpu(), c_out.total, rtol=1e-4)
+    assert ((g_out.f.cpu() != 0) != (c_out.f != 0)).float().mean() < 0.01
+    for name, want in c_grads.items():
+        assert g_grads[name].device.type == "cuda"
+        assert torch.allclose(g_grads[name].cpu(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item()), name
+    with torch.no_grad():
+        assert torch.allclose(gpu.encode(x.cuda()).cpu(), cpu.encode(x), rtol=1e-4, atol=1e-4)
+    cfg = _cfg(point, 20, device="cuda", resample=True, resample_steps=(10,))
+    sae = build_sae(point, D, cfg, _sample(toy))
+    outcome = train_sae(sae, toy_batches(toy, B, seed=1), cfg, point, checkpoint_dir=tmp_path / "ckpt")
+    assert outcome.steps == 20 and all(p.device.type == "cuda" for p in sae.parameters())
+    save_sae(sae, tmp_path / "sae", hook_name="blocks.0.hook_resid_post")
+    loaded = load_sae(tmp_path / "sae", device="cuda")
+    held = _sample(toy, 128, seed=4).cuda()
+    with torch.no_grad():
+        assert torch.allclose(loaded(held)[0], sae(held)[0], rtol=1e-4, atol=1e-4)

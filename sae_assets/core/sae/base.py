@@ -12,6 +12,15 @@ activation with per-feature parameters encodes a feature slice through `activate
 that trains differently from how it infers (BatchTopK) overrides `activate_train`, which
 `loss` calls; per-feature parameters beyond the four are reset on resampling by
 `reset_features` and travel to SAELens through `saelens_tensors` / `load_saelens_tensors`.
+Sparse training: an architecture that keeps a few latents per row in training (TopK, BatchTopK,
+Matryoshka; `sparse_decoder`) returns them from `train_codes` as `SparseCodes`, chosen from
+pre-activations computed without a graph; `loss` attaches just those entries to the encoder
+(`pre_entries`, whose backward is N x D for N kept entries) and decodes with `sparse_decode` (an
+`embedding_bag` of decoder rows weighted by the activations, N x D forward and backward). Only
+the encoder's forward product stays B x F x D (it must score every latent), against five such
+products densely; loss and gradients are the dense path's up to float rounding. With the input
+centred on b_dec, b_dec's gradient through the encoder is taken as -W_enc (sum_B grad_pre)
+rather than through a (B, F) @ (F, D) product. The pieces are in sparse.py.
 One file per architecture: relu, topk, jumprelu, batchtopk, matryoshka, gated.
 Tests: tests/test_sae_core.py, tests/test_sae_architectures.py.
 """
@@ -25,7 +34,10 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-# Letter key: B batch rows, D input width, F features (dictionary width), N sample rows.
+from sae_assets.core.sae.sparse import CentredLinear, PreEntries, SparseCodes, sparse_decode
+
+# Letter key: B batch rows, D input width, F features (dictionary width), N sample rows (or
+# kept entries of SparseCodes).
 
 
 class StepInfo(NamedTuple):
@@ -37,6 +49,10 @@ class StepInfo(NamedTuple):
     """Steps the whole run takes; 0 = unknown (warm-ups then count as finished)."""
     dead_F: Tensor | None = None
     """(F,) bool, features currently dead (TopK's AuxK loss uses it); None = none known."""
+    codes: SparseCodes | None = None
+    """The batch's training activations as `SparseCodes` when the architecture trains sparsely;
+    set by `loss` for `penalties` (Matryoshka's prefix reconstructions use them; then the
+    `pre_BF` that `penalties` gets has no graph, and AuxK attaches its entries by `pre_entries`)."""
 
 
 class LossOutput(NamedTuple):
@@ -69,6 +85,9 @@ class SparseAutoencoder(nn.Module, ABC):
     elementwise_activation: ClassVar[bool] = False
     """True when `activate` treats each pre-activation alone, so a slice of features can be
     encoded without the others (ReLU); False when it compares features (TopK)."""
+    sparse_decoder: bool = False
+    """True when `loss` trains through `train_codes` (TopK, BatchTopK, Matryoshka set it on the
+    instance; setting it False there gives the dense path, which tests compare against)."""
 
     def __init__(self, d_in: int, width: int, *, apply_b_dec_to_input: bool) -> None:
         super().__init__()
@@ -106,6 +125,23 @@ class SparseAutoencoder(nn.Module, ABC):
         """The activation `loss` uses (training); default `activate`. BatchTopK differs."""
         return self.activate(pre_BF)
 
+    def train_codes(self, pre_BF: Tensor) -> SparseCodes:
+        """When `sparse_decoder`: the entries `activate_train` keeps, as `SparseCodes` whose values
+        are the ReLU of those pre-activations (what TopK and BatchTopK keep); `pre_BF` comes
+        without a graph and `loss` re-attaches the values through `pre_entries`."""
+        raise NotImplementedError(f"{type(self).__name__} has no sparse training path")
+
+    def pre_entries(self, x_scaled_BD: Tensor, pre_BF: Tensor, rows_N: Tensor, features_N: Tensor) -> Tensor:
+        """(N,) pre-activations at (rows_N, features_N), attached to the encoder's parameters, with
+        values read from `pre_BF` (= pre_activations(x_scaled), no graph needed) and a backward
+        that costs N x D, not B x F x D."""
+        c_D = self.b_dec if self.apply_b_dec_to_input else None
+        return PreEntries.apply(pre_BF.detach(), x_scaled_BD, c_D, self.W_enc, self.b_enc, rows_N, features_N)
+
+    def decode_codes(self, codes: SparseCodes) -> Tensor:
+        """(B, D) reconstruction in the scaled space from sparse codes, = decode_scaled(codes.dense())."""
+        return sparse_decode(codes, self.W_dec) + self.b_dec
+
     def reset_features(self, index_R: Tensor) -> list[tuple[Tensor, int]]:
         """Reset this architecture's own per-feature parameters of resampled features to their
         initial values; returns (parameter, feature dim) pairs whose optimizer state to zero."""
@@ -133,13 +169,18 @@ class SparseAutoencoder(nn.Module, ABC):
 
     def pre_activations(self, x_scaled_BD: Tensor) -> Tensor:
         """(B, F) encoder pre-activations of inputs already in the scaled space."""
+        if x_scaled_BD.ndim != 2:  # leading dims beyond one batch dim: plain products
+            centred = x_scaled_BD - self.b_dec if self.apply_b_dec_to_input else x_scaled_BD
+            return centred @ self.W_enc + self.b_enc
         if self.apply_b_dec_to_input:
-            x_scaled_BD = x_scaled_BD - self.b_dec
-        return x_scaled_BD @ self.W_enc + self.b_enc
+            return CentredLinear.apply(x_scaled_BD, self.b_dec, self.W_enc, self.b_enc)
+        return torch.addmm(self.b_enc, x_scaled_BD, self.W_enc)
 
     def decode_scaled(self, f_BF: Tensor) -> Tensor:
         """(B, D) reconstruction in the scaled space."""
-        return f_BF @ self.W_dec + self.b_dec
+        if f_BF.ndim != 2:
+            return f_BF @ self.W_dec + self.b_dec
+        return torch.addmm(self.b_dec, f_BF, self.W_dec)
 
     def encode(self, x_BD: Tensor) -> Tensor:
         """Feature activations (B, F) of inputs (B, D) in the caller's units."""
@@ -178,12 +219,25 @@ class SparseAutoencoder(nn.Module, ABC):
         """The training loss of a batch in the caller's units, computed in the scaled space."""
         info = step_info if step_info is not None else StepInfo()
         xs_BD = x_BD * self.input_scale
-        pre_BF = self.pre_activations(xs_BD)
-        f_BF = self.activate_train(pre_BF)
-        x_hat_BD = self.decode_scaled(f_BF)
+        codes = None
+        if self.sparse_decoder:  # only the kept entries are attached; f is built for the caller
+            with torch.no_grad():
+                pre_BF = self.pre_activations(xs_BD)
+            codes = self.train_codes(pre_BF)
+            values_N = self.pre_entries(xs_BD, pre_BF, codes.rows_N, codes.features_N).relu()
+            codes = codes._replace(values_N=values_N)
+            f_BF, x_hat_BD = codes.dense(), self.decode_codes(codes)
+            info = info._replace(codes=codes)
+        else:
+            pre_BF = self.pre_activations(xs_BD)
+            f_BF = self.activate_train(pre_BF)
+            x_hat_BD = self.decode_scaled(f_BF)
         mse = (x_hat_BD - xs_BD).pow(2).sum(-1).mean()
         sparsity, aux = self.penalties(xs_BD, pre_BF, f_BF, x_hat_BD, info)
-        l0 = (f_BF != 0).sum(-1, dtype=f_BF.dtype).mean().detach()
+        if codes is None:
+            l0 = torch.count_nonzero(f_BF).to(f_BF.dtype).detach() / f_BF.shape[0]
+        else:  # the same count, from the N entries rather than B x F
+            l0 = (codes.values_N != 0).sum(dtype=f_BF.dtype).detach() / f_BF.shape[0]
         return LossOutput(mse + sparsity + aux, mse, sparsity, aux, l0, f_BF)
 
     @torch.no_grad()

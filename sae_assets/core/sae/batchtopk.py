@@ -11,6 +11,9 @@ one after; a buffer, so checkpoints and `io` carry it. At inference (`activate`,
 elementwise, so a slice of features encodes without the others (the training curve's L0 is
 k exactly; sae_metrics measures the inference one). No sparsity penalty; dead
 latents are revived by TopK's AuxK loss (`topk.auxk_loss`), decoder rows stay at unit norm.
+Training goes through the k x B kept entries only (`train_codes`; `sparse.sparse_decode`,
+`SparseAutoencoder.pre_entries`; `sparse_decoder = False` restores the dense path). The batch
+top-k itself runs in stages, per-row candidates then the batch's best (`batch_topk`; exact).
 Exported to SAELens as 'jumprelu' with `threshold` = theta for every feature (as SAELens saves
 its own BatchTopK SAEs). Tests: tests/test_sae_architectures.py.
 """
@@ -23,16 +26,52 @@ import torch
 from torch import Tensor
 
 from sae_assets.core.sae.base import SparseAutoencoder, StepInfo
-from sae_assets.core.sae.topk import auxk_loss, normalize_rows, remove_parallel_gradient
+from sae_assets.core.sae.sparse import SparseCodes
+from sae_assets.core.sae.topk import auxk_loss, normalize_rows, remove_parallel_gradient, sparse_entries
 
 # Letter key: B batch rows, D input width, F features, N = B x F entries, K kept entries (k x B).
 
 
+CANDIDATES_PER_K = 4
+"""`batch_topk`'s first stage keeps this many times k candidates per row."""
+
+
+def batch_topk(acts_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values_K, flat indices_K = row x F + feature) of the K = k x B largest entries of acts,
+    in no particular order. In stages, because one top-K over all B x F entries runs on one
+    core: each row's top c = 4k (rows in parallel), then the top K of those B x c candidates.
+    Their K-th value t is at most the true one, so the true top K lies in {acts >= t}: when
+    every row's smallest candidate is below t, no row left any of it out and the answer is
+    exact; otherwise the stages rerun with c = the most entries >= t in any row (exact by the
+    same argument), or, when that is half the width or more, one top-K over everything."""
+    B, F = acts_BF.shape
+    K, c = k * B, CANDIDATES_PER_K * k
+    if c >= F:
+        return acts_BF.flatten().topk(K, sorted=False)
+    candidates_Bc, features_Bc = acts_BF.topk(c, dim=-1, sorted=False)
+    values_K, at_K = candidates_Bc.flatten().topk(K, sorted=False)
+    threshold = values_K.min()
+    if bool((candidates_Bc.amin(-1) >= threshold).any()):
+        c = int((acts_BF >= threshold).sum(-1).max())
+        if 2 * c >= F:
+            return acts_BF.flatten().topk(K, sorted=False)
+        candidates_Bc, features_Bc = acts_BF.topk(c, dim=-1, sorted=False)
+        values_K, at_K = candidates_Bc.flatten().topk(K, sorted=False)
+    return values_K, at_K // c * F + features_Bc.flatten()[at_K]
+
+
 def batch_topk_activation(pre_BF: Tensor, k: int) -> Tensor:
     """(B, F) keeping the k x B largest ReLU'd entries of the whole batch, zeros elsewhere."""
-    acts_N = pre_BF.relu().flatten()
-    values_K, indices_K = acts_N.topk(k * pre_BF.shape[0], sorted=False)
-    return torch.zeros_like(acts_N).scatter(0, indices_K, values_K).view_as(pre_BF)
+    acts_BF = pre_BF.relu()
+    values_K, indices_K = batch_topk(acts_BF, k)
+    return torch.zeros_like(acts_BF).flatten().scatter(0, indices_K, values_K).view_as(pre_BF)
+
+
+def batch_topk_codes(pre_BF: Tensor, k: int) -> SparseCodes:
+    """`batch_topk_activation` as SparseCodes (rows hold between 0 and F entries, k on average)."""
+    B, F = pre_BF.shape
+    values_K, indices_K = batch_topk(pre_BF.relu(), k)
+    return SparseCodes.from_flat(values_K, indices_K, B, F)
 
 
 class BatchTopKSae(SparseAutoencoder):
@@ -53,6 +92,8 @@ class BatchTopKSae(SparseAutoencoder):
         self.threshold_decay = float(threshold_decay)
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("threshold_batches", torch.tensor(0, dtype=torch.long))
+        self.sparse_decoder = True
+        """Train through the kept entries only (False: the dense path, f @ W_dec and its backward)."""
 
     def activate(self, pre_BF: Tensor) -> Tensor:
         """Inference: f = z * 1[z > theta] (theta >= 0, so this is also ReLU'd)."""
@@ -65,11 +106,18 @@ class BatchTopKSae(SparseAutoencoder):
             self.update_threshold(f_BF.detach())
         return f_BF
 
+    def train_codes(self, pre_BF: Tensor) -> SparseCodes:
+        """`activate_train` as SparseCodes (and the same threshold update)."""
+        codes = batch_topk_codes(pre_BF, self.k)
+        if self.training and torch.is_grad_enabled():
+            self.update_threshold(codes.values_N.detach())
+        return codes
+
     @torch.no_grad()
-    def update_threshold(self, f_BF: Tensor) -> None:
+    def update_threshold(self, kept: Tensor) -> None:
         """theta <- d * theta + (1 - d) * (smallest positive kept activation), d = min(decay, n / (n + 1))
-        after n batches."""
-        kept = f_BF[f_BF > 0]
+        after n batches; `kept` holds the kept activations in any shape (zeros ignored)."""
+        kept = kept[kept > 0]
         if kept.numel() == 0:
             return
         smallest = kept.min().to(self.threshold)
@@ -80,7 +128,8 @@ class BatchTopKSae(SparseAutoencoder):
 
     def penalties(self, x_BD: Tensor, pre_BF: Tensor, f_BF: Tensor, x_hat_BD: Tensor,
                   info: StepInfo) -> tuple[Tensor, Tensor]:
-        aux = self.aux_coefficient * auxk_loss(self.W_dec, x_BD, pre_BF, x_hat_BD, info.dead_F, self.aux_k)
+        aux = self.aux_coefficient * auxk_loss(self.W_dec, x_BD, pre_BF, x_hat_BD, info.dead_F, self.aux_k,
+                                               sparse_entries(self, x_BD, pre_BF, info))
         return x_hat_BD.new_zeros(()), aux
 
     def constrain_gradients(self) -> None:

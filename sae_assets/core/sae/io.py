@@ -6,7 +6,8 @@ they act on activations in the model's own units: W_enc' = s W_enc, W_dec' = W_d
 b_dec' = b_dec / s, b_enc' = b_enc (SAELens' own `fold_activation_norm_scaling_factor`), and
 cfg.json says `normalize_activations: "none"`. Folding leaves the pre-activations unchanged,
 so per-feature tensors on them need no folding. Per architecture (SAELens 6 names, read from
-its sae_lens/saes/*.py): relu -> 'standard'; topk -> 'topk' + cfg key `k`; jumprelu ->
+its sae_lens/saes/*.py): relu -> 'standard'; topk -> 'topk' + cfg keys `k` and
+`rescale_acts_by_decoder_norm: false` (ours ranks raw pre-activations); jumprelu ->
 'jumprelu' + tensor `threshold` (d_sae,), which SAELens applies as f = ReLU(z) * 1[z >
 ReLU(threshold)]; batchtopk and matryoshka -> 'jumprelu' with `threshold` = the learnt
 inference threshold for every feature (SAELens saves its own BatchTopK and Matryoshka SAEs
@@ -19,10 +20,11 @@ hyperparameters, the folded scale and free-form extras. `load_sae` / `sae_from_s
 rebuild our module (our architecture from the `sae_assets` block when present, else the
 SAELens one: 'standard', 'topk', 'jumprelu', 'gated'), unfolding the scale when recorded;
 outputs then match the original to float32 rounding. `save_sae` writes weights, then
-cfg.json, each via a temp name + os.replace. Not checked here: loading these files with a
-real SAELens install (needs sae-lens >= 6 in a venv of its own, `SAE.load_from_disk(dir)`,
-then comparing `encode`/`decode` with ours). Tests: tests/test_sae_core.py,
-tests/test_sae_architectures.py.
+cfg.json, each via a temp name + os.replace. A real SAELens 6 (in a venv of its own, as it
+pins TransformerLens < 4) loads each architecture's files with `SAE.load_from_disk` and its
+encode/decode agree with ours within 1e-5: tests/test_saelens_compat.py (and
+`bench/sae_vs_saelens.py --load-check-only`). Tests: tests/test_sae_core.py,
+tests/test_sae_architectures.py, tests/test_saelens_compat.py.
 """
 
 from __future__ import annotations

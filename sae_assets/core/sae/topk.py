@@ -7,20 +7,25 @@ AuxK: the residual e = x - x_hat (detached) is reconstructed from the top `aux_k
 latents alone, e_hat = f_aux W_dec, and `aux_coefficient * ||e - e_hat||^2` is added; it needs
 the dead mask (`StepInfo.dead_F`) and is exactly 0 when nothing is dead. Decoder rows are kept
 at unit norm: the gradient component parallel to each row is removed before the step and rows
-are renormalised after it. Exported to SAELens as architecture 'topk'. The AuxK loss and the
-unit-norm decoder are module functions (`auxk_loss`, `remove_parallel_gradient`,
+are renormalised after it. Exported to SAELens as architecture 'topk'. Training goes through
+the k kept latents only (`train_codes`; `sparse.sparse_decode`, `pre_entries`: k x B x D
+instead of F x B x D, except the encoder's forward product; `sparse_decoder = False` on an
+instance restores the dense path, which tests compare against), and so does AuxK's. The AuxK
+loss and the unit-norm decoder are module functions (`auxk_loss`, `remove_parallel_gradient`,
 `normalize_rows`) shared with BatchTopK, Matryoshka and (unit norm only) JumpReLU.
-Tests: tests/test_sae_core.py.
+Tests: tests/test_sae_core.py, tests/test_sae_architectures.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from sae_assets.core.sae.base import SparseAutoencoder, StepInfo
+from sae_assets.core.sae.sparse import SparseCodes, sparse_decode
 
 # Letter key: B batch rows, D input width, F features, K kept latents (k or aux_k).
 
@@ -28,14 +33,22 @@ from sae_assets.core.sae.base import SparseAutoencoder, StepInfo
 def topk_activation(pre_BF: Tensor, k: int) -> Tensor:
     """(B, F) with the k largest entries of each row ReLU'd in place and zeros elsewhere."""
     values_BK, indices_BK = pre_BF.topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(pre_BF).scatter(-1, indices_BK, values_BK.relu())
+    return torch.zeros_like(pre_BF).scatter_(-1, indices_BK, values_BK.relu())
+
+
+def topk_codes(pre_BF: Tensor, k: int) -> SparseCodes:
+    """`topk_activation` as SparseCodes: the k largest entries of each row, ReLU'd."""
+    values_BK, indices_BK = pre_BF.topk(k, dim=-1, sorted=False)
+    return SparseCodes.from_rows(values_BK.relu(), indices_BK, pre_BF.shape[1])
 
 
 def auxk_loss(W_dec_FD: Tensor, x_BD: Tensor, pre_BF: Tensor, x_hat_BD: Tensor, dead_F: Tensor | None,
-              aux_k: int) -> Tensor:
+              aux_k: int, entries: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
     """||e - e_hat||^2 (sum over D, mean over B) from the top aux_k dead latents; no coefficient.
 
-    e = x - x_hat (detached); e_hat = TopK over the dead latents' pre-activations @ W_dec.
+    e = x - x_hat (detached); e_hat = TopK over the dead latents' pre-activations @ W_dec,
+    decoded sparsely (aux_k x B x D). The kept values come from `pre_BF` (attached), or, when
+    `pre_BF` has no graph, from `entries(rows_N, features_N)` (`SparseAutoencoder.pre_entries`).
     Exactly 0 (no graph) when nothing is dead or aux_k is 0."""
     n_dead = 0 if dead_F is None else int(dead_F.sum())
     k_aux = min(aux_k, n_dead)
@@ -43,8 +56,20 @@ def auxk_loss(W_dec_FD: Tensor, x_BD: Tensor, pre_BF: Tensor, x_hat_BD: Tensor, 
         return x_hat_BD.new_zeros(())
     residual_BD = (x_BD - x_hat_BD).detach()
     dead_pre_BF = pre_BF.masked_fill(~dead_F.to(pre_BF.device), float("-inf"))
-    f_aux_BF = topk_activation(dead_pre_BF, k_aux)
-    return (f_aux_BF @ W_dec_FD - residual_BD).pow(2).sum(-1).mean()
+    codes = topk_codes(dead_pre_BF, k_aux)
+    if entries is not None:
+        codes = codes._replace(values_N=entries(codes.rows_N, codes.features_N).relu())
+    e_hat_BD = sparse_decode(codes, W_dec_FD)
+    return (e_hat_BD - residual_BD).pow(2).sum(-1).mean()
+
+
+def sparse_entries(sae: SparseAutoencoder, x_BD: Tensor, pre_BF: Tensor,
+                   info: StepInfo) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """`auxk_loss`'s `entries` for a `penalties` call: `sae.pre_entries` on this batch when `loss`
+    trained sparsely (then `pre_BF` has no graph), else None."""
+    if info.codes is None:
+        return None
+    return lambda rows_N, features_N: sae.pre_entries(x_BD, pre_BF, rows_N, features_N)
 
 
 @torch.no_grad()
@@ -77,17 +102,24 @@ class TopKSae(SparseAutoencoder):
             raise ValueError(f"need 1 <= k <= width ({width}), aux_k >= 0, aux_coefficient >= 0; got "
                              f"{k}, {aux_k}, {aux_coefficient}")
         self.k, self.aux_k, self.aux_coefficient = int(k), int(aux_k), float(aux_coefficient)
+        self.sparse_decoder = True
+        """Train through the k kept latents only (False: the dense path, f @ W_dec and its backward)."""
 
     def activate(self, pre_BF: Tensor) -> Tensor:
         return topk_activation(pre_BF, self.k)
 
-    def auxk_loss(self, x_BD: Tensor, pre_BF: Tensor, x_hat_BD: Tensor, dead_F: Tensor | None) -> Tensor:
+    def train_codes(self, pre_BF: Tensor) -> SparseCodes:
+        return topk_codes(pre_BF, self.k)
+
+    def auxk_loss(self, x_BD: Tensor, pre_BF: Tensor, x_hat_BD: Tensor, dead_F: Tensor | None,
+                  entries: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
         """||e - e_hat||^2 (sum over D, mean over B) from the top aux_k dead latents; no coefficient."""
-        return auxk_loss(self.W_dec, x_BD, pre_BF, x_hat_BD, dead_F, self.aux_k)
+        return auxk_loss(self.W_dec, x_BD, pre_BF, x_hat_BD, dead_F, self.aux_k, entries)
 
     def penalties(self, x_BD: Tensor, pre_BF: Tensor, f_BF: Tensor, x_hat_BD: Tensor,
                   info: StepInfo) -> tuple[Tensor, Tensor]:
-        aux = self.aux_coefficient * self.auxk_loss(x_BD, pre_BF, x_hat_BD, info.dead_F)
+        entries = sparse_entries(self, x_BD, pre_BF, info)
+        aux = self.aux_coefficient * self.auxk_loss(x_BD, pre_BF, x_hat_BD, info.dead_F, entries)
         return x_hat_BD.new_zeros(()), aux
 
     def constrain_gradients(self) -> None:
@@ -99,7 +131,7 @@ class TopKSae(SparseAutoencoder):
         normalize_rows(self.W_dec)
 
     def saelens_fields(self) -> dict[str, Any]:
-        return {"k": self.k}
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}  # our TopK ranks raw pre-activations
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"k": self.k, "aux_k": self.aux_k, "aux_coefficient": self.aux_coefficient,
