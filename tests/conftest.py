@@ -241,3 +241,14 @@ def open_backend(spec: dict[str, Any]) -> LocalBackend | S3Backend:
 @pytest.fixture
 def store(backend_spec: dict[str, Any]) -> ArtifactStore:
     return ArtifactStore(open_backend(backend_spec))
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """One torch thread for the module (SAE core tests: bit-identical resumes, steady timings)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -100,3 +100,14 @@ def brute_force(x: np.ndarray, tok: np.ndarray, lo: int, hi: int, top_k: int, sa
                       np.bincount(bins, minlength=len(edges) - 1)))
     cols = lambda rows, n: [np.array([r[j] for r in rows]) for j in range(n)]  # noqa: E731
     return {"top": cols(top, 4), "sample": cols(sample, 5), "stats": stats}
+
+
+def toy_sae_config(point, steps: int, batch: int, **changes):
+    """The SAE training config of the core tests: `steps` steps of `batch` toy rows, short
+    warm-ups, data init, no resampling unless asked; `changes` override any SaeConfig field."""
+    from sae_assets.core.config import SaeConfig, replace
+
+    base = SaeConfig(sweep=(point,), train_tokens=batch * steps, batch_size=batch, learning_rate=3e-3,
+                     lr_warmup_steps=5, lr_decay_fraction=0.2, l1_warmup_fraction=0.1, init="data", resample=False,
+                     dead_after_tokens=10 * batch, aux_k=16, checkpoint_every=4, seed=0)
+    return replace(base, **changes)

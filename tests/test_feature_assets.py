@@ -19,7 +19,6 @@ from dagster._core.loader import LoadingContextForTest
 from support import FEATURES, HOOK, TINY, brute_force, materialize, shard_table, write_run_config
 
 from resources.arrow_files import open_ipc_table, write_ipc_file
-from sae_assets.core import schemas
 from sae_assets.core.activations.reader import to_numpy_matrix
 from sae_assets.core.config import load_config
 from sae_assets.core.sae import io as sae_io

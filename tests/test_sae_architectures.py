@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
+from support import toy_sae_config
 from safetensors.torch import load_file
 
-from sae_assets.core.config import ConfigError, DictionaryPoint, ModelConfig, SaeConfig, config_from_dict, replace
+from sae_assets.core.config import ConfigError, DictionaryPoint, ModelConfig, SaeConfig, config_from_dict
 from sae_assets.core.model.lm import build_embedded_model
 from sae_assets.core.model.training import train_language_model
 from sae_assets.core.sae import (
@@ -45,12 +45,7 @@ POINTS = [JUMPRELU, BATCHTOPK, MATRYOSHKA, GATED]
 SAELENS_NAMES = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "gated": "gated"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +54,7 @@ def toy():
 
 
 def _cfg(point: DictionaryPoint, steps: int, **changes) -> SaeConfig:
-    base = SaeConfig(sweep=(point,), train_tokens=B * steps, batch_size=B, learning_rate=3e-3, lr_warmup_steps=5,
-                     lr_decay_fraction=0.2, l1_warmup_fraction=0.1, init="data", resample=False,
-                     dead_after_tokens=10 * B, aux_k=16, checkpoint_every=4, seed=0)
-    return replace(base, **changes)
+    return toy_sae_config(point, steps, B, **changes)
 
 
 def _sample(toy, rows: int = 1024, seed: int = 99) -> torch.Tensor:

@@ -97,7 +97,7 @@ class PreEntries(torch.autograd.Function):
     def backward(ctx: Any, grad_N: Tensor) -> tuple[Tensor | None, ...]:
         x_BD, c_D, W_DF, rows_N, features_N = ctx.saved_tensors
         _, need_x, need_c, need_W, need_b, _, _ = ctx.needs_input_grad
-        (D, F), B = W_DF.shape, x_BD.shape[0]
+        F, B = W_DF.shape[1], x_BD.shape[0]
         grad_F = grad_N.new_zeros(F).index_add_(0, features_N, grad_N)
         grad_W = grad_x = None
         if need_W or need_x:
