@@ -199,7 +199,9 @@ class SparseAutoencoder(nn.Module, ABC):
             return self.activate(self.pre_activations(x_scaled_BD))[:, lo:hi]
         if self.apply_b_dec_to_input:
             x_scaled_BD = x_scaled_BD - self.b_dec
-        return self.activate_range(x_scaled_BD @ self.W_enc[:, lo:hi] + self.b_enc[lo:hi], lo, hi)
+        # The bias rides in the GEMM (addmm): one pass fewer over the (B, W) output, which at a small
+        # d_in costs as much as the product itself (the feature sampler's hot path).
+        return self.activate_range(torch.addmm(self.b_enc[lo:hi], x_scaled_BD, self.W_enc[:, lo:hi]), lo, hi)
 
     def decoder_directions(self, lo: int = 0, hi: int | None = None) -> Tensor:
         """(hi - lo, D) decoder rows of features [lo, hi) in the units of the model's activations
