@@ -2,7 +2,8 @@
 
 Subject: `features.sample_activation_table`, the code path of the feature_samples asset, over
 an Arrow table of N cached activations (D wide) for one feature range of W features of a ReLU
-dictionary: batch slicing, float conversion, `encode_range` and the exact top-K / bottom-k
+dictionary: batch slicing, float conversion, `encode_range` (unrectified, as the asset calls it:
+the sampler reads only entries > 0) and the exact top-K / bottom-k
 sample / count, sum, max and histogram updates. Baseline: the bare encoder over the same
 batches of the same tokens, relu(x @ W_enc[:, lo:hi] + b_enc[lo:hi]), nothing kept. Both
 process N x W (token, feature) pairs; the ratio is subject throughput / baseline throughput,
@@ -77,8 +78,8 @@ def bare_encoder(table: pa.Table, sae: ReluSae, lo: int, hi: int, batch: int) ->
 
 def sampling(table: pa.Table, sae: ReluSae, lo: int, hi: int, batch: int, top_k: int):
     started = time.perf_counter()
-    samples = sample_activation_table(table, hook=HOOK, encode_range=lambda x: sae.encode_range(x, lo, hi), lo=lo,
-                                      hi=hi, top_k=top_k, sample_k=10 * top_k, seed=0, batch_size=batch)
+    samples = sample_activation_table(table, hook=HOOK, encode_range=lambda x: sae.encode_range(x, lo, hi, rectify=False),
+                                      lo=lo, hi=hi, top_k=top_k, sample_k=10 * top_k, seed=0, batch_size=batch)
     return time.perf_counter() - started, samples
 
 

@@ -31,8 +31,8 @@ def make_sae(kind: str) -> torch.nn.Module:
 
 
 def pipeline(tables, sae, lo, hi, *, before=3, after=2, batch=7, boundary_ids=()):
-    parts = [sample_activation_table(t, hook=HOOK, encode_range=lambda x: sae.encode_range(x, lo, hi), lo=lo, hi=hi,
-                                     top_k=3, sample_k=12, seed=5, batch_size=batch) for t in tables]
+    parts = [sample_activation_table(t, hook=HOOK, encode_range=lambda x: sae.encode_range(x, lo, hi, rectify=False),
+                                     lo=lo, hi=hi, top_k=3, sample_k=12, seed=5, batch_size=batch) for t in tables]
     merged = merge_feature_samples(parts)
     shown = feature_windows.select_shown_examples(merged, random_examples=2, activation_levels=3, examples_per_level=2)
     gathered = [feature_windows.gather_context_windows(
@@ -51,6 +51,22 @@ def test_encode_range_equals_slicing_the_full_encode(kind) -> None:
         assert torch.allclose(sae.encode_range(x, lo, hi), sae.encode(x)[:, lo:hi], atol=1e-6)
     with pytest.raises(ValueError, match="outside the dictionary"):
         sae.encode_range(x, 8, F + 1)
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk"])
+def test_unrectified_encode_gives_the_sampler_the_same_tables(kind) -> None:
+    """The feature sampler is fed `encode_range(..., rectify=False)` (as the feature_samples
+    asset does): a ReLU dictionary's raw pre-activations, negatives included, give the tables
+    of its activations; other architectures return their activations either way."""
+    sae, table = make_sae(kind), shard_table(0, 5, 1)
+    x = torch.randn(50, D)
+    raw = sae.encode_range(x, 2, 9, rectify=False)
+    assert bool((raw < 0).any()) == (kind == "relu")
+    assert torch.equal(raw.clamp_min(0), sae.encode_range(x, 2, 9))
+    a, b = (sample_activation_table(table, hook=HOOK, encode_range=lambda x: sae.encode_range(x, 2, 9, rectify=r),
+                                    lo=2, hi=9, top_k=3, sample_k=12, seed=5, batch_size=7) for r in (False, True))
+    assert a.top.equals(b.top) and a.sample.equals(b.sample) and a.stats.equals(b.stats)
+    assert int(np.sum(a.stats.column("count").to_numpy())) > 0
 
 
 @pytest.mark.parametrize(("kind", "boundary_ids"), [("relu", ()), ("topk", ()), ("relu", (0, 1, 2, 3, 4)),

@@ -312,13 +312,13 @@ def wide_data(n: int = 700, f: int = 200, seed: int = 7) -> tuple[np.ndarray, np
 
 
 @pytest.mark.parametrize(("batch", "threads"), [(5, 2), (64, 1), (64, 3), (700, 2), (333, 8)])
-def test_compiled_kernel_equals_torch_path(batch: int, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_kernel_equals_torch_path(batch: int, threads: int) -> None:
     """The numba kernel (CPU batches) and the torch code (CUDA batches, here run on the CPU) give
     byte-equal tables, float64 sums included, however the features are split between threads."""
     x, tok = wide_data()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     for lo, hi, top_k, sample_k in ((0, 200, 6, 25), (5, 138, 1, 3), (64, 192, 20, 300)):
-        got, want = (FeatureRangeSampler(lo, hi, top_k=top_k, sample_k=sample_k, seed=SEED, compiled=c) for c in (True, False))
+        got, want = (FeatureRangeSampler(lo, hi, top_k=top_k, sample_k=sample_k, seed=SEED, compiled=c,
+                                         kernel_threads=threads) for c in (True, False))
         for i in range(0, len(x), batch):
             for s in (got, want):
                 s.update(torch.from_numpy(x[i:i + batch, lo:hi]), torch.from_numpy(tok[i:i + batch]))

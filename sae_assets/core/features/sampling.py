@@ -18,7 +18,7 @@ through the torch code here. Tests: tests/test_features_core.py.
 
 from __future__ import annotations
 
-import copy
+import warnings
 
 import numpy as np
 import torch
@@ -136,12 +136,17 @@ class FeatureRangeSampler:
     compiled
         Update CPU state with the compiled kernel (sampling_kernels.py); False runs the torch
         code, the path of CUDA batches, on the CPU too (for tests). The tables are the same.
+    kernel_threads
+        Threads of the compiled kernel, each over its own features (the tables do not depend
+        on it). One by default: after each product torch's OpenMP workers spin for a while,
+        and a second kernel thread competes with them for the cores (bench/feature_sampling.py
+        at d_in 128 on 2 cores: 0.64x the bare encoder with 2, 0.75x with 1).
 
     State lives on the device of the first batch; `result()` may be called at any time.
     """
 
     def __init__(self, lo: int, hi: int, *, top_k: int, seed: int, sample_k: int | None = None,
-                 hist_edges=DEFAULT_HIST_EDGES, compiled: bool = True) -> None:
+                 hist_edges=DEFAULT_HIST_EDGES, compiled: bool = True, kernel_threads: int = 1) -> None:
         if not 0 <= lo < hi or hi > 2**31:
             raise ValueError(f"feature range must satisfy 0 <= lo < hi <= 2**31, got [{lo}, {hi})")
         sample_k = 10 * top_k if sample_k is None else sample_k
@@ -154,6 +159,9 @@ class FeatureRangeSampler:
         self._keys_W = feature_keys(self.seed, np.arange(self.lo, self.hi)).view(np.int64)  # validates seed
         self.n_tokens = 0
         self.compiled = bool(compiled)
+        if kernel_threads < 1:
+            raise ValueError(f"kernel_threads must be >= 1, got {kernel_threads}")
+        self.kernel_threads = int(kernel_threads)
         self._device: torch.device | None = None
         self._kernel_args: tuple | None = None  # the compiled kernel's arguments, from its first batch on
 
@@ -223,11 +231,12 @@ class FeatureRangeSampler:
         """One pass of the compiled kernel over a C-contiguous float32 (B, W) batch on the CPU."""
         from sae_assets.core.features import sampling_kernels as kernels  # numba: only when used
 
-        if self._kernel_args is None:  # constants, then numpy views sharing the state tensors' memory
+        if self._kernel_args is None:  # constants, scratch, then numpy views sharing the state tensors' memory
             edges_E = self._inner_edges.numpy()
             self._kernel_args = (self._keys_W.view(np.uint64), edges_E, kernels.hist_bin_table(edges_E),
+                                 *kernels.candidate_buffers(self.width),
                                  *(x.numpy() for x in self.state_tensors().values()))
-        status, b, w = kernels.update(f_BW, tok_B, self._kernel_args, torch.get_num_threads())
+        status, b, w = kernels.update(f_BW, tok_B, self._kernel_args, self.kernel_threads)
         if status == kernels.NAN:
             bad = (np.flatnonzero(np.isnan(f_BW).any(0)) + self.lo).tolist()
             raise ValueError(f"NaN activations for feature(s) {bad[:5]} (range [{self.lo}, {self.hi}))")
@@ -240,14 +249,7 @@ class FeatureRangeSampler:
             self._init_state(torch.device("cpu"))
         top = self._top.columns(self.lo)
         del top["key"]
-        sample = self._sample
-        if self._kernel_args is not None:  # the kernel keeps the sample rows in arrival order or as heaps
-            from sae_assets.core.features.sampling_kernels import sorted_heap_rows
-
-            sample = copy.copy(sample)
-            arrays = sorted_heap_rows(sample.key_WK.numpy(), sample.tok_WK.numpy(), sample.val_WK.numpy())
-            sample.key_WK, sample.tok_WK, sample.val_WK = (torch.from_numpy(x) for x in arrays)
-        sample = sample.columns(self.lo)
+        sample = self._sample.columns(self.lo)
         sample = {"feature": sample["feature"], "rank": sample["rank"], "hash": order_key_to_hash(sample["key"]),
                   "token_index": sample["token_index"], "activation": sample["activation"]}
         stats = {"feature": np.arange(self.lo, self.hi, dtype=np.int32), "count": self._count_W.cpu().numpy(),
@@ -256,6 +258,20 @@ class FeatureRangeSampler:
         return build_feature_samples(top, sample, stats, lo=self.lo, hi=self.hi, top_k=self.top_k,
                                      sample_k=self.sample_k, seed=self.seed, n_tokens=self.n_tokens,
                                      hist_edges=self.hist_edges)
+
+
+def _float32_input(rows_BD: np.ndarray) -> Tensor:
+    """A float32 tensor of activation rows: float32 rows as they are, without a copy, else converted.
+
+    Rows of a memory-mapped (read-only) Arrow file are wrapped read-only: torch warns about such
+    arrays because writing through them would fail, and nothing here writes to its input
+    (`encode_range` only multiplies it), so that warning is silenced for this one wrap.
+    """
+    if rows_BD.dtype != np.float32:
+        return torch.from_numpy(as_float32(rows_BD))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(rows_BD)
 
 
 def sample_activation_table(table, *, hook: str, encode_range, lo: int, hi: int, top_k: int, sample_k: int,
@@ -274,10 +290,8 @@ def sample_activation_table(table, *, hook: str, encode_range, lo: int, hi: int,
     report = progress_log or QUIET
     report.start(len(batches))
     for step, batch in enumerate(batches, start=1):
-        x_BD = to_numpy_matrix(batch.column(1))
-        x_BD = as_float32(x_BD)  # a copy: the file is memory-mapped read-only, torch wants writable arrays
         with torch.no_grad():
-            f_BW = encode_range(torch.from_numpy(x_BD).to(device))
+            f_BW = encode_range(_float32_input(to_numpy_matrix(batch.column(1))).to(device))
         sampler.update(f_BW, torch.tensor(batch.column(0).to_numpy(), device=f_BW.device))
         report.update(step, tokens=sampler.n_tokens)
     report.close()

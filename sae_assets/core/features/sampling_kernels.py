@@ -1,16 +1,19 @@
 """Compiled (numba) per-batch kernel of the feature sampler, the path of batches on the CPU.
 
 `update` folds one dense (B, W) batch of feature activations into a `FeatureRangeSampler`'s
-state arrays (numpy views of its tensors): a vectorised pass builds 64-bit masks of the entries
-> 0 (or NaN), then, 64 features at a time so that their state rows stay in cache, each such
-entry updates count, sum, max and histogram and is compared with its feature's worst kept top-K
-entry (value desc, token asc) and worst sample entry (hash order key asc); only an entry that
-beats one is inserted: into the sorted top-K row (O(K)), or into the sample row, filled in
-arrival order and then kept as a 4-ary max-heap (O(log S)); both are rare once rows are full.
-Blocks of features run on up to torch's thread count of threads (the kernel releases the GIL).
-The tables equal those of the torch code in sampling.py (the path of CUDA batches) bit for bit,
-sums included (float64, per batch in token order, then added to the running sum, as
-`torch.bincount` does). Only sampling.py imports this module, on its first CPU batch; the
+state arrays (numpy views of its tensors), a chunk of rows at a time (about 256 KB of the
+batch, so the second pass finds it in cache): a vectorised pass builds 64-bit masks of the
+entries > 0 (or NaN), then, 64 features at a time so that their state stays in cache, each
+such entry updates count, sum, max and histogram and is compared with its feature's worst
+kept top-K entry (value desc, token asc) and worst sample entry (hash order key asc). Only an
+entry that beats one goes further: into the sorted top-K row (O(K)), or into the feature's
+buffer of sample candidates, merged into its sorted sample row when the buffer fills and at
+the end of the batch (O(S + c log c)); both are rare once rows are full. Entries <= 0 are not
+active, so a ReLU dictionary's raw pre-activations give the tables of its activations.
+The tables equal those of the torch code in sampling.py (the path of CUDA batches) bit for
+bit, sums included (float64, per batch in token order, then added to the running sum, as
+`torch.bincount` does), in the same row layout. Features can be split between threads (the
+kernel releases the GIL). Only sampling.py imports this module, on its first CPU batch; the
 kernels compile on first use (a few seconds) and are cached on disk (`cache=True`). Tests:
 tests/test_features_core.py runs its brute-force, merge and error tests through this path and
 compares it with the torch path on random data with ties.
@@ -24,8 +27,9 @@ import numba
 import numpy as np
 
 # Letter key: B tokens in a batch, W features in the range, K kept entries per feature (top_k),
-# S kept entries of the sample per feature (sample_k), H histogram bins, E = H - 1 inner edges,
-# T = 4096 buckets of float32 bit patterns, M blocks of 64 features.
+# S kept entries of the sample per feature (sample_k), C buffered sample candidates per feature,
+# H histogram bins, E = H - 1 inner edges, T = 4096 buckets of float32 bit patterns, M blocks
+# of 64 features, R rows of a chunk.
 
 OK, NAN, REPEATED = 0, 1, 2
 """Status codes of `update_batch`: done; a NaN activation; a token offered twice."""
@@ -74,58 +78,54 @@ def _insert_top(val_WK, tok_WK, key_WK, w, v, t):
 
 
 @numba.njit(cache=True, nogil=True)
-def _sift_down(key_WS, tok_WS, val_WS, w, i, n, o, t, v):
-    """Place (o, t, v) at slot i of row w, a 4-ary max-heap by key over its first n slots
-    (children of slot i: 4i + 1 .. 4i + 4), and move it down until no child has a larger key.
-    Half as deep as a binary heap; the largest of four children is found without branches."""
-    while True:
-        c = 4 * i + 1
-        if c + 3 < n:
-            k0, k1, k2, k3 = key_WS[w, c], key_WS[w, c + 1], key_WS[w, c + 2], key_WS[w, c + 3]
-            a, ka = c + (k1 > k0), max(k0, k1)
-            b, kb = c + 2 + (k3 > k2), max(k2, k3)
-            best, best_key = (b if kb > ka else a), max(ka, kb)
-        elif c < n:
-            best, best_key = c, key_WS[w, c]
-            for j in range(c + 1, n):
-                if key_WS[w, j] > best_key:
-                    best, best_key = j, key_WS[w, j]
+def _flush_samples(smp_key_WS, smp_tok_WS, smp_val_WS, cand_key_WC, cand_tok_WC, cand_val_WC, cand_n_W, w,
+                   tmp_key_S, tmp_tok_S, tmp_val_S):
+    """Merge row w's pending candidates into its sample row, which stays sorted by key ascending
+    with its real entries (value > 0) first and empty slots (key and token INT64_MAX, value 0)
+    after them, the torch path's layout: sort the c candidates, then one merge pass keeps the S
+    smallest keys, O(S + c log c). Returns the position in the candidate buffer of a key already
+    in the row or repeated among the candidates (a token offered twice), else -1."""
+    c, S = cand_n_W[w], smp_key_WS.shape[1]
+    cand_n_W[w] = 0
+    order_c = np.argsort(cand_key_WC[w, :c])
+    r = 0  # real entries in the row
+    while r < S and smp_val_WS[w, r] > 0:
+        r += 1
+    i = j = n = 0
+    while n < S and (i < r or j < c):
+        if j < c and (i == r or cand_key_WC[w, order_c[j]] < smp_key_WS[w, i]):
+            q = order_c[j]
+            if j + 1 < c and cand_key_WC[w, order_c[j + 1]] == cand_key_WC[w, q]:
+                return q
+            tmp_key_S[n], tmp_tok_S[n], tmp_val_S[n] = cand_key_WC[w, q], cand_tok_WC[w, q], cand_val_WC[w, q]
+            j += 1
         else:
-            break
-        if best_key <= o:
-            break
-        key_WS[w, i], tok_WS[w, i], val_WS[w, i] = best_key, tok_WS[w, best], val_WS[w, best]
-        i = best
-    key_WS[w, i], tok_WS[w, i], val_WS[w, i] = o, t, v
+            if j < c and cand_key_WC[w, order_c[j]] == smp_key_WS[w, i]:
+                return order_c[j]
+            tmp_key_S[n], tmp_tok_S[n], tmp_val_S[n] = smp_key_WS[w, i], smp_tok_WS[w, i], smp_val_WS[w, i]
+            i += 1
+        n += 1
+    for p in range(n):  # n >= r: the slots past n were empty before and stay so
+        smp_key_WS[w, p], smp_tok_WS[w, p], smp_val_WS[w, p] = tmp_key_S[p], tmp_tok_S[p], tmp_val_S[p]
+    return -1
 
 
-@numba.njit(cache=True, nogil=True)
-def _push_sample(key_WS, tok_WS, val_WS, w, filled, o, t, v):
-    """Put order key o into row w, which holds `filled` real entries: appended while the row is
-    not full (it becomes a 4-ary max-heap by key when it fills), else replacing the root (the worst
-    kept entry), whose key o must not exceed. False if the row holds key o already (the hash
-    is a bijection of the token: a repeated token)."""
-    S = key_WS.shape[1]
-    same = 0
-    for i in range(min(filled, S)):  # a branch-free count, vectorised
-        same += key_WS[w, i] == o
-    if same:
-        return False
-    if filled < S:
-        key_WS[w, filled], tok_WS[w, filled], val_WS[w, filled] = o, t, v
-        if filled == S - 1:
-            for i in range((S - 2) // 4, -1, -1):  # heapify
-                _sift_down(key_WS, tok_WS, val_WS, w, i, S, key_WS[w, i], tok_WS[w, i], val_WS[w, i])
-        return True
-    _sift_down(key_WS, tok_WS, val_WS, w, 0, S, o, t, v)
-    return True
+CANDIDATES_PER_ROW = 64
+"""C: sample candidates a feature collects before they are merged into its row (and at the end
+of every batch); a few merges per row fill it, and late in a shard most batches bring 0-3."""
 
 
-def sorted_heap_rows(key_WS: np.ndarray, tok_WS: np.ndarray, val_WS: np.ndarray):
-    """Copies of heap rows sorted by key ascending, empty slots (value 0) last: the torch layout."""
-    order_WS = np.lexsort((key_WS, val_WS == 0), axis=1)
-    return tuple(np.take_along_axis(x, order_WS, axis=1) for x in (key_WS, tok_WS, val_WS))
+def candidate_buffers(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Scratch of `update_batch`, empty between calls: keys (W, C), tokens (W, C), values (W, C),
+    counts (W,)."""
+    C = CANDIDATES_PER_ROW
+    return (np.empty((width, C), np.int64), np.empty((width, C), np.int64), np.empty((width, C), np.float32),
+            np.zeros(width, np.int64))
 
+
+ROW_CHUNK_BYTES = 1 << 18
+"""Bytes of a batch (rows x features of the range) that one chunk of `update_batch` covers: within
+a core's L2 cache (1 MB here), so the entries its masks select are read from there."""
 
 _BITS_SHIFT = 19
 """float32 bit patterns >> 19 (sign, exponent, 4 mantissa bits): 4096 buckets of the values >= 0."""
@@ -142,79 +142,109 @@ def hist_bin_table(inner_edges_E: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def update_batch(f_BW, bits_BW, tok_B, wlo, whi, fkey_W, inner_edges_E, bin_T, top_key_WK, top_tok_WK, top_val_WK,
-                 smp_key_WS, smp_tok_WS, smp_val_WS, count_W, sum_W, max_W, hist_WH):
+def update_batch(f_BW, bits_BW, tok_B, wlo, whi, fkey_W, inner_edges_E, bin_T, cand_key_WC, cand_tok_WC, cand_val_WC,
+                 cand_n_W, top_key_WK, top_tok_WK, top_val_WK, smp_key_WS, smp_tok_WS, smp_val_WS, count_W, sum_W, max_W,
+                 hist_WH):
     """Fold the features [wlo, whi) of a float32 (B, W) batch (bits_BW: the same memory as
     int32) with int64 tokens (B,) into the state arrays, in place; other rows are not touched.
 
     fkey_W: uint64 feature keys; inner_edges_E: float64 histogram edges without the end ones;
     bin_T: `hist_bin_table(inner_edges_E)`. Top rows (W, K), sorted: key = -value (float32, +inf
     when empty), int64 token (INT64_MAX when empty), float32 value (0 when empty). Sample rows
-    (W, S): int64 order key hash ^ 2**63 (INT64_MAX when empty), token, value; filled in arrival
-    order, a 4-ary max-heap by key once full. Returns (status, b, w): OK, or NAN / REPEATED at entry
-    (b, w), where the state is left half-updated (the sampler must then be discarded).
+    (W, S), sorted: int64 order key hash ^ 2**63 (INT64_MAX when empty), token, value.
+    cand_*: `candidate_buffers(W)`, empty on entry and on return. Returns (status, b, w): OK, or
+    NAN / REPEATED at entry (b, w), where the state is left half-updated (the sampler must then
+    be discarded).
     """
     B = f_BW.shape[0]
     K, S, Eu = top_val_WK.shape[1], smp_key_WS.shape[1], np.uint64(inner_edges_E.shape[0])
     sum_batch_W = np.zeros(whi, dtype=np.float64)
     worst_val_W, worst_tok_W = top_val_WK[:whi, K - 1].copy(), top_tok_WK[:whi, K - 1].copy()
-    worst_key_W = np.empty(whi, dtype=np.int64)  # INT64_MAX until the row is full
+    worst_key_W = np.empty(whi, dtype=np.int64)  # the sample row's largest key once it is full, else INT64_MAX
     for w in range(wlo, whi):
-        worst_key_W[w] = smp_key_WS[w, 0] if count_W[w] >= S else _EMPTY
+        worst_key_W[w] = smp_key_WS[w, S - 1] if smp_val_WS[w, S - 1] > 0 else _EMPTY
+    C = cand_key_WC.shape[1]
+    tmp_key_S, tmp_tok_S = np.empty(S, dtype=np.int64), np.empty(S, dtype=np.int64)
+    tmp_val_S = np.empty(S, dtype=np.float32)
     mixed_B = np.empty(B, dtype=np.uint64)  # mix64(token), the first half of the hash
     for b in range(B):
         mixed_B[b] = _mix64(np.uint64(tok_B[b]))
-    # mask_BM[b, m] bit i: entry (b, wlo + 64 m + i) is > 0 or NaN, i.e. its int32 bits are > 0
+    # mask_RM[b - b0, m] bit i: entry (b, wlo + 64 m + i) is > 0 or NaN, i.e. its int32 bits are > 0
     # or in (-2**23, 0) (a NaN with the sign bit). Built row by row; unsigned column indices let
     # numba skip its negative-index fix-up, so LLVM turns the fixed 64-lane loop into vector code.
     M = (whi - wlo + 63) // 64
-    mask_BM = np.empty((B, M), dtype=np.uint64)
-    for b in range(B):
+    R = max(16, ROW_CHUNK_BYTES // (4 * (whi - wlo)))
+    mask_RM = np.empty((R, M), dtype=np.uint64)
+    for b0 in range(0, B, R):
+        # A chunk of R rows at a time, about ROW_CHUNK_BYTES of the batch, so that the second pass
+        # finds the chunk's values in the core's cache where the first pass left them.
+        b1 = min(B, b0 + R)
+        for b in range(b0, b1):
+            for m in range(M):
+                w0u, lanes, mask = np.uint64(wlo + 64 * m), min(64, whi - wlo - 64 * m), np.uint64(0)
+                if lanes == 64:
+                    for i in range(64):
+                        x = bits_BW[b, w0u + np.uint64(i)]
+                        mask |= np.uint64((x > -8388608) & (x != 0)) << np.uint64(i)
+                else:
+                    for i in range(lanes):
+                        x = bits_BW[b, w0u + np.uint64(i)]
+                        mask |= np.uint64((x > -8388608) & (x != 0)) << np.uint64(i)
+                mask_RM[b - b0, m] = mask
+        # Then 64 features at a time over the chunk's rows: their per-entry state (count, sum,
+        # max, histogram rows and the worst kept entries) stays in cache.
         for m in range(M):
-            w0u, lanes, mask = np.uint64(wlo + 64 * m), min(64, whi - wlo - 64 * m), np.uint64(0)
-            if lanes == 64:
-                for i in range(64):
-                    x = bits_BW[b, w0u + np.uint64(i)]
-                    mask |= np.uint64((x > -8388608) & (x != 0)) << np.uint64(i)
-            else:
-                for i in range(lanes):
-                    x = bits_BW[b, w0u + np.uint64(i)]
-                    mask |= np.uint64((x > -8388608) & (x != 0)) << np.uint64(i)
-            mask_BM[b, m] = mask
-    # Then block by block over all B tokens: the state rows of 64 features (~250 KB for the
-    # default k) stay in cache while the block's entries are folded in.
-    for m in range(M):
-        w0u = np.uint64(wlo + 64 * m)
-        for b in range(B):
-            t, mixed, mask = tok_B[b], mixed_B[b], mask_BM[b, m]
-            while mask:
-                wu = w0u + np.uint64(_lowest_bit(mask))  # unsigned: see above
-                mask &= mask - np.uint64(1)
-                v = f_BW[b, wu]
-                if not v > 0:
-                    return NAN, b, np.int64(wu)
-                count_W[wu] += 1
-                vd = np.float64(v)
-                sum_batch_W[wu] += vd
-                if v > max_W[wu]:
-                    max_W[wu] = v
-                h = np.uint64(bin_T[bits_BW[b, wu] >> _BITS_SHIFT])  # then up to the number of inner edges <= v
-                while h < Eu and inner_edges_E[h] <= vd:
-                    h += np.uint64(1)
-                hist_WH[wu, h] += 1
-                if v > worst_val_W[wu] or (v == worst_val_W[wu] and t <= worst_tok_W[wu]):  # ties go in: repeats are found
-                    if not _insert_top(top_val_WK, top_tok_WK, top_key_WK, np.int64(wu), v, t):
-                        return REPEATED, b, np.int64(wu)
-                    worst_val_W[wu], worst_tok_W[wu] = top_val_WK[wu, K - 1], top_tok_WK[wu, K - 1]
-                o = np.int64(_mix64(mixed + fkey_W[wu]) ^ _SIGN)
-                if o <= worst_key_W[wu]:
-                    if not _push_sample(smp_key_WS, smp_tok_WS, smp_val_WS, np.int64(wu), count_W[wu] - 1, o, t, v):
-                        return REPEATED, b, np.int64(wu)
-                    if count_W[wu] >= S:
-                        worst_key_W[wu] = smp_key_WS[wu, 0]
+            w0u = np.uint64(wlo + 64 * m)
+            for b in range(b0, b1):
+                t, mixed, mask = tok_B[b], mixed_B[b], mask_RM[b - b0, m]
+                while mask:
+                    wu = w0u + np.uint64(_lowest_bit(mask))  # unsigned: see above
+                    mask &= mask - np.uint64(1)
+                    v = f_BW[b, wu]
+                    if not v > 0:
+                        return NAN, b, np.int64(wu)
+                    count_W[wu] += 1
+                    vd = np.float64(v)
+                    sum_batch_W[wu] += vd
+                    if v > max_W[wu]:
+                        max_W[wu] = v
+                    h = np.uint64(bin_T[bits_BW[b, wu] >> _BITS_SHIFT])  # then up to the number of inner edges <= v
+                    while h < Eu and inner_edges_E[h] <= vd:
+                        h += np.uint64(1)
+                    hist_WH[wu, h] += 1
+                    if v > worst_val_W[wu] or (v == worst_val_W[wu] and t <= worst_tok_W[wu]):  # ties go in: repeats are found
+                        if not _insert_top(top_val_WK, top_tok_WK, top_key_WK, np.int64(wu), v, t):
+                            return REPEATED, b, np.int64(wu)
+                        worst_val_W[wu], worst_tok_W[wu] = top_val_WK[wu, K - 1], top_tok_WK[wu, K - 1]
+                    o = np.int64(_mix64(mixed + fkey_W[wu]) ^ _SIGN)
+                    if o <= worst_key_W[wu]:  # a candidate for the sample, merged when its buffer is full
+                        if cand_n_W[wu] == C:
+                            q = _flush_samples(smp_key_WS, smp_tok_WS, smp_val_WS, cand_key_WC, cand_tok_WC, cand_val_WC,
+                                               cand_n_W, np.int64(wu), tmp_key_S, tmp_tok_S, tmp_val_S)
+                            if q >= 0:
+                                return REPEATED, _batch_row(tok_B, cand_tok_WC[wu, q]), np.int64(wu)
+                            if smp_val_WS[wu, S - 1] > 0:
+                                worst_key_W[wu] = smp_key_WS[wu, S - 1]
+                        c = cand_n_W[wu]
+                        cand_key_WC[wu, c], cand_tok_WC[wu, c], cand_val_WC[wu, c] = o, t, v
+                        cand_n_W[wu] = c + 1
     for w in range(wlo, whi):
         sum_W[w] += sum_batch_W[w]
+        if cand_n_W[w]:
+            q = _flush_samples(smp_key_WS, smp_tok_WS, smp_val_WS, cand_key_WC, cand_tok_WC, cand_val_WC, cand_n_W, w,
+                               tmp_key_S, tmp_tok_S, tmp_val_S)
+            if q >= 0:
+                return REPEATED, _batch_row(tok_B, cand_tok_WC[w, q]), w
     return OK, 0, 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _batch_row(tok_B, t):
+    """The first row of the batch holding token t (for the error message)."""
+    for b in range(tok_B.shape[0]):
+        if tok_B[b] == t:
+            return b
+    return 0
 
 
 _POOL: ThreadPoolExecutor | None = None

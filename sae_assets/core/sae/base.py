@@ -85,6 +85,9 @@ class SparseAutoencoder(nn.Module, ABC):
     elementwise_activation: ClassVar[bool] = False
     """True when `activate` treats each pre-activation alone, so a slice of features can be
     encoded without the others (ReLU); False when it compares features (TopK)."""
+    activation_is_relu: ClassVar[bool] = False
+    """True when `activate` is relu(pre) and nothing else, so the entries > 0 of the
+    pre-activations are the activations (`encode_range(..., rectify=False)`)."""
     sparse_decoder: bool = False
     """True when `loss` trains through `train_codes` (TopK, BatchTopK, Matryoshka set it on the
     instance; setting it False there gives the dense path, which tests compare against)."""
@@ -186,22 +189,30 @@ class SparseAutoencoder(nn.Module, ABC):
         """Feature activations (B, F) of inputs (B, D) in the caller's units."""
         return self.activate(self.pre_activations(x_BD * self.input_scale))
 
-    def encode_range(self, x_BD: Tensor, lo: int, hi: int) -> Tensor:
+    def encode_range(self, x_BD: Tensor, lo: int, hi: int, *, rectify: bool = True) -> Tensor:
         """Activations (B, hi - lo) of the features [lo, hi), equal to encode(x)[:, lo:hi].
 
         With an elementwise activation only those W_enc columns are multiplied, so the cost
         and memory are B x (hi - lo); otherwise (TopK) every pre-activation is needed.
+        `rectify=False` is for callers that read only the entries > 0 (the feature sampler):
+        where the activation is a plain ReLU of the pre-activation, the pre-activations come
+        back as they are (their entries > 0 are the activations, the rest are its zeros), one
+        pass over the (B, W) output fewer; other architectures ignore it.
         """
         if not 0 <= lo < hi <= self.width:
             raise ValueError(f"feature range [{lo}, {hi}) lies outside the dictionary's {self.width} features")
-        x_scaled_BD = x_BD * self.input_scale
         if not self.elementwise_activation:
-            return self.activate(self.pre_activations(x_scaled_BD))[:, lo:hi]
-        if self.apply_b_dec_to_input:
-            x_scaled_BD = x_scaled_BD - self.b_dec
-        # The bias rides in the GEMM (addmm): one pass fewer over the (B, W) output, which at a small
-        # d_in costs as much as the product itself (the feature sampler's hot path).
-        return self.activate_range(torch.addmm(self.b_enc[lo:hi], x_scaled_BD, self.W_enc[:, lo:hi]), lo, hi)
+            return self.activate(self.pre_activations(x_BD * self.input_scale))[:, lo:hi]
+        # The feature sampler's hot path, where at a small d_in every pass over the (B, D) input or
+        # the (B, W) output costs about as much as the product itself: the input scale s goes into
+        # the (D, W) weight slice and the decoder bias into the (W,) encoder bias, so that the
+        # input is read once and the output written once (addmm):
+        #   ((x s - b_dec) @ W + b_enc) = x @ (s W) + (b_enc - b_dec @ W)
+        # equal to encode(x)[:, lo:hi] up to float rounding.
+        W_DW = self.W_enc[:, lo:hi]
+        b_W = self.b_enc[lo:hi] - self.b_dec @ W_DW if self.apply_b_dec_to_input else self.b_enc[lo:hi]
+        pre_BW = torch.addmm(b_W, x_BD, W_DW * self.input_scale)
+        return pre_BW if not rectify and self.activation_is_relu else self.activate_range(pre_BW, lo, hi)
 
     def decoder_directions(self, lo: int = 0, hi: int | None = None) -> Tensor:
         """(hi - lo, D) decoder rows of features [lo, hi) in the units of the model's activations

@@ -34,6 +34,7 @@ class ReluSae(SparseAutoencoder):
     saelens_architecture: ClassVar[str] = "standard"
     init_decoder_norm: ClassVar[float] = 0.1
     elementwise_activation: ClassVar[bool] = True
+    activation_is_relu: ClassVar[bool] = True
 
     def __init__(self, d_in: int, width: int, *, l1_coefficient: float, l1_warmup_fraction: float = 0.0,
                  apply_b_dec_to_input: bool = False) -> None:
