@@ -26,6 +26,7 @@ from sae_assets.core.sae import (
     ARCHITECTURES, BatchTopKSae, GatedSae, JumpReLUSae, MatryoshkaSae, StepInfo, build_sae, load_sae, make_sae,
     save_sae, train_sae,
 )
+from sae_assets.core.sae.base import SparseAutoencoder
 from sae_assets.core.sae.batchtopk import batch_topk, batch_topk_activation, batch_topk_codes
 from sae_assets.core.sae.checkpoint import CHECKPOINT_FILE
 from sae_assets.core.sae.evaluation import evaluate_dictionary
@@ -147,7 +148,8 @@ def test_jumprelu_threshold_learns_through_both_straight_through_estimators(toy)
     point_sae = _perturbed(_built(toy, JUMPRELU))
     sae.load_state_dict(point_sae.state_dict())
     x = _sample(toy, 64)
-    out = sae.loss(x)
+    # The generic graph, whose f is attached (the fused loss is tested equal to it below)
+    out = SparseAutoencoder.loss(sae, x)
     theta, z = sae.log_threshold.exp().detach(), sae.pre_activations(x * sae.input_scale).detach()
     kernel = ((z - theta).abs() < eps / 2).float() / eps  # K((z - theta) / eps) / eps
     assert kernel.sum() > 0
@@ -469,6 +471,8 @@ def test_sparse_decoder_gives_the_dense_loss_and_gradients(toy, point, dead_ever
     x = _sample(toy, 96) * 2.0
     (got, got_grads), (want, want_grads) = (_loss_and_grads(m, x, StepInfo(dead_F=dead_F)) for m in (sparse, dense))
     assert torch.equal(got.f, want.f) and got.l0.item() == want.l0.item()
+    assert torch.equal(got.fired_F, want.fired_F) and torch.equal(got.fired_F, (want.f != 0).any(0))
+    assert got.l0.item() == (want.f != 0).sum().item() / len(x)
     for name in ("total", "mse", "aux"):
         assert torch.allclose(getattr(got, name), getattr(want, name), rtol=1e-5), name
     assert (got.aux.item() > 0) == bool(dead_every) or point is MATRYOSHKA  # Matryoshka's aux has the prefixes
@@ -478,6 +482,37 @@ def test_sparse_decoder_gives_the_dense_loss_and_gradients(toy, point, dead_ever
         assert scale > 0 and torch.allclose(got_grads[name], want_grad, rtol=1e-4, atol=1e-5 * scale), name
     if isinstance(sparse, BatchTopKSae):  # the same threshold update on both paths
         assert torch.equal(sparse.threshold, dense.threshold) and int(sparse.threshold_batches) == 1
+
+
+def test_jumprelu_fused_loss_equals_the_autograd_graph(toy):
+    """JumpReLU's loss has its own backward (`_JumpReLULoss`): values, the gradients of every
+    parameter (the thresholds' pseudo-derivatives of both terms included) and of the input, and
+    the fired features equal those of the generic graph (`jumprelu` and `step` under autograd).
+    A wide bandwidth puts many entries inside the thresholds' window."""
+    sae = _perturbed(_built(toy, JUMPRELU, scale=2.0))
+    sae.bandwidth = 0.3
+    with torch.no_grad():
+        sae.log_threshold.copy_(torch.linspace(-3, 0, G))
+        sae.log_threshold[0] = 20.0  # never fires
+        sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
+    x = _sample(toy, 96) * 2.0
+    results = []
+    for loss in (sae.loss, lambda x, info: SparseAutoencoder.loss(sae, x, info)):
+        sae.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(True)
+        out = loss(xg, StepInfo(step=3, total_steps=10))
+        out.total.backward()
+        results.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}, xg.grad.clone()))
+    (fused, fused_grads, fused_gx), (graph, graph_grads, graph_gx) = results
+    for name in ("total", "mse", "sparsity", "aux", "l0"):
+        assert torch.allclose(getattr(fused, name), getattr(graph, name), rtol=1e-5, atol=1e-6), name
+    assert fused.sparsity.item() > 0 and torch.equal(fused.f, graph.f.detach())
+    assert torch.equal(fused.fired_F, graph.fired_F) and 0 < int(fused.fired_F.sum()) < G
+    assert set(fused_grads) == set(graph_grads) >= {"W_enc", "b_enc", "W_dec", "b_dec", "log_threshold"}
+    for name, want in graph_grads.items():
+        scale = want.abs().max().item()
+        assert scale > 0 and torch.allclose(fused_grads[name], want, rtol=1e-4, atol=1e-5 * scale), name
+    assert torch.allclose(fused_gx, graph_gx, rtol=1e-4, atol=1e-5 * graph_gx.abs().max().item())
 
 
 def test_centred_encoder_gradients_equal_plain_autograd(toy):

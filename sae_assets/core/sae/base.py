@@ -70,7 +70,24 @@ class LossOutput(NamedTuple):
     l0: Tensor
     """Scalar: mean number of non-zero features per row."""
     f: Tensor
-    """(B, F) feature activations of the batch (attached to the graph)."""
+    """(B, F) feature activations of the batch (attached to the graph, except where the loss is
+    computed by a fused function with its own backward: ReLU's)."""
+    fired_F: Tensor | None = None
+    """(F,) bool: the features non-zero on some row of the batch, for the dead-feature tracker
+    (so it need not scan f again); None where not computed."""
+
+
+def active_counts(f_BF: Tensor) -> tuple[Tensor, Tensor]:
+    """(l0, fired_F) of a batch of activations, which are >= 0 in every architecture: the mean
+    number of non-zero entries per row (0-d, exact: one sign per entry, row sums exact below 2**24
+    features, then float64) and (F,) bool, the features non-zero on some row. Both from passes
+    that vectorise: torch's count_nonzero and its reductions over bool tensors are several
+    times slower on the CPU, and at a small d_in they cost as much as a product."""
+    B = f_BF.shape[0]
+    if B == 0:
+        return f_BF.new_zeros(()), torch.zeros(f_BF.shape[1], dtype=torch.bool, device=f_BF.device)
+    l0 = (torch.sign(f_BF).sum(1).sum(dtype=torch.float64) / B).to(f_BF.dtype)
+    return l0, f_BF.amax(0) > 0
 
 
 class SparseAutoencoder(nn.Module, ABC):
@@ -247,11 +264,15 @@ class SparseAutoencoder(nn.Module, ABC):
             x_hat_BD = self.decode_scaled(f_BF)
         mse = (x_hat_BD - xs_BD).pow(2).sum(-1).mean()
         sparsity, aux = self.penalties(xs_BD, pre_BF, f_BF, x_hat_BD, info)
-        if codes is None:
-            l0 = torch.count_nonzero(f_BF).to(f_BF.dtype).detach() / f_BF.shape[0]
-        else:  # the same count, from the N entries rather than B x F
-            l0 = (codes.values_N != 0).sum(dtype=f_BF.dtype).detach() / f_BF.shape[0]
-        return LossOutput(mse + sparsity + aux, mse, sparsity, aux, l0, f_BF)
+        with torch.no_grad():
+            if codes is None:
+                l0, fired_F = active_counts(f_BF.detach())
+            else:  # the same, from the N entries rather than B x F
+                kept_N = codes.values_N != 0
+                l0 = kept_N.sum(dtype=f_BF.dtype) / f_BF.shape[0]
+                fired_F = torch.zeros(self.width, dtype=torch.bool, device=f_BF.device)
+                fired_F[codes.features_N[kept_N]] = True
+        return LossOutput(mse + sparsity + aux, mse, sparsity, aux, l0, f_BF, fired_F)
 
     @torch.no_grad()
     def set_input_scale_from(self, sample_ND: Tensor) -> float:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
-from sae_assets.core.sae.base import SparseAutoencoder, StepInfo
+from sae_assets.core.sae.base import LossOutput, SparseAutoencoder, StepInfo, active_counts
 
 # Letter key: B batch rows, D input width, F features.
 
@@ -25,6 +26,50 @@ def l1_warmup_scale(step: int, total_steps: int, warmup_fraction: float) -> floa
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, step / warmup_steps)
+
+
+class _ReluRecipeLoss(torch.autograd.Function):
+    """The recipe's loss with a hand-written backward: ||x - x_hat||^2 and c * sum_i f_i ||W_dec_i||,
+    each summed over features and averaged over the batch, from scaled inputs xs (B, D).
+
+    Autograd's version of the same graph makes about a dozen passes over (B, F) tensors per
+    step (the ReLU's output, the broadcast product with the norms and its backward, the ReLU
+    backward, the sum of the two gradients of f); at small d_in those passes cost as much as
+    the five products. Here: the penalty is (sum_b f_bF) @ ||W_dec||, a (F,) vector rather than
+    a (B, F) product; the gradient of f is one addmm with the penalty's constant row as its
+    bias; the ReLU backward is one masked pass. Gradients equal autograd's up to float
+    rounding (tests/test_sae_core.py). Returns mse, penalty, f (B, F; no gradient) and the
+    column sums of f (F,; no gradient: > 0 exactly where a feature fired, as f >= 0).
+    """
+
+    @staticmethod
+    def forward(ctx, xs_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor,
+                coefficient: float):
+        B = xs_BD.shape[0]
+        f_BF = torch.addmm(b_enc_F, xs_BD, W_enc_DF).relu_()
+        diff_BD = torch.addmm(b_dec_D, f_BF, W_dec_FD).sub_(xs_BD)  # x_hat - x
+        norm_F = W_dec_FD.norm(dim=-1)
+        f_sum_F = f_BF.sum(0)
+        mse = diff_BD.pow(2).sum() / B
+        penalty = coefficient * (f_sum_F @ norm_F) / B
+        ctx.save_for_backward(xs_BD, f_BF, W_enc_DF, W_dec_FD, diff_BD, norm_F, f_sum_F)
+        ctx.coefficient = coefficient
+        ctx.mark_non_differentiable(f_BF, f_sum_F)
+        return mse, penalty, f_BF, f_sum_F
+
+    @staticmethod
+    def backward(ctx, g_mse, g_penalty, _g_f, _g_f_sum):
+        xs_BD, f_BF, W_enc_DF, W_dec_FD, diff_BD, norm_F, f_sum_F = ctx.saved_tensors
+        B = xs_BD.shape[0]
+        g_xhat_BD = diff_BD * (2 * g_mse / B)
+        per_unit = g_penalty * ctx.coefficient / B  # d(penalty) / d(f_bi ||W_dec_i||)
+        g_f_BF = torch.addmm(norm_F * per_unit, g_xhat_BD, W_dec_FD.t())
+        g_pre_BF = torch.ops.aten.threshold_backward(g_f_BF, f_BF, 0)  # 0 where f = 0, as relu's backward
+        # d||W_dec_i|| / dW_dec_i = W_dec_i / ||W_dec_i|| (0 for a zero row, as autograd's norm)
+        row_scale_F = torch.where(norm_F > 0, per_unit * f_sum_F / norm_F.clamp_min(torch.finfo(norm_F.dtype).tiny), 0)
+        g_W_dec = torch.addmm(W_dec_FD * row_scale_F[:, None], f_BF.t(), g_xhat_BD)
+        g_x = g_pre_BF @ W_enc_DF.t() - g_xhat_BD if ctx.needs_input_grad[0] else None
+        return g_x, xs_BD.t() @ g_pre_BF, g_pre_BF.sum(0), g_W_dec, g_xhat_BD.sum(0), None
 
 
 class ReluSae(SparseAutoencoder):
@@ -52,6 +97,18 @@ class ReluSae(SparseAutoencoder):
         # encode_range's pre-activations are a fresh tensor: rectified in place when no gradient
         # flows through them (the feature sampler's hot path), one (B, W) allocation fewer.
         return pre_BW.relu() if pre_BW.requires_grad else pre_BW.relu_()
+
+    def loss(self, x_BD: Tensor, step_info: StepInfo | None = None) -> LossOutput:
+        """The recipe's loss through `_ReluRecipeLoss` (no pre-encoder bias, (B, D) inputs), else
+        the generic graph (`penalties`)."""
+        if self.apply_b_dec_to_input or x_BD.ndim != 2:
+            return super().loss(x_BD, step_info)
+        info = step_info if step_info is not None else StepInfo()
+        coefficient = self.l1_coefficient * l1_warmup_scale(info.step, info.total_steps, self.l1_warmup_fraction)
+        mse, sparsity, f_BF, f_sum_F = _ReluRecipeLoss.apply(x_BD * self.input_scale, self.W_enc, self.b_enc,
+                                                             self.W_dec, self.b_dec, coefficient)
+        l0, _ = active_counts(f_BF)
+        return LossOutput(mse + sparsity, mse, sparsity, mse.new_zeros(()), l0, f_BF, f_sum_F > 0)
 
     def weighted_l1(self, f_BF: Tensor) -> Tensor:
         """Scalar mean over the batch of sum_i f_i * ||W_dec_i|| (no coefficient)."""

@@ -30,9 +30,13 @@ class DeadFeatureTracker:
     @torch.no_grad()
     def update(self, f_BF: Tensor) -> None:
         """Count a batch of feature activations (B, F)."""
-        fired_F = (f_BF != 0).any(dim=0).to(self.tokens_since_fired_F.device)
-        self.tokens_since_fired_F += f_BF.shape[0]
-        self.tokens_since_fired_F.masked_fill_(fired_F, 0)
+        self.update_fired((f_BF != 0).any(dim=0), f_BF.shape[0])
+
+    @torch.no_grad()
+    def update_fired(self, fired_F: Tensor, rows: int) -> None:
+        """Count a batch of `rows` tokens on which the features `fired_F` ((F,) bool) fired."""
+        self.tokens_since_fired_F += rows
+        self.tokens_since_fired_F.masked_fill_(fired_F.to(self.tokens_since_fired_F.device), 0)
 
     def dead_mask(self) -> Tensor:
         """(F,) bool: features that have not fired for more than `dead_after_tokens` tokens."""

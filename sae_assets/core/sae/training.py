@@ -70,7 +70,10 @@ def total_steps(cfg: SaeConfig) -> int:
 
 
 def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.Adam:
-    return torch.optim.Adam(sae.parameters(), lr=lr, betas=ADAM_BETAS)
+    # The fused kernel (CPU and CUDA) updates each parameter in one pass instead of about ten;
+    # the same update up to float rounding.
+    fused = all(p.device.type in ("cpu", "cuda") for p in sae.parameters())
+    return torch.optim.Adam(sae.parameters(), lr=lr, betas=ADAM_BETAS, fused=fused or None)
 
 
 def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x_BD: Tensor, info: StepInfo,
@@ -156,7 +159,10 @@ def _one_step(run: _Run, x_BD: Tensor, log_every: int) -> Tensor:
     lr = run.scheduler.lr(step)
     info = StepInfo(step, run.total, run.tracker.dead_mask())
     out = train_step(run.sae, run.optimizer, x_BD, info, lr)
-    run.tracker.update(out.f.detach())
+    if out.fired_F is not None:
+        run.tracker.update_fired(out.fired_F, x_BD.shape[0])
+    else:
+        run.tracker.update(out.f.detach())
     run.progress.step += 1
     run.progress.tokens += x_BD.shape[0]
     if run.progress.step % log_every == 0 or run.progress.step == run.total:
