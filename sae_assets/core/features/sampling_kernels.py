@@ -82,15 +82,37 @@ def _flush_samples(smp_key_WS, smp_tok_WS, smp_val_WS, cand_key_WC, cand_tok_WC,
                    tmp_key_S, tmp_tok_S, tmp_val_S):
     """Merge row w's pending candidates into its sample row, which stays sorted by key ascending
     with its real entries (value > 0) first and empty slots (key and token INT64_MAX, value 0)
-    after them, the torch path's layout: sort the c candidates, then one merge pass keeps the S
-    smallest keys, O(S + c log c). Returns the position in the candidate buffer of a key already
+    after them, the torch path's layout: a few candidates are inserted one by one; more are
+    sorted, then one merge pass keeps the S smallest keys, O(S + c log c). Returns the position in the candidate buffer of a key already
     in the row or repeated among the candidates (a token offered twice), else -1."""
     c, S = cand_n_W[w], smp_key_WS.shape[1]
     cand_n_W[w] = 0
-    order_c = np.argsort(cand_key_WC[w, :c])
     r = 0  # real entries in the row
     while r < S and smp_val_WS[w, r] > 0:
         r += 1
+    if c <= 4:  # late in a shard most rows get one or two: each inserted in place, O(S - position)
+        for q in range(c):
+            o = cand_key_WC[w, q]
+            lo, hi = 0, r
+            while lo < hi:  # the first real entry whose key is >= o
+                mid = (lo + hi) >> 1
+                if smp_key_WS[w, mid] < o:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo < r and smp_key_WS[w, lo] == o:
+                return q
+            if lo == S:  # beaten by the candidates inserted before it
+                continue
+            last = r if r < S else S - 1  # the last slot's entry drops out when the row is full
+            for i in range(last, lo, -1):
+                smp_key_WS[w, i], smp_tok_WS[w, i], smp_val_WS[w, i] = (
+                    smp_key_WS[w, i - 1], smp_tok_WS[w, i - 1], smp_val_WS[w, i - 1])
+            smp_key_WS[w, lo], smp_tok_WS[w, lo], smp_val_WS[w, lo] = o, cand_tok_WC[w, q], cand_val_WC[w, q]
+            if r < S:
+                r += 1
+        return -1
+    order_c = np.argsort(cand_key_WC[w, :c])
     i = j = n = 0
     while n < S and (i < r or j < c):
         if j < c and (i == r or cand_key_WC[w, order_c[j]] < smp_key_WS[w, i]):
