@@ -1,4 +1,4 @@
-"""Seed 003 on toy data: how fast each SAE initialisation recovers known ground-truth features.
+"""Toy-data check of "Informed initialization of sparse dictionaries": how fast each SAE initialisation recovers known ground-truth features.
 
 Toy data (`sae_assets.core.sae.toy`): G ground-truth unit directions in D = 128 dimensions
 (scenarios 128/256, 128/512, 128/1024), Zipf-like firing probabilities, uniform(0, 1)
@@ -86,7 +86,7 @@ def censored_mean(r: dict, threshold: float, limit: int) -> tuple[float, int]:
 
 
 def compare(all_results: dict[int, dict[str, dict]], d: int, limit: int) -> None:
-    print("\n== Comparison with the published result ("Informed initialization of sparse dictionaries")")
+    print('\n== Comparison with the published result ("Informed initialization of sparse dictionaries")')
     print("published: data-based init starts at MMCS ~0.65, orthogonal < 0.3; rare-feature collection "
           "(centroid subtraction / outlier detection) reaches 0.99 up to ~10% sooner.")
     for n_features, results in all_results.items():

@@ -24,6 +24,7 @@ from sae_assets.defs import (
     maintenance,
     metrics_assets,
     model_assets,
+    probing_assets,
     sensors,
     shuffle_assets,
 )
@@ -43,6 +44,7 @@ ALL_ASSETS = [
     shuffle_assets.shuffled_shards,
     dictionary_assets.sae_dictionary,
     metrics_assets.sae_metrics_asset,
+    probing_assets.sae_probing,
 ]
 """The assets every run has, in an order that materializes each after its inputs."""
 ALL_CHECKS = [shuffle_assets.shuffle_is_permutation]

@@ -247,3 +247,16 @@ def ablation_summary_schema() -> pa.Schema:
         # notable tokens (activation_baseline.py); null for heads or unseen tokens.
         pa.field("activation_rank", pa.int32()), pa.field("layer_units", pa.int32(), nullable=False),
     ])
+
+
+def probing_schema() -> pa.Schema:
+    """sae_probing: one row per (task, probe); `core.sae.probing.ProbingResult.rows`."""
+    return pa.schema([
+        pa.field("label", pa.string(), nullable=False),  # the task: this label against the rest
+        pa.field("probe", pa.string(), nullable=False),  # 'raw' (the activations) or 'sae' (k latents)
+        pa.field("k", pa.int32(), nullable=False),  # latents of an 'sae' probe; 0 for 'raw'
+        pa.field("accuracy", pa.float64(), nullable=False),  # on the task's test documents
+        pa.field("train_documents", pa.int32(), nullable=False),
+        pa.field("test_documents", pa.int32(), nullable=False),
+        pa.field("latents", pa.list_(pa.int32()), nullable=False),  # the k chosen, largest mean difference first
+    ])

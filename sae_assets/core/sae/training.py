@@ -5,14 +5,16 @@
 iterator whose i-th batch is the batch of step `start_step + i`, the same batch whatever
 `start_step` the iteration began at (seed or index the data by step, never by how many
 batches this process has drawn): that is what makes a resumed run bit-identical to an
-uninterrupted one. Each step: optional Anthropic resampling of dead features at
-`cfg.resample_steps` (with an LR re-warm-up), the LR from `LrScheduler`, `train_step` (loss,
+uninterrupted one. Each step: optional resampling of dead features (`cfg.resample_method`:
+Anthropic's, rare-feature directions or plain re-initialisation) at `cfg.resample_steps`, steps or fractions of the
+run resolved once at the start, a ValueError naming the sweep point if one falls outside the
+run (with an LR re-warm-up), the LR from `LrScheduler`, `train_step` (loss,
 backward, the architecture's decoder constraints, gradient clipping at norm 1, Adam), the
 dead-feature tracker, a curve row every `log_every` steps, and a checkpoint every
 `cfg.checkpoint_every` steps and at the end. When `checkpoint_dir` holds a checkpoint, the run
 continues from it. Non-finite inputs, loss or gradients raise `SaeTrainingError` naming the
 step before anything is changed, so the checkpoint on disk stays the last good state.
-Tests: tests/test_sae_core.py.
+Tests: tests/test_sae_core.py, tests/test_training_tricks.py.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from sae_assets.core.config import DictionaryPoint, SaeConfig
+from sae_assets.core.config import DictionaryPoint, SaeConfig, resolve_resample_steps
 from sae_assets.core.progress import QUIET, ProgressLog
 from sae_assets.core.sae.base import LossOutput, SparseAutoencoder, StepInfo
 from sae_assets.core.sae.build import RESAMPLE_STREAM, seeded_generator
@@ -66,7 +68,18 @@ class TrainOutcome(NamedTuple):
 
 
 def total_steps(cfg: SaeConfig) -> int:
-    return max(1, cfg.train_tokens // cfg.batch_size)
+    return cfg.total_steps
+
+
+def resample_schedule(cfg: SaeConfig, point: DictionaryPoint) -> frozenset[int]:
+    """The steps at which `point`'s run resamples (empty when `cfg.resample` is off); a
+    ValueError naming sae.resample_steps and the point if one falls outside the run."""
+    if not cfg.resample:
+        return frozenset()
+    try:
+        return frozenset(resolve_resample_steps(cfg.resample_steps, total_steps(cfg)))
+    except ValueError as exc:
+        raise ValueError(f"sae.resample_steps {list(cfg.resample_steps)} of sweep point {point.key}: {exc}") from exc
 
 
 def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.Adam:
@@ -110,12 +123,14 @@ class _Run:
     total: int
     progress: Progress
     checkpointer: Checkpointer
+    resample_at: frozenset[int]
 
 
 def _start(sae: SparseAutoencoder, cfg: SaeConfig, point: DictionaryPoint, path: Path | None,
            fingerprint: str) -> _Run:
     if sae.architecture != point.architecture or sae.width != point.width:
         raise ValueError(f"the SAE ({sae.architecture}, width {sae.width}) does not match sweep point {point.key}")
+    resample_at = resample_schedule(cfg, point)
     device = torch.device(cfg.device)
     sae.to(device)
     total = total_steps(cfg)
@@ -129,12 +144,11 @@ def _start(sae: SparseAutoencoder, cfg: SaeConfig, point: DictionaryPoint, path:
         progress = checkpointer.load(path) if path is not None else Progress()
     except FileNotFoundError:  # none yet, or a concurrent run of this partition finished and dropped it
         progress = Progress()
-    return _Run(sae, optimizer, scheduler, tracker, cfg, total, progress, checkpointer)
+    return _Run(sae, optimizer, scheduler, tracker, cfg, total, progress, checkpointer, resample_at)
 
 
 def _maybe_resample(run: _Run, x_BD: Tensor, step: int) -> None:
-    cfg = run.cfg
-    if not (cfg.resample and step in cfg.resample_steps and 0 < step < run.total):
+    if step not in run.resample_at:
         return
     dead_F = run.tracker.dead_mask()
     if not bool(dead_F.any()):
@@ -142,7 +156,8 @@ def _maybe_resample(run: _Run, x_BD: Tensor, step: int) -> None:
     if not bool(torch.isfinite(x_BD).all()):  # checked here too: resampling would copy NaNs into W_dec
         raise SaeTrainingError(f"SAE training stopped at step {step}: the input batch holds NaN/inf values",
                                step=step)
-    revived = resample_dead_features(run.sae, run.optimizer, x_BD, dead_F, run.checkpointer.generator)
+    revived = resample_dead_features(run.sae, run.optimizer, x_BD, dead_F, run.checkpointer.generator,
+                                     method=run.cfg.resample_method)
     run.tracker.reset(revived)
     run.scheduler.on_resample(step)
     run.progress.resamples += 1
