@@ -26,7 +26,7 @@ TINY = {
               "batch_size": 8, "warmup_steps": 2, "val_fraction": 0.1},
     "activations": {"hook_points": ["blocks.0.hook_resid_post"], "batch_size": 16},
     "shuffle": {"num_buckets": 2},
-    "sae": {"sweep": SWEEP, "train_tokens": 12800, "batch_size": 128, "resample_steps": [50, 150],
+    "sae": {"sweep": SWEEP, "train_tokens": 12800, "batch_size": 128, "resample_steps": [0.5],
             "rewarm_steps": 5, "lr_warmup_steps": 5, "checkpoint_every": 25, "eval_sequences": 8,
             "dead_after_tokens": 3000, "max_dead_fraction": 1.0, "min_loss_recovered": -100.0},
 }

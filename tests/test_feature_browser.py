@@ -19,6 +19,7 @@ from browser import headless_chromium, require_chromium
 from support import TINY, write_run_config
 
 from sae_assets.core.features.site_index import search_key
+from sae_assets.defs.site_files import read_feature_script
 from sae_assets.definitions import build_resources
 from sae_assets.demo import materialize_all
 
@@ -77,8 +78,7 @@ def wait_loaded(driver, what: str) -> None:
 
 
 def feature_doc(site_dir: Path, feature: int) -> dict:
-    text = (site_dir / f"feature-{feature:06d}.js").read_text()
-    return json.loads(text[len("SAE_SITE.feature("):-len(");\n")])
+    return read_feature_script((site_dir / f"feature-{feature:06d}.js").read_text())[0]
 
 
 def payload_feature(site_dir: Path) -> int:
@@ -163,3 +163,31 @@ def test_site_from_a_static_http_host(site, driver):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_special_tokens_are_marked_in_context_and_never_an_examples_token(site, driver):
+    """special_tokens.exclude (on): documents end in <|endoftext|>, which windows show as a chip of
+    class `special` at the positions the feature's document lists, and which no example centres on."""
+    site_dir, _ = site
+    docs = [feature_doc(site_dir, int(p.stem.split("-")[1])) for p in sorted(site_dir.glob("feature-*.js"))]
+
+    def shown(doc):  # the examples in page order: top, each level's, random
+        return [*doc["top"], *(e for level in doc["levels"] for e in level["examples"]), *doc["random"]]
+
+    examples = [e for d in docs for e in shown(d)]
+    assert all(e["tokens"][e["center"]] != "<|endoftext|>" for e in examples)
+    assert all(e["tokens"][p] == "<|endoftext|>" for e in examples for p in e.get("special", []))
+    doc = next(d for d in docs if any(e.get("special") for e in shown(d)))
+    driver.get((site_dir / "index.html").as_uri() + f"#feature={doc['feature']}")
+    wait_loaded(driver, str(doc["feature"]))
+    rows = driver.find_elements(By.CSS_SELECTOR, "#feature-view .example")
+    assert len(rows) == len(shown(doc))
+    for row, example in zip(rows, shown(doc)):
+        spans = row.find_elements(By.CSS_SELECTOR, ".tok")
+        marked = [i for i, span in enumerate(spans) if "special" in span.get_attribute("class").split()]
+        assert marked == example.get("special", [])
+        assert all(spans[i].text == "<|endoftext|>" for i in marked)
+    assert driver.find_elements(By.CSS_SELECTOR, "#feature-view .tok.special")
+    assert not driver.find_elements(By.CSS_SELECTOR, "#feature-view .tok.center.special")
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "feature_special_tokens.png"))

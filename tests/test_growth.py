@@ -76,7 +76,11 @@ def test_new_documents_add_shards_and_only_new_cells_run(tmp_path):
     assert {a: store.require(a, p).to_json() for a, p in
             [("tokenizer", None), ("language_model", None), ("sae_dictionary", "relu-w64-l1_0.3")]} == frozen
     merged = read_samples(store, store.require("feature_examples", "features-00000-00023"))
-    new_rows = sum(store.require("cached_activations", s).total_rows for s in ("shard-0002", "shard-0003"))
+    from resources.arrow_files import open_ipc_table
+
+    eos = store.require("tokenizer", None).extra["eos_id"]  # special tokens are not offered (special_tokens.exclude)
+    new_rows = sum(int((open_ipc_table(store.fetch(store.require("cached_activations", s), "activations.arrow"))
+                        .column("token_id").to_numpy() != eos).sum()) for s in ("shard-0002", "shard-0003"))
     assert merged.n_tokens == tokens_before + new_rows > tokens_before
     assert store.require("corpus_shards", "shard-0003").total_rows == 1
 

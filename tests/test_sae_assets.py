@@ -13,7 +13,7 @@ from dagster._core.errors import DagsterAssetCheckFailedError
 from support import SWEEP, TINY, write_run_config
 
 from sae_assets.core.sae import data as sae_data
-from sae_assets.core.config import load_config
+from sae_assets.core.config import load_config, resolve_resample_steps
 from sae_assets.core.sae import io as sae_io
 from sae_assets.defs.dictionary_assets import SAE_DICTIONARY, load_dictionary, set_up_dictionary, training_stream
 from sae_assets.defs.partitions import dictionary_keys, sync_partitions
@@ -61,11 +61,11 @@ def test_training_curve_covers_the_run_and_the_lr_decays(trained):
         assert set(frame.columns) >= {"step", "loss", "mse", "l0", "dead_fraction", "lr"}
         assert frame["step"][-1] == manifest.extra["steps"] == 12800 // 128
         assert frame["lr"][-1] < 0.1 * frame["lr"].max(), "the LR decays to ~0 at the end"
-        # A resample happens at each sae.resample_steps step inside the run (50; 150 is past its
+        # A resample happens at each sae.resample_steps point (TINY's [0.5]: half-way through the
         # 100 steps) where features are dead. The curve row of step s holds the dead fraction
         # after s batches, which is what the resample at step s sees.
         dead_at = dict(zip(frame["step"].to_list(), frame["dead_fraction"].to_list()))
-        due = [s for s in (50, 150) if 0 < s < manifest.extra["steps"]]
+        due = list(resolve_resample_steps(tuple(TINY["sae"]["resample_steps"]), manifest.extra["steps"]))
         assert due == [50] and all(s in dead_at for s in due), "the curve must log each resample step"
         expected[key] = sum(dead_at[s] > 0 for s in due)
         assert manifest.extra["resamples"] == expected[key], (key, dead_at)
@@ -110,18 +110,62 @@ def test_metrics_are_recorded_with_their_checks(trained):
     assert "data:image/png;base64" in shown["density_histogram"].value
 
 
+def test_probing_scores_sparse_probes_against_the_raw_probe_beside_the_metrics(trained):
+    """sae_probing, per sweep point: a raw-activation probe and one k-sparse probe per k for each task,
+    on balanced test documents whose labels are modules the corpus holds; its summary and UI
+    metadata are the means of that table."""
+    import polars as pl
+
+    from sae_assets.core.corpus.labels import document_label
+    from sae_assets.defs.partitions import shard_keys
+
+    instance, config_path, store, _ = trained
+    cfg = load_config(config_path)
+    corpus_labels = {document_label(doc_id, "embedded") for shard in shard_keys(instance) for doc_id in
+                     pl.read_parquet(store.fetch(store.require("corpus_shards", shard), "documents.parquet"))["doc_id"]}
+    for key in dictionary_keys(instance):
+        manifest = store.require("sae_probing", key)
+        table = pl.read_parquet(store.fetch(manifest, "probing.parquet"))
+        tasks = table["label"].unique(maintain_order=True).to_list()
+        assert len(tasks) >= 1 and set(tasks) <= corpus_labels, tasks
+        for label in tasks:
+            rows = table.filter(pl.col("label") == label)
+            assert rows["k"].to_list() == [0, *cfg.probing.k_values] and rows["probe"][0] == "raw"
+            assert rows["test_documents"][0] % 2 == 0 and rows["train_documents"][0] % 2 == 0, "balanced classes"
+            for k, latents in zip(rows["k"][1:], rows["latents"][1:]):
+                assert len(set(latents)) == len(latents) == min(k, 64) and all(0 <= f < 64 for f in latents)
+        summary = manifest.extra["summary"]
+        raw = table.filter(pl.col("probe") == "raw")["accuracy"].mean()
+        assert summary["raw_accuracy"] == pytest.approx(raw) and summary["tasks"] == len(tasks)
+        for k in cfg.probing.k_values:
+            sparse = table.filter((pl.col("probe") == "sae") & (pl.col("k") == k))["accuracy"].mean()
+            assert summary[f"sae_top_{k}_accuracy"] == pytest.approx(sparse)
+            assert summary[f"gap_top_{k}"] == pytest.approx(raw - sparse)
+        # Mean-pooled activations of a trained model tell a module's docstrings from the rest.
+        assert summary["raw_accuracy"] > 0.55, summary
+        shown = instance.fetch_materializations(dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey("sae_probing"), asset_partitions=[key]), limit=1).records[0]
+        metadata = shown.event_log_entry.asset_materialization.metadata
+        assert metadata["gap_top_1"].value == pytest.approx(summary["gap_top_1"])
+        assert all(f"| {label} |" in metadata["tasks_table"].value for label in tasks)
+
+
 def test_sae_training_never_sees_heldout_tokens(trained):
     instance, config_path, store, _ = trained
     cfg = load_config(config_path)
     from resources.arrow_files import open_ipc_table
 
+    from sae_assets.defs.corpus_assets import excluded_token_ids
+
     manifests = [store.require("shuffled_shards", k) for k in ("bucket-0000", "bucket-0001")]
-    stream = training_stream(store, manifests, cfg)  # the batches sae_dictionary trains on
-    every = np.concatenate([open_ipc_table(store.fetch(m, "shuffled.arrow")).column("token_index").to_numpy()
-                            for m in manifests])
+    special, _ = excluded_token_ids(store, cfg)  # special_tokens.exclude: training skips them too
+    stream = training_stream(store, manifests, cfg, special)  # the batches sae_dictionary trains on
+    tables = [open_ipc_table(store.fetch(m, "shuffled.arrow")) for m in manifests]
+    every = np.concatenate([t.column("token_index").to_numpy() for t in tables])
+    is_special = np.isin(np.concatenate([t.column("token_id").to_numpy() for t in tables]), special)
     held = sae_data.heldout_tokens(every, 16, cfg.model.val_fraction, cfg.model.seed)
-    assert 0 < held.sum() < len(held) == stream.reader.num_rows
-    training_rows = np.sort(every[~held])  # rows of the shuffled shards minus held-out rows
+    assert 0 < held.sum() < len(held) == stream.reader.num_rows and is_special.any()
+    training_rows = np.sort(every[~held & ~is_special])  # rows of the shuffled shards minus held-out and special rows
     rows, batch = len(training_rows), cfg.sae.batch_size
     steps = {store.require("sae_dictionary", key).extra["steps"] for key in dictionary_keys(instance)}
     assert steps == {12800 // batch}

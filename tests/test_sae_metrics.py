@@ -401,3 +401,51 @@ def test_mean_sequences_are_training_sequences_and_dead_features_get_a_larger_sa
     assert len(evaluation_sample(first_S, run_config(dead_after_tokens=0)).density_S) == 16
     with pytest.raises(ValueError, match="sae.eval_sequences=0"):
         evaluation_sample(first_S, run_config(eval_sequences=0))
+
+
+def test_special_tokens_are_spliced_and_scored_nowhere_but_the_model_still_sees_them(model):
+    """special_tokens.exclude: the reconstruction and the ablations replace only non-special
+    activations, and L0, MSE, FVU, the mean-ablation mean and the firing counts skip special
+    positions. At the last resid_post each position's logits depend only on its own activation,
+    so the spliced loss is a per-position mixture: clean where the token is special."""
+    eval_ST, mean_ST, density_ST = noisy_corpus(12, 10), noisy_corpus(6, 20), noisy_corpus(20, 30)
+    special = [0, 7, 13, 21, 34, 45]
+    keep = {name: ~np.isin(t, special) for name, t in (("eval", eval_ST), ("mean", mean_ST), ("density", density_ST))}
+    assert 0.7 < keep["eval"].mean() < 0.95
+    eval_T = torch.from_numpy(eval_ST)
+    mean_D = hook_acts(model, torch.from_numpy(mean_ST), RESID).reshape(-1, D)[
+        torch.from_numpy(keep["mean"].reshape(-1))].double().mean(dim=0)
+    with torch.no_grad():
+        clean_MT = per_token_loss(forward_logits(model, eval_T), eval_T)
+        zero_MT = per_token_loss(model.run_with_hooks(eval_T, fwd_hooks=[(RESID, lambda a, hook: torch.zeros_like(a))]),
+                                 eval_T)
+        mean_MT = per_token_loss(model.run_with_hooks(eval_T, fwd_hooks=[
+            (RESID, lambda a, hook: mean_D.to(a.dtype).expand_as(a).contiguous())]), eval_T)
+    kept_MT = torch.from_numpy(keep["eval"][:, :-1])
+    for sae in (zeros(), Gate()):
+        got = evaluate_dictionary(model, sae, RESID, eval_ST, mean_ST, density_ST, batch_size=5,
+                                  exclude_token_ids=special)
+        m = got.metrics
+        acts = hook_acts(model, eval_T, RESID).reshape(-1, D)[torch.from_numpy(keep["eval"].reshape(-1))]
+        stats = reconstruction_stats(sae, [acts])
+        density = reconstruction_stats(sae, [hook_acts(model, torch.from_numpy(density_ST), RESID).reshape(-1, D)[
+            torch.from_numpy(keep["density"].reshape(-1))]])
+        assert m["eval_tokens"] == keep["eval"].sum() and m["mean_ablation_tokens"] == keep["mean"].sum()
+        assert got.density_tokens == keep["density"].sum()
+        assert m["l0"] == pytest.approx(stats.l0) and m["mse"] == pytest.approx(stats.mse, abs=1e-9)
+        assert m["fvu"] == pytest.approx(stats.fvu, rel=1e-9, abs=1e-12)
+        assert np.array_equal(got.feature_counts, density.feature_counts)
+        assert m["clean_loss"] == pytest.approx(clean_MT.mean().item(), abs=1e-6)
+        assert m["zero_ablation_loss"] == pytest.approx(torch.where(kept_MT, zero_MT, clean_MT).mean().item(), abs=1e-6)
+        assert m["mean_ablation_loss"] == pytest.approx(torch.where(kept_MT, mean_MT, clean_MT).mean().item(), abs=1e-6)
+    # the zero dictionary: spliced exactly where the zero ablation is, so nothing recovered
+    assert evaluate_dictionary(model, zeros(), RESID, eval_ST, mean_ST, density_ST, batch_size=5,
+                               exclude_token_ids=special).metrics["loss_recovered"] == 0.0
+    # ids that never occur change nothing
+    plain = evaluate_dictionary(model, Gate(), RESID, eval_ST, mean_ST, density_ST, batch_size=5).metrics
+    absent = evaluate_dictionary(model, Gate(), RESID, eval_ST, mean_ST, density_ST, batch_size=5,
+                                 exclude_token_ids=[VOCAB + 3]).metrics
+    assert absent == plain
+    with pytest.raises(ValueError, match="every position of eval_ST is an excluded special token"):
+        evaluate_dictionary(model, Gate(), RESID, eval_ST, mean_ST, density_ST, batch_size=5,
+                            exclude_token_ids=list(range(VOCAB)))

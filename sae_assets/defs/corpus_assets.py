@@ -100,6 +100,24 @@ def load_tokenizer(store) -> "tuple[Tokenizer, dict]":
     return Tokenizer.from_str(store.read_bytes(manifest, "tokenizer.json").decode()), manifest
 
 
+def special_token_ids(store, cfg) -> "tuple[tuple[int, ...], resources.manifest.Manifest]":
+    """special_tokens.token_ids resolved against the tokenizer asset ('auto': its end-of-text id and
+    the tokens it flags special), and the tokenizer's manifest."""
+    from sae_assets.core.corpus.special_tokens import resolve_special_token_ids
+
+    tok, manifest = load_tokenizer(store)
+    return resolve_special_token_ids(cfg.special_tokens.token_ids, tok, eos_id=manifest.extra["eos_id"]), manifest
+
+
+def excluded_token_ids(store, cfg) -> tuple[tuple[int, ...], dict[str, str]]:
+    """The token ids kept out of SAE training, sae_metrics and the feature statistics (none when
+    special_tokens.exclude is off), and the upstream version they come from ({} when none)."""
+    if not cfg.special_tokens.exclude:
+        return (), {}
+    ids, manifest = special_token_ids(store, cfg)
+    return ids, {"tokenizer": manifest.data_version}
+
+
 TOKEN_SHARDS = AssetIdentity("token_shards", version="1", keys=("tokenizer.context_length",))
 
 

@@ -14,6 +14,7 @@ import dagster as dg
 
 from resources import ArtifactStorage, RunSettings
 from sae_assets.defs.common import progress_log, read_upstream, result
+from sae_assets.defs.corpus_assets import excluded_token_ids
 from sae_assets.defs.identity import AssetIdentity, dictionary_point
 from sae_assets.defs.partitions import DICTIONARIES, bucket_index, bucket_keys
 from sae_assets.defs.plots import line_chart_markdown
@@ -34,22 +35,29 @@ def shuffled_inputs(context, store, cfg):
 
 
 SAE_DICTIONARY = AssetIdentity(
-    "sae_dictionary", version="1", pool="model", device="sae.device", partition_config=dictionary_point,
+    "sae_dictionary", version="2", pool="model", device="sae.device", partition_config=dictionary_point,
     keys=("sae_hook", *(f"sae.{key}" for key in (
         "train_tokens", "batch_size", "learning_rate", "lr_warmup_steps", "lr_decay_fraction", "l1_warmup_fraction",
         "init", "resample", "resample_steps", "rewarm_after_resample", "rewarm_steps", "dead_after_tokens", "aux_k",
         "aux_coefficient", "seed")),
         # The held-out split that training skips.
-        "model.val_fraction", "model.seed", "tokenizer.context_length"))
+        "model.val_fraction", "model.seed", "tokenizer.context_length",
+        # The special tokens it skips (special_tokens.exclude, special_tokens.token_ids).
+        "special_token_exclusion",
+        # Added later: at its default it leaves the hashes of dictionaries trained before it alone.
+        "sae.resample_method"),
+    hashed_unless_default=("sae.resample_method",))
 
 
-def training_stream(store, manifests, cfg) -> "sae_data.TrainingStream":
-    """What sae_dictionary trains on: the shuffled buckets of `manifests`, held-out tokens dropped."""
+def training_stream(store, manifests, cfg, exclude_token_ids=()) -> "sae_data.TrainingStream":
+    """What sae_dictionary trains on: the shuffled buckets of `manifests`, held-out tokens and the
+    rows of `exclude_token_ids` (special tokens) dropped."""
     from resources.arrow_files import open_ipc_table
     from sae_assets.core.sae import data as sae_data
 
     return sae_data.TrainingStream.for_run([open_ipc_table(store.fetch(m, SHUFFLED_FILE)) for m in manifests], cfg,
-                                           bucket_names=[f"shuffled_shards[{m.partition}]" for m in manifests])
+                                           bucket_names=[f"shuffled_shards[{m.partition}]" for m in manifests],
+                                           exclude_token_ids=exclude_token_ids)
 
 
 def set_up_dictionary(key: str, d_in: int, cfg, stream: "sae_data.TrainingStream"):
@@ -82,7 +90,9 @@ def sae_dictionary(context: dg.AssetExecutionContext, settings: RunSettings, sto
     key = context.partition_key
     point = cfg.sae.point(key)
     manifests, upstream, d_in = shuffled_inputs(context, store, cfg)
-    stream = training_stream(store, manifests, cfg)
+    excluded, tokenizer_version = excluded_token_ids(store, cfg)  # special_tokens: kept out of training
+    upstream.update(tokenizer_version)
+    stream = training_stream(store, manifests, cfg, excluded)
 
     def batches(start_step: int):  # batch s is a pure function of s: resumes are exact
         return (x.to(cfg.sae.device) for x in stream.batches(start_step))
@@ -104,7 +114,7 @@ def sae_dictionary(context: dg.AssetExecutionContext, settings: RunSettings, sto
         curve.write_parquet(out.path("training_curve.parquet"))
         out.extra.update(point=point.key, architecture=point.architecture, width=point.width,
                          sparsity=point.sparsity, d_in=d_in, hook=cfg.sae_hook, steps=outcome.steps,
-                         resamples=outcome.resamples)
+                         resamples=outcome.resamples, excluded_token_ids=list(excluded))
     store.drop_checkpoints("sae_dictionary", key, tag)
     last = outcome.curve[-1] if outcome.curve else {}
     return result(out.manifest, store, {

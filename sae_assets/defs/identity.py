@@ -45,6 +45,7 @@ NOT_SHAPING_KEYS: dict[str, str] = {
     "sae.checkpoint_every": "checkpoint cadence; a resumed run is bit-identical",
     "sae.device": "where the SAE trains and is scored",
     "features.dictionary": "selects the browsed dictionary; its resolved point `feature_dictionary` is hashed",
+    "special_tokens.exclude": "switches the exclusion; its resolved value `special_token_exclusion` is hashed",
     "features.range_width": "partitioning: each feature-range key names its own bounds",
     "features.batch_size": "tokens encoded per step; samples, top-K and windows do not depend on it",
     "features.device": "where features are encoded",
@@ -72,6 +73,10 @@ class AssetIdentity:
     """The code version of what the asset writes: bump it when the code changes its bytes."""
     keys: tuple[str, ...]
     """Config keys (dotted paths on RunConfig) whose values shape the asset's bytes."""
+    hashed_unless_default: tuple[str, ...] = ()
+    """Those of `keys` added after the asset was first written: hashed only when their value is
+    not the default (RunConfig()'s), so adding a key leaves every existing hash, and so every
+    materialized partition's freshness, as it was (as DictionaryPoint.as_dict omits fields)."""
     pool: str | None = None
     """The Dagster pool its steps run in ('model': one model-holding step at a time)."""
     device: str | None = None
@@ -90,12 +95,19 @@ class AssetIdentity:
             if key in NOT_SHAPING_KEYS:
                 raise ValueError(f"asset {self.name!r} declares {key!r}, which shapes no bytes: "
                                  f"{NOT_SHAPING_KEYS[key]}")
+        if not set(self.hashed_unless_default) <= set(self.keys):
+            raise ValueError(f"asset {self.name!r}: hashed_unless_default names keys not in its keys: "
+                             f"{sorted(set(self.hashed_unless_default) - set(self.keys))}")
         if self.device is not None:
             _DEFAULTS.value_at(self.device)
         DECLARED[self.name] = self
 
     def config_values(self, cfg: RunConfig) -> dict[str, Any]:
-        return {key: cfg.value_at(key) for key in self.keys}
+        values = {key: cfg.value_at(key) for key in self.keys}
+        for key in self.hashed_unless_default:
+            if values[key] == _DEFAULTS.value_at(key):
+                del values[key]
+        return values
 
     def config_hash(self, cfg: RunConfig, partition: str | None = None) -> str:
         """The manifest's config hash: the declared keys, plus what the partition carries."""

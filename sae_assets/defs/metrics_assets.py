@@ -5,7 +5,8 @@ training; `core.sae.data.evaluation_sample`): L0, MSE, fraction of variance unex
 recovered with the reconstruction spliced in at the hook point (zero- and mean-ablation
 baselines, the mean taken over training tokens, KL divergence), with standard errors; dead
 and dense fractions and a feature-density histogram over at least sae.dead_after_tokens
-held-out tokens (`core.sae.evaluation.evaluate_dictionary` does all of it). Two asset checks
+held-out tokens (`core.sae.evaluation.evaluate_dictionary` does all of it), special-token
+positions left out (special_tokens.exclude: the model sees them, the scores do not). Two asset checks
 with thresholds from the config (dead fraction, loss recovered) are evaluated in the same
 step; their outcome is also written to the manifest so that feature assets can refuse a
 dictionary that failed them.
@@ -18,7 +19,7 @@ import dagster as dg
 from resources import ArtifactStorage, RunSettings
 from sae_assets.defs.common import result
 from sae_assets.defs.identity import AssetIdentity
-from sae_assets.defs.corpus_assets import token_shards
+from sae_assets.defs.corpus_assets import excluded_token_ids, token_shards
 from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary
 from sae_assets.defs.model_assets import language_model, load_all_sequences, load_language_model
 from sae_assets.defs.partitions import DICTIONARIES, training_shard_keys
@@ -29,12 +30,14 @@ LOSS_CHECK = "loss_recovered_above_threshold"
 
 
 SAE_METRICS = AssetIdentity(
-    "sae_metrics", version="2", pool="model", device="sae.device",
+    "sae_metrics", version="3", pool="model", device="sae.device",
     keys=("sae.eval_sequences", "sae.max_dead_fraction", "sae.min_loss_recovered", "sae.seed",
           # Dead features are counted over at least this many held-out tokens (whole sequences).
           "sae.dead_after_tokens", "tokenizer.context_length",
           # Which sequences are held out, and which shards they come from.
-          "model.val_fraction", "model.seed", "corpus.training_shards"))
+          "model.val_fraction", "model.seed", "corpus.training_shards",
+          # The special tokens left out of the scores.
+          "special_token_exclusion"))
 
 
 @SAE_METRICS.asset(
@@ -66,9 +69,12 @@ def sae_metrics_asset(context: dg.AssetExecutionContext, settings: RunSettings, 
     hook = sae_manifest.extra["hook"]
     tokens_ST, first_S, upstream = load_all_sequences(store, training_shard_keys(context.instance, cfg))
     upstream.update({f"sae_dictionary[{key}]": sae_manifest.data_version, "language_model": model_manifest.data_version})
+    excluded, tokenizer_version = excluded_token_ids(store, cfg)  # special_tokens: left out of the scores
+    upstream.update(tokenizer_version)
     sample = sae_data.evaluation_sample(first_S, cfg)
     evaluation = evaluate_dictionary(model, sae, hook, tokens_ST[sample.eval_S], tokens_ST[sample.mean_S],
-                                     tokens_ST[sample.density_S], batch_size=max(1, cfg.activations.batch_size))
+                                     tokens_ST[sample.density_S], batch_size=max(1, cfg.activations.batch_size),
+                                     exclude_token_ids=excluded)
     metrics = evaluation.metrics
     checks = {DEAD_CHECK: (metrics["dead_fraction"] <= cfg.sae.max_dead_fraction, cfg.sae.max_dead_fraction,
                            "dead_fraction"),
@@ -82,7 +88,8 @@ def sae_metrics_asset(context: dg.AssetExecutionContext, settings: RunSettings, 
                                 "count": evaluation.feature_counts, "density": evaluation.feature_density})
         density.write_parquet(out.path("feature_density.parquet"))
         out.describe_table("feature_density.parquet", rows=density.height)
-        out.extra.update(metrics=metrics, checks={name: bool(ok) for name, (ok, _, _) in checks.items()})
+        out.extra.update(metrics=metrics, checks={name: bool(ok) for name, (ok, _, _) in checks.items()},
+                         excluded_token_ids=list(excluded))
     return _with_checks(out.manifest, store, metrics, evaluation.histogram, checks)
 
 

@@ -8,9 +8,11 @@ one-bucket window, as (B, d) float32 torch tensors (float16 and bfloat16-as-uint
 are converted). Guarantees: every row appears exactly once per epoch; batches are full
 except perhaps the last (`drop_last` drops it); epoch e's order depends only on (seed, e,
 the buckets' contents and order, window, batch_size), so a restarted run can skip to batch
-b with `skip_batches`. Only the window's buckets are open; resident memory is the pages a
-batch touches plus one batch. `to_numpy_matrix` gives the zero-copy (n, d) view it reads
-through. Tests: tests/test_shuffle.py.
+b with `skip_batches`. `exclude_token_ids` drops the rows of those tokens (special tokens) as
+they are read, from the same permutation, so the kept rows keep their order. Only the window's
+buckets are open; resident memory is the pages a batch touches plus one batch.
+`to_numpy_matrix` gives the zero-copy (n, d) view it reads through. Tests: tests/test_shuffle.py,
+tests/test_special_tokens.py.
 """
 
 from __future__ import annotations
@@ -59,12 +61,13 @@ class ShuffledActivationReader:
     def __init__(
         self, buckets: Sequence[TableSource], *, hook: str, batch_size: int, seed: int,
         window: int = 1, drop_last: bool = False, with_token_index: bool = False,
-        rows_per_bucket: Sequence[int] | None = None,
+        rows_per_bucket: Sequence[int] | None = None, exclude_token_ids: Sequence[int] = (),
     ):
         if batch_size < 1 or window < 1 or seed < 0:
             raise ValueError(f"batch_size {batch_size} and window {window} must be >= 1, seed >= 0")
         self.buckets, self.hook, self.batch_size, self.seed = list(buckets), hook, batch_size, seed
         self.window, self.drop_last, self.with_token_index = window, drop_last, with_token_index
+        self.exclude_token_ids = np.asarray(sorted(set(exclude_token_ids)), dtype=np.int64)
         if rows_per_bucket is None:  # opening a memory-mapped file reads only its footer
             rows_per_bucket = [self._open(b).num_rows for b in range(len(self.buckets))]
         if len(rows_per_bucket) != len(self.buckets):
@@ -73,10 +76,11 @@ class ShuffledActivationReader:
 
     @property
     def num_rows(self) -> int:
+        """Rows of the buckets (excluded tokens' rows included)."""
         return int(self.rows_per_bucket.sum())
 
     def __len__(self) -> int:
-        """Batches per epoch."""
+        """Batches per epoch (an upper bound when tokens are excluded)."""
         full, rest = divmod(self.num_rows, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
@@ -97,8 +101,11 @@ class ShuffledActivationReader:
         """Yield epoch `epoch`'s batches: acts_BD, or (acts_BD, token_index_B) if asked for.
 
         The epoch is one stream of rows (windows in bucket order, each permuted) cut into
-        consecutive batches; `skip_batches` starts at batch b without reading earlier rows.
+        consecutive batches; `skip_batches` starts at batch b without reading earlier rows
+        (not with `exclude_token_ids`, whose dropped rows leave batch b's start unknown until read).
         """
+        if skip_batches and len(self.exclude_token_ids):
+            raise ValueError("skip_batches needs a reader without exclude_token_ids")
         order = self._rng(epoch).permutation(len(self.buckets))  # bucket visiting order
         skip_rows, stream_pos = skip_batches * self.batch_size, 0
         carry: list[tuple[np.ndarray, np.ndarray | None]] = []  # < batch_size rows pending
@@ -113,8 +120,11 @@ class ShuffledActivationReader:
             perm = self._rng(epoch, *group).permutation(int(sizes.sum()))[first:]  # (n_window,)
             mats, ids, seg_rows = self._segments(group)
             offsets = np.concatenate([[0], np.cumsum(seg_rows)])  # window row -> (segment, row)
+            keep = self._kept_rows(group)  # (n_window,) bool, or None when nothing is excluded
             for lo in range(0, perm.size, self.batch_size):
                 sel = perm[lo:lo + self.batch_size]
+                if keep is not None:
+                    sel = sel[keep[sel]]
                 carry.append(self._rows(sel, offsets, mats, ids))
                 carried += sel.size
                 if carried >= self.batch_size:
@@ -122,6 +132,13 @@ class ShuffledActivationReader:
                     yield self._to_torch(batch)
         if carried and not self.drop_last:
             yield self._to_torch(_take_batch(carry, carried)[0])
+
+    def _kept_rows(self, group: list[int]) -> np.ndarray | None:
+        """(n_window,) True for the window's rows whose token is not excluded (None: none is)."""
+        if not len(self.exclude_token_ids):
+            return None
+        token_ids = [np.asarray(self._open(b).column("token_id").to_numpy()) for b in group]
+        return ~np.isin(np.concatenate(token_ids), self.exclude_token_ids)
 
     def _segments(self, group: list[int]) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[int]]:
         """Zero-copy (n_c, d) views of every chunk of the group's buckets, in window row order."""

@@ -6,7 +6,8 @@ direction's panels (logit effects and their histogram, nearest features, neuron 
 core/features/panels.py) and the features co-firing on the top examples
 (core/features/cofiring.py) into plain dicts, ready for `json.dumps`. Token ids become strings
 through `token_strings` (each id decoded alone; bytes of a split UTF-8 character show as
-U+FFFD). Strings stay raw here: the browser inserts them as text, never as HTML.
+U+FFFD). Strings stay raw here: the browser inserts them as text, never as HTML. Positions of
+special tokens (BOS/EOS/padding) in a window are listed so the browser can mark them.
 `neuronpedia_feature` (core/features/neuronpedia.py) maps a document onto Neuronpedia's fields.
 Tests: tests/test_feature_assets.py, tests/test_feature_browser.py, tests/test_site_panels.py.
 """
@@ -14,7 +15,7 @@ Tests: tests/test_feature_assets.py, tests/test_feature_browser.py, tests/test_s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -73,29 +74,37 @@ def _windows_by_key(windows: pa.Table) -> dict[tuple[int, int], tuple[int, list[
     return out
 
 
-def _example(key, activation, windows, strings) -> dict[str, Any]:
+def _example(key, activation, windows, strings, special_ids: frozenset[int]) -> dict[str, Any]:
+    """An example with its window; `special` lists the window positions holding a special token
+    (only when there are any), which the browser marks."""
     center, ids, acts = windows[key]
-    return {"token_index": int(key[1]), "activation": _num(activation), "center": center,
-            "tokens": [strings[i] for i in ids], "acts": [_num(a, 3) for a in acts]}
+    example = {"token_index": int(key[1]), "activation": _num(activation), "center": center,
+               "tokens": [strings[i] for i in ids], "acts": [_num(a, 3) for a in acts]}
+    special = [position for position, i in enumerate(ids) if i in special_ids]
+    return {**example, "special": special} if special else example
 
 
 def feature_documents(samples: FeatureSamples, shown: pa.Table, windows: pa.Table, strings: Sequence[str], *,
                       logits: LogitEffects, activation_levels: int, dictionary: str,
                       neighbours: Neighbours | None = None,
                       alignment: Alignment | None = None,
-                      cofiring: Sequence[Sequence[tuple[int, float]]] | None = None) -> Iterator[dict[str, Any]]:
+                      cofiring: Sequence[Sequence[tuple[int, float]]] | None = None,
+                      special_ids: Collection[int] = ()) -> Iterator[dict[str, Any]]:
     """One JSON-ready document per feature of the range, in feature order.
 
     `neighbours`, `alignment` and `cofiring` are the range's rows of `panels.nearest_features`,
     `panels.neuron_alignment` and `cofiring.cofiring_features`; without them the lists are empty.
+    Window positions holding one of `special_ids` (special tokens) are listed in each example's
+    `special`.
     """
+    special_ids = frozenset(int(i) for i in special_ids)
     win = _windows_by_key(windows)
     stats = samples.stats.to_pydict()
     examples: dict[int, dict[str, list]] = {}
     for f, t, a, role, level in zip(*(shown.column(c).to_pylist()
                                       for c in ("feature", "token_index", "activation", "role", "level"))):
         by_role = examples.setdefault(f, {"top": [], "random": [], "level": []})
-        entry = _example((f, t), a, win, strings)
+        entry = _example((f, t), a, win, strings, special_ids)
         by_role[role].append({**entry, "level": level} if role == "level" else entry)
     top_ids, top_vals, bottom_ids, bottom_vals = logits[:4]
     for w, f in enumerate(stats["feature"]):

@@ -79,7 +79,7 @@ def training_batches(
                     yield (acts_ND[:batch_size], index_N[:batch_size]) if with_token_index else acts_ND[:batch_size]
                 step += 1
         if not produced:
-            raise ValueError("the shuffled activations hold no training rows (all held out or empty)")
+            raise ValueError("the shuffled activations hold no training rows (all held out, special or empty)")
         epoch += 1
 
 
@@ -91,7 +91,8 @@ def describe_token(token_index: int) -> str:
 
 @dataclass(frozen=True)
 class TrainingStream:
-    """An SAE's training data: the shuffled buckets less the held-out tokens, in (B, D) batches."""
+    """An SAE's training data: the shuffled buckets less the held-out (and excluded special)
+    tokens, in (B, D) batches."""
 
     reader: ShuffledActivationReader
     batch_size: int
@@ -102,11 +103,14 @@ class TrainingStream:
     """The buckets' names in reader order (e.g. 'shuffled_shards[bucket-0001]'), for errors."""
 
     @classmethod
-    def for_run(cls, buckets: Sequence, cfg: RunConfig, bucket_names: Sequence[str] = ()) -> TrainingStream:
+    def for_run(cls, buckets: Sequence, cfg: RunConfig, bucket_names: Sequence[str] = (),
+                exclude_token_ids: Sequence[int] = ()) -> TrainingStream:
         """The stream sae_dictionary trains on: a reader of `buckets` seeded by sae.seed, batches of
-        sae.batch_size, the language model's split (model.val_fraction, model.seed)."""
+        sae.batch_size, the language model's split (model.val_fraction, model.seed), without the
+        rows of `exclude_token_ids` (the special tokens, when special_tokens.exclude is on)."""
         reader = ShuffledActivationReader(buckets, hook=cfg.sae_hook, batch_size=cfg.sae.batch_size,
-                                          seed=cfg.sae.seed, with_token_index=True)
+                                          seed=cfg.sae.seed, with_token_index=True,
+                                          exclude_token_ids=exclude_token_ids)
         return cls(reader, cfg.sae.batch_size, cfg.tokenizer.context_length, cfg.model.val_fraction,
                    cfg.model.seed, tuple(bucket_names))
 

@@ -270,13 +270,29 @@ def _loss_sums(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tenso
     return loss_N.reshape(tokens_BT.shape[0], -1).sum(dim=1).cpu()
 
 
-def spliced_losses(model, sae, batch_BT, hook_name, width, first, mean_D) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _at_kept(keep_BT: torch.Tensor | None, replacement: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """`replacement` applied only at the positions where keep_BT (B, T) is True (all without it);
+    the other positions (special tokens) keep the clean activation."""
+    if keep_BT is None:
+        return replacement
+
+    def replace_kept(act: torch.Tensor) -> torch.Tensor:  # act (B, T, ...)
+        keep = keep_BT.to(act.device).reshape(*keep_BT.shape, *([1] * (act.ndim - 2)))
+        return torch.where(keep, replacement(act), act)
+
+    return replace_kept
+
+
+def spliced_losses(model, sae, batch_BT, hook_name, width, first, mean_D,
+                   keep_BT: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-sequence (B,) float64 loss sums of one batch, and its hook activations (B*T, D).
 
     The sums are over the T-1 predicted tokens of each sequence: 'clean', 'sae' (the
     reconstruction spliced in), 'zero' (zero ablation), 'mean' (mean ablation, only when
-    `mean_D` is given) and 'kl' (KL(clean || spliced)). `first` is the index of the batch's
-    first sequence in the evaluation tokens (for errors).
+    `mean_D` is given) and 'kl' (KL(clean || spliced)). With `keep_BT` (B, T) bool, the
+    reconstruction and the ablations replace the activation only where it is True (special
+    tokens keep their clean activation); every position is still scored. `first` is the
+    index of the batch's first sequence in the evaluation tokens (for errors).
     """
     captured: list[torch.Tensor] = []
 
@@ -292,8 +308,8 @@ def spliced_losses(model, sae, batch_BT, hook_name, width, first, mean_D) -> tup
     def splice(act: torch.Tensor) -> torch.Tensor:
         return reconstruct(sae, act.reshape(-1, act.shape[-1]))[1].reshape(act.shape)
 
-    sae_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(hook_name, _replace_once(splice))])
-    zero_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(hook_name, _replace_once(torch.zeros_like))])
+    sae_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(hook_name, _replace_once(_at_kept(keep_BT, splice)))])
+    zero_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(hook_name, _replace_once(_at_kept(keep_BT, torch.zeros_like)))])
     sums = {
         "clean": _loss_sums(clean_BTV, batch_BT),
         "sae": _loss_sums(sae_BTV, batch_BT),
@@ -301,15 +317,16 @@ def spliced_losses(model, sae, batch_BT, hook_name, width, first, mean_D) -> tup
         "kl": _kl_sums(clean_BTV, sae_BTV),
     }
     if mean_D is not None:
-        sums["mean"] = _mean_ablated_sums(model, batch_BT, hook_name, mean_D)
+        sums["mean"] = _mean_ablated_sums(model, batch_BT, hook_name, mean_D, keep_BT)
     return sums, acts_ND
 
 
-def _mean_ablated_sums(model, batch_BT: torch.Tensor, hook_name: str, mean_D: torch.Tensor) -> torch.Tensor:
+def _mean_ablated_sums(model, batch_BT: torch.Tensor, hook_name: str, mean_D: torch.Tensor,
+                       keep_BT: torch.Tensor | None = None) -> torch.Tensor:
     def fill(act: torch.Tensor) -> torch.Tensor:
         return mean_D.to(device=act.device, dtype=act.dtype).expand_as(act).contiguous()
 
-    logits_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(hook_name, _replace_once(fill))])
+    logits_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(hook_name, _replace_once(_at_kept(keep_BT, fill)))])
     return _loss_sums(logits_BTV, batch_BT)
 
 
