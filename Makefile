@@ -56,6 +56,9 @@ bench: install
 # Artifacts under .data/experiments/, plots under bench/results/.
 experiments: install
 	$(PY) bench/attribution_experiment.py
+	$(PY) bench/training_tricks.py
+	$(PY) bench/informed_init.py
+	$(PY) bench/sae_sweep.py --train-tokens 500000 --workdir .data/experiments/sae_frontier
 
 # Remove artifact versions past retention (storage.gc_grace_hours, storage.gc_keep_versions in the
 # run config named by $SAE_ASSETS_CONFIG); `make gc GC_ARGS=--dry-run` only reports.

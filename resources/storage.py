@@ -407,6 +407,14 @@ class ArtifactStore:
             "(collected by the garbage collector past retention, or never committed)"
         )
 
+    def committed_at(self, manifest: Manifest) -> float | None:
+        """When `manifest` was committed (its history copy's modification time, seconds since
+        the epoch; manifests hold no clock of their own), or None when that copy is gone."""
+        key = keys.history_key(manifest.asset, manifest.partition, manifest.data_version)
+        prefix = keys.history_prefix(manifest.asset, manifest.partition)  # (kept short by the collector)
+        found = [obj for obj in self.backend.list_objects(prefix) if obj.key == key]
+        return found[0].mtime if found else None
+
     def require(self, asset: str, partition: str | None) -> Manifest:
         manifest = self.manifest(asset, partition)
         if manifest is None:

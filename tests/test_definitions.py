@@ -41,12 +41,15 @@ def test_lineage_follows_the_design():
     assert parents["shuffled_shards"] == {"shuffle_plan", "shuffle_scatter"}
     assert parents["sae_dictionary"] == {"shuffled_shards"}
     assert "sae_dictionary" in parents["sae_metrics"]
+    # Probing reads the documents' labels (corpus_shards) beside what sae_metrics reads
+    assert parents["sae_probing"] == {"corpus_shards", "tokenizer", "token_shards", "language_model", "sae_dictionary"}
     assert parents["feature_samples"] == {"cached_activations", "sae_dictionary", "sae_metrics"}
     assert parents["feature_examples"] == {"feature_samples"}
     assert parents["context_gather"] == {"cached_activations", "token_shards", "tokenizer", "feature_examples",
                                          "sae_dictionary", "sae_metrics"}
     assert parents["context_windows"] == {"feature_examples", "context_gather", "sae_dictionary", "sae_metrics"}
-    assert parents["feature_site"] == {"site_json"}
+    # The overview page: this dictionary's training curve, every sweep point's metrics (the frontier)
+    assert parents["feature_site"] == {"site_json", "sae_dictionary", "sae_metrics"}
 
 
 def code_versions(overrides: dict) -> dict[str, str]:

@@ -1,9 +1,12 @@
 """The feature assets on a tiny graph: exact tables against a brute force over every shard, the
 same tables from 1 and 7 shards, context windows centred on their examples, the site's files,
-byte-identical reruns, and refusal of bad input (a range outside the dictionary, a dictionary
-that failed its checks, a missing context shard)."""
+byte-identical reruns, refusal of bad input (a range outside the dictionary, a dictionary
+that failed its checks, a missing context shard), and special tokens kept out of training,
+evaluation and the feature statistics but marked in context (and sampled again with
+special_tokens.exclude off)."""
 
 import gzip
+import itertools
 import json
 import shutil
 
@@ -21,6 +24,7 @@ from support import FEATURES, HOOK, TINY, brute_force, materialize, shard_table,
 from resources.arrow_files import open_ipc_table, write_ipc_file
 from sae_assets.core.activations.reader import to_numpy_matrix
 from sae_assets.core.config import load_config
+from sae_assets.core.corpus import tokenization
 from sae_assets.core.sae import io as sae_io
 from sae_assets.core.sae.relu import ReluSae
 from sae_assets.defs.feature_assets import FeatureInputError, read_samples
@@ -46,13 +50,38 @@ def graph(tmp_path_factory):
     return instance, config_path, build_resources(config_path)["storage"].store(), directory
 
 
-def all_activations(store, instance):
+def all_activations(store, instance, excluded=()):
+    """(N, D) activations and (N,) global token indices of every shard, less the `excluded` token ids."""
     xs, toks = [], []
     for shard in shard_keys(instance):
         table = open_ipc_table(store.fetch(store.require("cached_activations", shard), "activations.arrow"))
-        xs.append(to_numpy_matrix(table.column(HOOK)).astype(np.float32))
-        toks.append(table.column("token_index").to_numpy())
+        keep = ~np.isin(table.column("token_id").to_numpy(), excluded)
+        xs.append(to_numpy_matrix(table.column(HOOK)).astype(np.float32)[keep])
+        toks.append(table.column("token_index").to_numpy()[keep])
     return np.concatenate(xs), np.concatenate(toks)
+
+
+def token_ids_of(store, instance):
+    """A function from global token indices to their token ids (over every shard)."""
+    index, ids = [], []
+    for shard in shard_keys(instance):
+        table = open_ipc_table(store.fetch(store.require("cached_activations", shard), "activations.arrow"))
+        index.append(table.column("token_index").to_numpy())
+        ids.append(table.column("token_id").to_numpy())
+    index, ids = np.concatenate(index), np.concatenate(ids)
+    order = np.argsort(index)
+
+    def lookup(token_index):
+        at = np.searchsorted(index[order], np.asarray(token_index, dtype=np.int64))
+        return ids[order][at]
+
+    return lookup
+
+
+def special_ids(store, config_path) -> tuple[int, ...]:
+    from sae_assets.defs.corpus_assets import special_token_ids
+
+    return special_token_ids(store, load_config(config_path))[0]
 
 
 def test_feature_examples_equal_a_brute_force_over_all_shards(graph):
@@ -61,7 +90,7 @@ def test_feature_examples_equal_a_brute_force_over_all_shards(graph):
     from sae_assets.defs.dictionary_assets import load_dictionary
 
     sae, _ = load_dictionary(store, cfg.feature_dictionary.key)
-    x, tok = all_activations(store, instance)
+    x, tok = all_activations(store, instance, special_ids(store, config_path))  # special tokens are not offered
     f = sae.encode(torch.from_numpy(x)).detach().numpy()
     assert feature_range_keys(instance) == ["features-00000-00023", "features-00024-00047", "features-00048-00063"]
     for frange in feature_range_keys(instance):
@@ -97,6 +126,9 @@ def test_one_and_seven_shards_give_identical_tables(tmp_path):
         with store.writer("sae_metrics", "relu-w12-l1_1") as out:
             out.path("metrics.json").write_text("{}")
             out.extra.update(checks={"dead_fraction_below_threshold": True})
+        with store.writer("tokenizer", None) as out:  # its end-of-text id 0 is special: rows of token 0 are not offered
+            out.path("tokenizer.json").write_text(tokenization.train_bpe(["a tiny corpus"] * 4, 300).to_str())
+            out.extra.update(vocab_size=300, eos_id=0)
         cuts = np.sort(rng.choice(np.arange(1, 600), n_shards - 1, replace=False))
         for i, rows in enumerate(np.split(rng.permutation(600), cuts)):
             with store.writer("cached_activations", f"shard-{i:04d}") as out:
@@ -112,6 +144,7 @@ def test_one_and_seven_shards_give_identical_tables(tmp_path):
                         for k in feature_range_keys(instance)})
     one, seven = results
     assert list(one) == list(seven) == ["features-00000-00004", "features-00005-00009", "features-00010-00011"]
+    assert one["features-00000-00004"].n_tokens == int((table.column("token_id").to_numpy() != 0).sum()) < 600
     for key in one:
         assert one[key].top.equals(seven[key].top) and one[key].top.num_rows > 0
         assert one[key].sample.equals(seven[key].sample)
@@ -144,6 +177,26 @@ def test_site_files_and_neuronpedia_export(graph):
     assert meta.startswith("window.SAE_SITE_META = ") and json.loads(meta.split("=", 1)[1].rstrip(";\n"))["features"] == 64
     index = store.read_bytes(site, "index-0.js").decode()
     assert index.startswith('SAE_SITE.chunk("index-0",') and "<" not in index[len('SAE_SITE.chunk("index-0",'):]
+    # The overview page: this dictionary's metrics and curve, every scored sweep point on the frontier
+    text = store.read_bytes(site, "dictionary-overview.js").decode()
+    overview = json.loads(text[len("SAE_OVERVIEW.data("):-len(");\n")])
+    key = overview["dictionary"]
+    scored = {p: store.manifest("sae_metrics", p) for p in store.partitions("sae_metrics")}
+    assert overview["metrics"]["l0"] == pytest.approx(scored[key].extra["metrics"]["l0"])
+    assert [p["point"] for p in overview["frontier"] if p["current"]] == [key]
+    assert {p["point"] for p in overview["frontier"]} == {p for p, m in scored.items() if m is not None}
+    assert overview["curve"] and overview["curve"][-1]["step"] > 0
+    assert overview["density"]["features"] == 64 == overview["density"]["live"] + overview["density"]["dead"]
+    assert site.upstream[f"sae_metrics[{key}]"] == scored[key].data_version  # lineage of the page
+    listed = json.loads(store.read_bytes(site, "site-changes.js").decode()[len("SAE_CHANGES.data("):-len(");\n")])
+    if listed["previous_build"] is None:  # the first build of this store: nothing to compare with
+        assert listed["ranges"] == []
+    from sae_assets.defs.site_files import read_feature_script
+
+    page_doc, lineage = read_feature_script(store.read_bytes(site, "feature-000001.js").decode())
+    assert page_doc["feature"] == 1
+    assert lineage["dictionary"] == key and lineage["shard_count"] == len(store.partitions("cached_activations"))
+    assert lineage["dictionary_version"] == store.manifest("sae_dictionary", key).data_version
     doc = json.loads(store.read_bytes(store.require("site_json", "features-00000-00023"), "feature-000001.json"))
     assert doc["feature"] == 1 and len(doc["logits"]["top"]) == 10
     assert sum(doc["logit_histogram"]["counts"]) == TINY["tokenizer"]["vocab_size"]
@@ -296,3 +349,84 @@ def test_bad_input_is_refused_by_name(graph, tmp_path):
     with pytest.raises(Exception, match=r"context_gather\[shard-0001\]"):
         materialize(instance, lenient, {"context_windows"}, "features-00000-00023")
     assert copy_store.require("context_windows", "features-00000-00023").to_json() == before
+
+
+# --- special tokens (special_tokens.exclude, on by default) ----------------------------------
+
+def test_special_tokens_are_kept_out_of_training_statistics_and_evaluation_and_marked_in_context(graph):
+    from sae_assets.core.sae import data as sae_data
+    from sae_assets.defs.dictionary_assets import training_stream
+    from sae_assets.defs.model_assets import load_all_sequences
+    from sae_assets.defs.partitions import training_shard_keys
+
+    instance, config_path, store, _ = graph
+    cfg = load_config(config_path)
+    special = special_ids(store, config_path)
+    assert special == (store.require("tokenizer", None).extra["eos_id"],)  # 'auto': the embedded BPE's end-of-text
+    ids_of = token_ids_of(store, instance)
+    _, every = all_activations(store, instance)
+    is_special = np.isin(ids_of(every), special)
+    assert 0 < is_special.sum() < len(every) / 10  # documents end in <|endoftext|>
+    # Feature statistics: no top example, sample token or shown example is special; n_tokens counts the rest.
+    for frange in feature_range_keys(instance):
+        merged = read_samples(store, store.require("feature_examples", frange))
+        shown = pq.read_table(store.fetch(store.require("feature_examples", frange), "shown.parquet"))
+        for table in (merged.top, merged.sample, shown):
+            assert table.num_rows > 0 and not np.isin(ids_of(table.column("token_index").to_numpy()), special).any()
+        assert merged.n_tokens == int((~is_special).sum())
+    # Training: the stream sae_dictionary trains on holds every training row but the special ones, once an epoch.
+    for key in dictionary_keys(instance):
+        assert store.require("sae_dictionary", key).extra["excluded_token_ids"] == list(special)
+        assert store.require("sae_metrics", key).extra["excluded_token_ids"] == list(special)
+    manifests = [store.require("shuffled_shards", k) for k in ("bucket-0000", "bucket-0001")]
+    shuffled = np.concatenate([open_ipc_table(store.fetch(m, "shuffled.arrow")).column("token_index").to_numpy()
+                               for m in manifests])
+    held = sae_data.heldout_tokens(shuffled, cfg.tokenizer.context_length, cfg.model.val_fraction, cfg.model.seed)
+    wanted = np.sort(shuffled[~held & ~np.isin(ids_of(shuffled), special)])
+    assert len(wanted) < (~held).sum()
+    stream = training_stream(store, manifests, cfg, special)
+    used = np.concatenate([i.numpy() for _, i in itertools.islice(stream.indexed(0), -(-len(wanted) // cfg.sae.batch_size))])
+    assert np.array_equal(np.sort(used[:len(wanted)]), wanted)
+    with_specials = training_stream(store, manifests, cfg)  # the stream with exclusion off
+    used = np.concatenate([i.numpy() for _, i in itertools.islice(with_specials.indexed(0), len(used) // cfg.sae.batch_size)])
+    assert np.isin(ids_of(used), special).any()
+    # Evaluation: scored over exactly the non-special tokens of the evaluated sequences.
+    tokens_ST, first_S, _ = load_all_sequences(store, training_shard_keys(instance, cfg))
+    sample = sae_data.evaluation_sample(first_S, cfg)
+    for key in dictionary_keys(instance):
+        metrics = store.require("sae_metrics", key).extra["metrics"]
+        assert metrics["eval_tokens"] == (~np.isin(tokens_ST[sample.eval_S], special)).sum()
+        assert metrics["dead_counted_over_tokens"] == (~np.isin(tokens_ST[sample.density_S], special)).sum()
+    # The browser's documents list the window positions of special tokens, never an example's centre.
+    marked = 0
+    for frange in feature_range_keys(instance):
+        windows = pq.read_table(store.fetch(store.require("context_windows", frange), "windows.parquet")).to_pylist()
+        by_key = {(w["feature"], w["token_index"]): w["token_ids"] for w in windows}
+        site = store.require("site_json", frange)
+        for name in (n for n in site.files if n.startswith("feature-")):
+            doc = json.loads(store.read_bytes(site, name))
+            for example in [*doc["top"], *doc["random"], *(e for level in doc["levels"] for e in level["examples"])]:
+                window = by_key[(doc["feature"], example["token_index"])]
+                assert example.get("special", []) == [p for p, i in enumerate(window) if i in special]
+                assert example["center"] not in example.get("special", [])
+                marked += len(example.get("special", []))
+    assert marked > 0
+
+
+def test_with_exclusion_off_special_tokens_are_sampled_again(graph, tmp_path):
+    instance, config_path, store, directory = graph
+    special = special_ids(store, config_path)
+    copy_root = tmp_path / "copy"  # the fixture's store stays as it is
+    shutil.copytree(directory / "artifacts", copy_root)
+    off = write_run_config(tmp_path, TINY, {"root": str(copy_root)}, features=FEATURES,
+                           special_tokens={"exclude": False})
+    copy_store = build_resources(off)["storage"].store()
+    ids_of = token_ids_of(store, instance)
+    sampled = []
+    for frange in feature_range_keys(instance):
+        cell = dg.MultiPartitionKey({"shard": "shard-0000", "features": frange})
+        materialize(instance, off, {"feature_samples"}, cell)
+        samples = read_samples(copy_store, copy_store.require("feature_samples", str(cell)))
+        assert samples.n_tokens == copy_store.require("cached_activations", "shard-0000").total_rows
+        sampled += [samples.top.column("token_index").to_numpy(), samples.sample.column("token_index").to_numpy()]
+    assert np.isin(ids_of(np.concatenate(sampled)), special).any()

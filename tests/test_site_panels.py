@@ -1,4 +1,4 @@
-"""The feature page's weight panels and the Neuronpedia bulk-import export.
+"""The feature page's weight panels, the dictionary overview page and the Neuronpedia bulk-import export.
 
 Each panel number against a brute force on a tiny dictionary: the logit histogram against
 numpy's histogram of the dense (W, V) product, nearest features against a dense cosine matrix
@@ -6,7 +6,8 @@ numpy's histogram of the dense (W, V) product, nearest features against a dense 
 features against a dense encode of every token of two shards. The export's
 files are checked for their schema (field names and types, gzip, one line per feature or
 activation). A synthetic site in headless Chromium shows every panel, with payload tokens and
-a payload in a panel's cell rendered as text; screenshots go to test-artifacts/.
+a payload in a panel's cell rendered as text; screenshots go to test-artifacts/. The overview
+page's numbers against numpy on the densities, and the page in Chromium against its document.
 """
 
 import gzip
@@ -21,7 +22,7 @@ import torch
 from support import HOOK, SHARD_WIDTH, shard_table
 
 from sae_assets.core.features import cofiring as feature_cofiring
-from sae_assets.core.features import neuronpedia, panels, site_data
+from sae_assets.core.features import neuronpedia, overview, panels, site_data
 from sae_assets.core.features import windows as feature_windows
 from sae_assets.core.features.merge import merge_feature_samples
 from sae_assets.core.features.sampling import sample_activation_table
@@ -267,5 +268,82 @@ def test_panels_in_headless_chromium(weights, tmp_path):
         WebDriverWait(driver, 20).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "2")
         for panel in ("logit-histogram", "neighbours", "cofiring", "neuron-alignment"):
             assert driver.find_element(By.ID, panel).text.endswith("none")
+    finally:
+        driver.quit()
+
+
+def test_overview_density_histogram_curve_and_frontier():
+    rng = np.random.default_rng(0)
+    density = np.concatenate([10 ** rng.uniform(-6, 0, 500), np.zeros(40), [0.3, 0.5]])
+    h = overview.density_histogram(density, bins_per_decade=4, dense_threshold=0.1)
+    want, _ = np.histogram(np.log10(density[density > 0]), bins=np.asarray(h["log10_edges"]))
+    assert h["counts"] == want.tolist() and sum(h["counts"]) == h["live"] == 502
+    assert h["dead"] == 40 and h["dense"] == int((density >= 0.1).sum()) and h["log10_edges"][-1] == 0
+    assert h["log10_edges"][0] == np.floor(np.log10(density[density > 0].min()))
+    for bad in (np.array([0.1, np.nan]), np.array([-0.1]), np.array([1.5]), np.zeros((2, 2))):
+        with pytest.raises(ValueError, match="finite values in \\[0, 1\\]"):
+            overview.density_histogram(bad)
+    curve = [{"step": i, "loss": 1.0 / (i + 1), "l0": float("nan") if i == 7 else 10.0, "lr": 1e-3} for i in range(1000)]
+    thin = overview.thin_curve(curve, 50)
+    assert len(thin) <= 50 and thin[0]["step"] == 0 and thin[-1]["step"] == 999 and "lr" not in thin[0]
+    assert overview.thin_curve(curve[:10], 50)[7]["l0"] is None  # NaN is not JSON
+    points = overview.frontier_points({"a": {"l0": 5.0, "loss_recovered": 0.9, "loss_recovered_vs_mean": 0.7},
+                                       "b": None, "c": {"l0": 50.0, "loss_recovered_vs_mean": float("inf")}}, "c")
+    assert [(p["point"], p["current"]) for p in points] == [("a", False), ("c", True)]
+    assert points[1]["loss_recovered_vs_mean"] is None and points[1]["loss_recovered"] is None
+
+
+def test_overview_page_in_headless_chromium(weights, tmp_path):
+    from browser import headless_chromium, require_chromium
+
+    require_chromium()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    docs = [_doc(f, weights) for f in range(3)]
+    rows = [site_data.index_row(d) for d in docs]
+    rows[2][1] = 0.0  # a dead feature
+    part = SiteRange(rows, [(d["feature"], json.dumps(d)) for d in docs], 50, [0.1, 0.5, 1.0, 2.0, 4.0])
+    curve = [{"step": 50 * i, "loss": 3.0 / (i + 1), "mse": 2.0 / (i + 1), "l0": 40.0 - i, "dead_fraction": 0.01 * i}
+             for i in range(30)]
+    metrics = {"tiny": {"l0": 12.5, "loss_recovered": 0.93, "loss_recovered_vs_mean": 0.81, "fvu": 0.2},
+               PAYLOADS[0]: {"l0": 40.0, "loss_recovered": 0.97, "loss_recovered_vs_mean": 0.9},
+               "unscored": None}
+    seen = {}
+
+    def make_overview(density_F, n_tokens):
+        seen["density"] = density_F
+        return overview.dictionary_overview(density_F, dictionary="tiny", n_tokens=n_tokens, metrics=metrics["tiny"],
+                                            curve=curve, metrics_by_point=metrics)
+
+    site = tmp_path / "site"
+    site.mkdir()
+    site_files.write_site_files(lambda name: site / name, [part], dictionary="tiny", overview=make_overview)
+    assert list(seen["density"]) == [r[1] for r in rows]  # every feature's density, in order
+    doc = json.loads((site / site_files.OVERVIEW_FILE).read_text()[len("SAE_OVERVIEW.data("):-len(");\n")])
+    driver = headless_chromium(tmp_path / "profile", "1200,1600")
+    try:
+        driver.get((site / "index.html").as_uri() + "#overview")
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-overview") == "ready")
+        assert not driver.find_element(By.ID, "overview-view").get_attribute("hidden")
+        assert driver.find_element(By.ID, "list-view").get_attribute("hidden")
+        bars = driver.find_elements(By.CSS_SELECTOR, "#overview-view svg.density rect")
+        assert len(bars) == sum(1 for c in doc["density"]["counts"] if c) > 0
+        stats = driver.find_element(By.CSS_SELECTOR, "#overview-view .stats").text
+        assert "dead 1" in stats and "L0 12.5" in stats and "vs mean ablation 0.810" in stats
+        for cls in ("loss", "l0", "dead"):
+            points = driver.find_element(By.CSS_SELECTOR, f"svg.curve.{cls} polyline").get_attribute("points").split()
+            assert len(points) == len(curve)
+        dots = driver.find_elements(By.CSS_SELECTOR, "svg.frontier circle")
+        assert len(dots) == 2 and len(driver.find_elements(By.CSS_SELECTOR, "svg.frontier circle.current")) == 1
+        table = [r.find_elements(By.TAG_NAME, "td")[0].text for r in driver.find_elements(By.CSS_SELECTOR, ".frontier-table tbody tr")]
+        assert table == ["tiny", PAYLOADS[0]]  # the payload key is text; the unscored point is left out
+        assert driver.execute_script("return window.__pwned") is None
+        assert driver.find_elements(By.CSS_SELECTOR, "#overview-view img, #overview-view script") == []
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "dictionary_overview.png"))
+        driver.execute_script("location.hash = 'feature=0'")  # and back to a feature page
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "0")
+        assert driver.find_element(By.ID, "overview-view").get_attribute("hidden")
     finally:
         driver.quit()

@@ -20,6 +20,7 @@ from browser import headless_chromium, require_chromium, serve_counting, take_se
 
 from sae_assets.core.features.site_index import search_key
 from sae_assets.core.features.site_synthetic import synthetic_ranges
+from sae_assets.core.features.overview import dictionary_overview
 from sae_assets.defs.site_files import write_site_files
 
 N_FEATURES = 100_000
@@ -50,7 +51,15 @@ def site():
             yield part
 
     try:
-        assert write_site_files(lambda name: directory / name, ranges(), dictionary="synthetic") == N_FEATURES
+        curve = [{"step": i, "loss": 1.0 / (i + 1), "mse": 0.5 / (i + 1), "l0": 30.0, "dead_fraction": 0.0}
+                 for i in range(25_000)]  # a long run's curve: the page gets a thinned copy
+
+        def make_overview(density_F, n_tokens):
+            return dictionary_overview(density_F, dictionary="synthetic", n_tokens=n_tokens, metrics=None, curve=curve,
+                                       metrics_by_point={"synthetic": None})
+
+        assert write_site_files(lambda name: directory / name, ranges(), dictionary="synthetic",
+                                overview=make_overview) == N_FEATURES
         yield directory, rows
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -166,5 +175,22 @@ def test_opening_a_feature_page_directly_skips_the_index(site, served, driver):
     driver.get(served + "/index.html#feature=99999")
     wait_for(driver, "99999")
     names = {name for name, _ in take_sent()}
-    assert names == {"index.html", "app.js", "style.css", "site-meta.js", "feature-099999.js"}
+    assert names == {"index.html", "app.js", "site-views.js", "style.css", "site-meta.js", "feature-099999.js"}
     assert Path(site[0] / "site-meta.js").stat().st_size < 4096, "site-meta.js does not grow with features"
+
+
+def test_overview_page_loads_one_small_file(site, served, driver):
+    """The overview of 100,000 features: one data file, its size independent of the width (bins,
+    a thinned curve, the sweep's points), and a density histogram that counts every live row."""
+    site_dir, rows = site
+    driver.get("about:blank")
+    take_sent()
+    driver.get(served + "/index.html#overview")
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-overview") == "ready")
+    sent = dict(take_sent())
+    assert set(sent) == {"index.html", "app.js", "site-views.js", "style.css", "site-meta.js", "dictionary-overview.js"}
+    assert sent["dictionary-overview.js"] < 64_000, "the overview grows with neither features nor curve length"
+    heights = driver.execute_script(
+        "return Array.from(document.querySelectorAll('svg.density rect')).map(r => r.querySelector('title').textContent)")
+    assert sum(int(t.split()[0]) for t in heights) == sum(1 for r in rows if r[1] > 0)
+    assert f"dead {sum(1 for r in rows if r[1] == 0)}" in driver.find_element(By.CSS_SELECTOR, "#overview-view .stats").text

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ ActivationDtype = Literal["float32", "float16", "bfloat16"]
 StorageBackend = Literal["local", "s3"]
 SaeArchitecture = Literal["relu", "topk", "jumprelu", "batchtopk", "matryoshka", "gated"]
 SaeInit = Literal["anthropic", "orthogonal", "xavier", "data", "svd", "kmeans_rare", "outlier_rare"]
+ResampleMethod = Literal["anthropic", "rare", "reinit"]
 
 
 class ConfigError(ValueError):
@@ -233,6 +235,25 @@ class DictionaryPoint:
         return key
 
 
+def resolve_resample_steps(resample_steps: tuple[float, ...], total_steps: int) -> tuple[int, ...]:
+    """The steps at which a run of `total_steps` resamples, sorted: whole numbers are steps,
+    numbers in (0, 1) fractions of the run (rounded to the nearest step). Raises ValueError
+    unless every one lands strictly inside the run (0 < step < total_steps)."""
+    steps = []
+    for value in resample_steps:
+        if 0 < value < 1:
+            steps.append(round(value * total_steps))
+        elif value >= 1 and float(value).is_integer():
+            steps.append(int(value))
+        else:
+            raise ValueError(f"holds {value!r}: each must be a whole step >= 1 or a fraction of the run in (0, 1)")
+        if not 0 < steps[-1] < total_steps:
+            what = f"step {steps[-1]}" if value >= 1 else f"{value!r} (step {steps[-1]})"
+            raise ValueError(f"holds {what}, outside a run of {total_steps} steps, so it would never resample "
+                             f"(give a step in 1..{total_steps - 1} or a fraction in (0, 1))")
+    return tuple(sorted(set(steps)))
+
+
 @dataclass(frozen=True)
 class SaeConfig:
     sweep: tuple[DictionaryPoint, ...] = (
@@ -254,8 +275,16 @@ class SaeConfig:
     init: SaeInit = "anthropic"
     """anthropic: W_dec columns at norm 0.1, W_enc = W_dec^T; others from "Informed initialization of sparse dictionaries"."""
     resample: bool = True
-    """Anthropic's resampling of dead features at `resample_steps`."""
-    resample_steps: tuple[int, ...] = (500, 1000)
+    """Revive dead features at `resample_steps` (how: `resample_method`)."""
+    resample_steps: tuple[float, ...] = (500, 1000)
+    """When to resample: a whole number >= 1 is a step, a number in (0, 1) a fraction of the run
+    (0.5 = half-way). Every one must fall strictly inside the run when `resample` is on: a step
+    past the end would silently never resample, so it is a ConfigError."""
+    resample_method: ResampleMethod = "anthropic"
+    """How dead features are revived (core/sae/resample.py): anthropic: directions of poorly
+    reconstructed inputs drawn by loss^2; rare: rare-feature vectors of the worst-reconstructed
+    inputs; reinit: random directions (the plain re-initialisation "My best guess at the important
+    tricks for training 1L SAEs" compares with). All three reset norms and optimizer state alike."""
     rewarm_after_resample: bool = True
     """Re-warm the LR after each resample ("My best guess at the important tricks for training 1L SAEs")."""
     rewarm_steps: int = 50
@@ -286,6 +315,20 @@ class SaeConfig:
         _check(0 <= self.l1_warmup_fraction < 1, "sae.l1_warmup_fraction", "must be in [0, 1)")
         _check(0 <= self.max_dead_fraction <= 1, "sae.max_dead_fraction", "must be in [0, 1]")
         _check(self.checkpoint_every >= 1, "sae.checkpoint_every", "must be >= 1")
+        # Whole numbers as ints, so that [500, 1000] hashes as it did when the field held ints.
+        object.__setattr__(self, "resample_steps", tuple(
+            int(v) if float(v).is_integer() else float(v) for v in self.resample_steps))
+        if self.resample:
+            try:
+                resolve_resample_steps(self.resample_steps, self.total_steps)
+            except ValueError as exc:
+                raise ConfigError(f"config key 'sae.resample_steps' {exc}; the runs of sae.sweep points "
+                                  f"{keys} have {self.total_steps} steps (sae.train_tokens // sae.batch_size)") from exc
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of each sweep point's training run."""
+        return max(1, self.train_tokens // self.batch_size)
 
     def point(self, key: str) -> DictionaryPoint:
         for candidate in self.sweep:
@@ -348,6 +391,31 @@ class FeaturesConfig:
     def samples_kept(self) -> int:
         """The uniform sample's size per feature (sample_k, or 10 x top_k)."""
         return self.sample_k or 10 * self.top_k
+
+
+SpecialTokenIds = Literal["auto"] | tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SpecialTokensConfig:
+    """Special tokens (BOS, EOS, padding): the language model still sees them, but their
+    positions are no dictionary's business. Resolved against the tokenizer by
+    `core.corpus.special_tokens.resolve_special_token_ids`."""
+
+    exclude: bool = True
+    """Keep special-token positions out of SAE training, out of sae_metrics' scores (the
+    reconstruction is spliced in at the other positions only) and out of the feature statistics
+    and examples. false: they are ordinary tokens."""
+    token_ids: SpecialTokenIds = "auto"
+    """Which token ids are special: 'auto' = the tokenizer's end-of-text id and every token its
+    tokenizer.json flags special (BOS, EOS, padding), or a list of ids. The browser marks them in
+    context windows either way."""
+
+    def __post_init__(self) -> None:
+        if self.token_ids != "auto":
+            object.__setattr__(self, "token_ids", tuple(int(i) for i in self.token_ids))
+            for i, token_id in enumerate(self.token_ids):
+                _check(token_id >= 0, f"special_tokens.token_ids[{i}]", f"is {token_id}; token ids are >= 0")
 
 
 @dataclass(frozen=True)
@@ -433,6 +501,38 @@ class AttributionConfig:
 
 
 @dataclass(frozen=True)
+class ProbingConfig:
+    """k-sparse probing of each dictionary (sae_probing), after SAEBench's sparse probing: one
+    label against the rest, on documents pooled from the language model's held-out sequences
+    (labels: `core.corpus.labels.document_label`, e.g. the module a docstring comes from)."""
+
+    k_values: tuple[int, ...] = (1, 2, 5, 20)
+    """Latents per sparse probe: the k with the largest difference of class means on the training split."""
+    tasks: tuple[str, ...] = ()
+    """Labels probed one-vs-rest; empty = the `num_tasks` most frequent labels with enough documents."""
+    num_tasks: int = 8
+    """With `tasks` empty: how many of the most frequent labels are probed."""
+    min_documents: int = 10
+    """A task needs this many documents of its label (and as many of others) in the sample, else it is skipped."""
+    test_fraction: float = 0.25
+    """Fraction of each task's documents (per class) held out to score the probes."""
+    sequences: int = 4096
+    """Held-out sequences pooled into documents: a seeded uniform sample (by probing.seed)."""
+    seed: int = 0
+    """Seed of the sequence sample, the negatives drawn for each task and its train/test split."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.k_values) >= 1 and min(self.k_values) >= 1, "probing.k_values", "must list integers >= 1")
+        _check(len(set(self.k_values)) == len(self.k_values), "probing.k_values", "has duplicates")
+        _check(len(set(self.tasks)) == len(self.tasks), "probing.tasks", "has duplicates")
+        _check(self.num_tasks >= 1, "probing.num_tasks", "must be >= 1")
+        _check(self.min_documents >= 2, "probing.min_documents", "must be >= 2 (a train and a test document)")
+        _check(0.0 < self.test_fraction < 1.0, "probing.test_fraction", "must be in (0, 1)")
+        _check(self.sequences >= 1, "probing.sequences", "must be >= 1")
+        _check(self.seed >= 0, "probing.seed", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -443,8 +543,14 @@ class RunConfig:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    special_tokens: SpecialTokensConfig = field(default_factory=SpecialTokensConfig)
+    probing: ProbingConfig = field(default_factory=ProbingConfig)
 
     def __post_init__(self) -> None:
+        if self.tokenizer.kind == "bpe" and self.special_tokens.token_ids != "auto":
+            for i, token_id in enumerate(self.special_tokens.token_ids):
+                _check(token_id < self.tokenizer.vocab_size, f"special_tokens.token_ids[{i}]",
+                       f"is {token_id}, not below tokenizer.vocab_size ({self.tokenizer.vocab_size})")
         if self.model.kind == "named":
             _check(self.tokenizer.kind == "pretrained", "tokenizer.kind",
                    "must be 'pretrained' when model.kind is 'named' (a named model brings its own)")
@@ -470,6 +576,12 @@ class RunConfig:
     def feature_dictionary(self) -> DictionaryPoint:
         """The sweep point the feature browser serves (features.dictionary, or the first)."""
         return self.sae.point(self.features.dictionary) if self.features.dictionary else self.sae.sweep[0]
+
+    @property
+    def special_token_exclusion(self) -> str | tuple[int, ...]:
+        """The special tokens kept out of training, evaluation and the feature statistics:
+        special_tokens.token_ids when special_tokens.exclude is on, else none (())."""
+        return self.special_tokens.token_ids if self.special_tokens.exclude else ()
 
     @property
     def sae_hook(self) -> str:
@@ -506,6 +618,14 @@ def config_hash(values: dict[str, Any]) -> str:
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check `value` against a field annotation and return it in the field's type."""
     origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):  # e.g. 'auto' or a list of ids: the first form that fits
+        problems = []
+        for form in typing.get_args(annotation):
+            try:
+                return _coerce(value, form, key)
+            except ConfigError as exc:
+                problems.append(str(exc).removeprefix(f"config key '{key}' "))
+        raise ConfigError(f"config key '{key}' is {value!r}, which fits none of its forms: {'; or '.join(problems)}")
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:

@@ -5,7 +5,8 @@
     context_gather [shard]                   pass 1: each range's windows in the shard, encoded there
     context_windows [feature range]          pass 2: every shard's windows of the range, checked
     site_json [feature range]                one JSON document per feature + index rows
-    feature_site                             the static browser (HTML/CSS/JS) with all the data
+    feature_site                             the static browser (HTML/CSS/JS) with all the data and
+                                             the dictionary's overview page
     neuronpedia_export                       (features.neuronpedia_export) Neuronpedia bulk-import files
 
 The dictionary is `features.dictionary` (a sae.sweep key). `build_feature_assets(key)` makes
@@ -29,7 +30,13 @@ from sae_assets.defs.common import (
     read_upstream,
     result,
 )
-from sae_assets.defs.corpus_assets import load_tokenizer, token_shards, tokenizer
+from sae_assets.defs.corpus_assets import (
+    excluded_token_ids,
+    load_tokenizer,
+    special_token_ids,
+    token_shards,
+    tokenizer,
+)
 from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary
 from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.model_assets import language_model, load_language_model
@@ -78,16 +85,16 @@ def range_of(partition: str, sae, dictionary: str) -> tuple[int, int]:
     return lo, hi
 
 
-_SAMPLING = ("feature_dictionary", "features.top_k", "features.sample_k", "features.seed")
+_SAMPLING = ("feature_dictionary", "features.top_k", "features.sample_k", "features.seed", "special_token_exclusion")
 _SHOWN = ("features.random_examples", "features.activation_levels", "features.examples_per_level")
 _WINDOW = ("feature_dictionary", "features.window_before", "features.window_after")
-FEATURE_SAMPLES = AssetIdentity("feature_samples", version="2", device="features.device", keys=_SAMPLING)
-FEATURE_EXAMPLES = AssetIdentity("feature_examples", version="2", keys=(*_SAMPLING, *_SHOWN))
+FEATURE_SAMPLES = AssetIdentity("feature_samples", version="3", device="features.device", keys=_SAMPLING)
+FEATURE_EXAMPLES = AssetIdentity("feature_examples", version="3", keys=(*_SAMPLING, *_SHOWN))
 CONTEXT_GATHER = AssetIdentity("context_gather", version="5", device="features.device", keys=_WINDOW)
 CONTEXT_WINDOWS = AssetIdentity("context_windows", version="3", device="features.device", keys=_WINDOW)
-SITE_JSON = AssetIdentity("site_json", version="2", pool="model", device="features.device", keys=(
-    "feature_dictionary", "features.logit_effects", "features.activation_levels"))
-FEATURE_SITE = AssetIdentity("feature_site", version="3", keys=("feature_dictionary",))  # 3: weight panels
+SITE_JSON = AssetIdentity("site_json", version="3", pool="model", device="features.device", keys=(  # 3: special tokens
+    "feature_dictionary", "features.logit_effects", "features.activation_levels", "special_tokens.token_ids"))
+FEATURE_SITE = AssetIdentity("feature_site", version="5", keys=("feature_dictionary",))  # 5: the overview page
 NEURONPEDIA_EXPORT = AssetIdentity("neuronpedia_export", version="2", keys=(  # 2: bulk-import jsonl layout
     "model.name", "sae_hook", "feature_dictionary", "corpus.source", "corpus.hf_name", "tokenizer.context_length"))
 
@@ -137,12 +144,13 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         deps=[cached_activations, *dictionary],
         description="For each feature of the range over the shard's tokens: exact top-K activations (ties by "
         "global token index), a uniform bottom-k-by-hash sample of activating tokens, count/sum/max and a "
-        "log-spaced histogram.",
+        "log-spaced histogram. Special tokens (special_tokens.exclude) are not offered: n_tokens counts the rest.",
     )
     def feature_samples(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
         import pyarrow.compute as pc
 
         from resources.arrow_files import open_ipc_table
+        from sae_assets.core.corpus.special_tokens import drop_special_rows
         from sae_assets.core.features import sampling as features
 
         cfg, store = settings.load(), storage.store()
@@ -150,10 +158,13 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         sae, sae_manifest, upstream = browsed_dictionary(store, cfg, cfg.features.device)
         lo, hi = range_of(frange, sae, dictionary_key)
         [acts], versions = read_upstream(store, "cached_activations", [shard])
-        table = open_ipc_table(store.fetch(acts, ACTIVATIONS_FILE))
+        excluded, tokenizer_version = excluded_token_ids(store, cfg)
+        versions.update(tokenizer_version)
+        table = drop_special_rows(open_ipc_table(store.fetch(acts, ACTIVATIONS_FILE)), excluded,
+                                  columns=["token_index", sae_manifest.extra["hook"]])
         started = time.perf_counter()
         samples = features.sample_activation_table(
-            table, hook=sae_manifest.extra["hook"], encode_range=lambda x: sae.encode_range(x, lo, hi), lo=lo,
+            table, hook=sae_manifest.extra["hook"], encode_range=lambda x: sae.encode_range(x, lo, hi, rectify=False), lo=lo,
             hi=hi, top_k=cfg.features.top_k, sample_k=cfg.features.samples_kept, seed=cfg.features.seed,
             batch_size=cfg.features.batch_size, device=cfg.features.device, progress_log=progress_log(context))
         seconds = time.perf_counter() - started
@@ -316,6 +327,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         model, model_manifest = load_language_model(store, device=cfg.features.device)
         tok, tok_manifest = load_tokenizer(store)
         token_strings = site_data.token_strings(tok)
+        special_ids, _ = special_token_ids(store, cfg)  # marked in the windows, whether or not excluded
 
         def documents_of(frange: str):
             sae, lo, hi, examples, upstream = range_inputs(store, cfg, frange)
@@ -330,7 +342,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
                 logits=panels.logit_effects(directions, model.W_U.detach(), cfg.features.logit_effects),
                 neighbours=panels.nearest_features(sae.decoder_directions(), lo, hi),
                 alignment=panels.neuron_alignment(directions), cofiring=cofiring,
-                activation_levels=cfg.features.activation_levels, dictionary=dictionary_key)
+                activation_levels=cfg.features.activation_levels, dictionary=dictionary_key,
+                special_ids=special_ids)
             upstream.update(window_versions, language_model=model_manifest.data_version,
                             tokenizer=tok_manifest.data_version)
             with SITE_JSON.writer(store, cfg, frange, upstream=upstream) as out:
@@ -346,16 +359,22 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
 
     @FEATURE_SITE.asset(
         group_name="features",
-        deps=[dg.AssetDep(site_json, partition_mapping=dg.AllPartitionMapping())],
+        deps=[dg.AssetDep(site_json, partition_mapping=dg.AllPartitionMapping()), dictionary[0],
+              dg.AssetDep("sae_metrics", partition_mapping=dg.AllPartitionMapping())],  # the frontier: every point
         description="The static feature browser: index.html, app.js, style.css, a chunked index (list pages, "
-        "sorted orders, token search) and one script per feature; open index.html from disk or serve the "
-        "directory from any static host.",
+        "sorted orders, token search), one script per feature with its lineage, the dictionary's overview page "
+        "(density histogram, dead and dense counts, L0, loss recovered, training curves, the sweep's frontier) "
+        "and what changed since the previous build, and why; open index.html from disk or serve the directory "
+        "from any static host.",
     )
     def feature_site(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
-        store = storage.store()
+        store, cfg = storage.store(), settings.load()
         parts, upstream = read_upstream(store, "site_json", feature_range_keys(context.instance))
-        with FEATURE_SITE.writer(store, settings.load(), None, upstream=upstream) as out:
-            n_features = write_site(out, store, parts, dictionary=dictionary_key)
+        overview, overview_upstream = overview_builder(store, cfg, dictionary_key)
+        upstream.update(overview_upstream)
+        previous = store.manifest("feature_site", None)  # the last build: what changed since
+        with FEATURE_SITE.writer(store, cfg, None, upstream=upstream) as out:
+            n_features = write_site(out, store, parts, dictionary=dictionary_key, overview=overview, previous=previous)
         index = out.manifest.files["index.html"]
         return result(out.manifest, store, {"features": n_features, "open": dg.MetadataValue.path(
             store.describe() + "/" + index.key)}, content_version=True)
@@ -378,6 +397,35 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
 
         assets.append(neuronpedia_export)
     return assets
+
+
+def overview_builder(store, cfg: RunConfig, dictionary: str):
+    """(overview(density_F, n_tokens) -> the overview document, upstream versions): this
+    dictionary's metrics and training curve and every sweep point's metrics that exist (the
+    frontier shows the points measured so far; each one's version is part of the site's lineage)."""
+    import polars as pl
+
+    from sae_assets.core.features.overview import dictionary_overview
+
+    upstream, metrics_by_point = {}, {}
+    for point in cfg.sae.sweep:
+        manifest = store.manifest("sae_metrics", point.key)
+        metrics_by_point[point.key] = manifest.extra.get("metrics") if manifest is not None else None
+        if manifest is not None:
+            upstream[f"sae_metrics[{point.key}]"] = manifest.data_version
+    curve = []
+    trained = store.manifest("sae_dictionary", dictionary)
+    if trained is not None:
+        upstream[f"sae_dictionary[{dictionary}]"] = trained.data_version
+        if "training_curve.parquet" in trained.files:
+            curve = pl.read_parquet(store.fetch(trained, "training_curve.parquet")).to_dicts()
+
+    def overview(density_F, n_tokens: int) -> dict:
+        return dictionary_overview(density_F, dictionary=dictionary, n_tokens=n_tokens,
+                                   metrics=metrics_by_point.get(dictionary), curve=curve,
+                                   metrics_by_point=metrics_by_point)
+
+    return overview, upstream
 
 
 def gathered_windows_file(feature_range: str) -> str:

@@ -4,7 +4,8 @@ The site is flat (every file in one directory; the store's file names have no fo
 it opens from file:// and from any static host or bucket prefix as it is: index.html, app.js,
 style.css (packaged in sae_assets/site/), `site-meta.js`, the chunked index of
 `sae_assets.core.features.site_index` (`index-<n>.js`, `by-density-<n>.js`, `by-max-<n>.js`,
-`search-<b>.js`, `tokens-<n>.js`) and one `feature-<id>.js` per feature, so that no page loads
+`search-<b>.js`, `tokens-<n>.js`), one `feature-<id>.js` per feature and the overview page's
+`dictionary-overview.js`, so that no page loads
 more than its own files. Data are scripts rather than JSON because browsers refuse fetch() on
 file:// pages; JSON inside a script has `<`, `>`, `&` and U+2028/2029 escaped, so no corpus
 text can close a tag or break the statement. `write_site_files` takes plain iterators, so the
@@ -21,9 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # core (and numpy) load when a site is written, not with the code location
+    import numpy as np
+
     from sae_assets.core.features.site_index import SiteRange
 
-STATIC_FILES = ("index.html", "app.js", "style.css")
+STATIC_FILES = ("index.html", "app.js", "site-views.js", "style.css")
+OVERVIEW_FILE = "dictionary-overview.js"
+"""The overview page's data (`sae_assets.core.features.overview`), loaded when the page opens."""
+CHANGES_FILE = "site-changes.js"
+"""What changed since the previous build (`sae_assets.core.features.changes`), for #changes."""
 INDEX_ROWS_FILE = "index-rows.json"
 
 
@@ -43,8 +50,22 @@ def feature_script_name(feature: int) -> str:
     return f"feature-{feature:06d}.js"
 
 
-def write_site_files(path: Callable[[str], Path], ranges: Iterable[SiteRange], *, dictionary: str) -> int:
-    """Write the whole site through `path(name)` (a partition writer's `out.path`); return the feature count."""
+def read_feature_script(text: str) -> tuple[dict, dict | None]:
+    """(document, lineage or None) of a `feature-<id>.js` script: `SAE_SITE.feature(doc[, lineage]);`."""
+    decoder, start = json.JSONDecoder(), len("SAE_SITE.feature(")
+    doc, end = decoder.raw_decode(text, start)
+    lineage = decoder.raw_decode(text, end + 2)[0] if text.startswith(", ", end) else None
+    return doc, lineage
+
+
+def write_site_files(path: Callable[[str], Path], ranges: Iterable[SiteRange], *, dictionary: str,
+                     overview: Callable[[np.ndarray, int], dict] | None = None, changes: dict | None = None) -> int:
+    """Write the whole site through `path(name)` (a partition writer's `out.path`); return the feature count.
+
+    `overview(density_F, n_tokens)` gives the overview page's document from every feature's
+    density (`sae_assets.core.features.overview.dictionary_overview`); without it the page says
+    that the site has none. `changes`: what changed since the previous build, for #changes.
+    A range's `lineage` goes into each of its feature scripts as the callback's second argument."""
     from sae_assets.core.features.site_index import SiteIndex, escape_script_text
 
     static = package_files.files("sae_assets") / "site"
@@ -53,31 +74,109 @@ def write_site_files(path: Callable[[str], Path], ranges: Iterable[SiteRange], *
     index, n_tokens, edges = SiteIndex(), 0, []
     for part in ranges:
         n_tokens, edges = part.n_tokens, part.hist_edges
+        lineage = "" if part.lineage is None else ", " + script_json(part.lineage)
         for feature, text in part.documents:
             # The stored document is JSON already: escaping it is enough, no parse and re-dump.
-            path(feature_script_name(feature)).write_text(f"SAE_SITE.feature({escape_script_text(text)});\n")
+            path(feature_script_name(feature)).write_text(f"SAE_SITE.feature({escape_script_text(text)}{lineage});\n")
         for row in part.rows:
             for name, text in index.add(row):
                 path(name).write_text(text)
     for name, text in index.finish(dictionary=dictionary, n_tokens=n_tokens, hist_edges=edges):
         path(name).write_text(text)
+    if overview is not None:
+        path(OVERVIEW_FILE).write_text(f"SAE_OVERVIEW.data({script_json(overview(index.densities(), n_tokens))});\n")
+    if changes is not None:
+        path(CHANGES_FILE).write_text(f"SAE_CHANGES.data({script_json(changes)});\n")
     return len(index)
 
 
-def write_site(out, store, parts, *, dictionary: str) -> int:
-    """Write the browser into the partition writer `out` from the site_json manifests `parts`."""
+def changes_basis(previous, parts) -> dict[str, str] | None:
+    """The site_json versions a build lists its changes against: those of the `previous`
+    feature_site build, or, when that build used the very versions of `parts` (a rebuild with
+    nothing changed), the basis it used itself, so that the same inputs give the same bytes."""
+    from resources import keys
+
+    if previous is None:
+        return None
+    used = {k: v for k, v in previous.upstream.items() if k.startswith("site_json[")}
+    if used == {keys.describe("site_json", m.partition): m.data_version for m in parts}:
+        return previous.extra.get("changes_basis")
+    return used
+
+
+def write_site(out, store, parts, *, dictionary: str, overview: Callable[[np.ndarray, int], dict] | None = None,
+               previous=None) -> int:
+    """Write the browser into the partition writer `out` from the site_json manifests `parts`;
+    `previous`: the last build's feature_site manifest, to list what changed since."""
     from sae_assets.core.features.site_index import SiteRange
+
+    basis = changes_basis(previous, parts)
+    lineages, changes = site_lineage(store, parts, basis)
+    out.extra["changes_basis"] = basis
 
     def ranges():
         for manifest in parts:  # one range's rows in memory at a time; documents read one by one
             documents = ((int(name[len("feature-"):-len(".json")]), store.read_bytes(manifest, name).decode())
                          for name in feature_files(manifest))
             yield SiteRange(json.loads(store.read_bytes(manifest, INDEX_ROWS_FILE)), documents,
-                            manifest.extra["n_tokens"], manifest.extra["hist_edges"])
+                            manifest.extra["n_tokens"], manifest.extra["hist_edges"], lineages[manifest.partition])
 
-    n_features = write_site_files(out.path, ranges(), dictionary=dictionary)
+    n_features = write_site_files(out.path, ranges(), dictionary=dictionary, overview=overview, changes=changes)
     out.extra.update(features=n_features, dictionary=dictionary)
     return n_features
+
+
+def site_lineage(store, parts, basis: dict[str, str] | None) -> tuple[dict[str, dict], dict]:
+    """({range: its feature pages' lineage}, what changed since the build whose site_json
+    versions are `basis` ({'site_json[<range>]': version}; None: no earlier build)) from the
+    site_json manifests `parts` and the manifests they and the basis name."""
+    import datetime
+    import hashlib
+
+    from resources import keys
+    from resources.manifest import ArtifactMissingError
+    from sae_assets.core.features import changes as site_changes
+
+    def examples_upstream(manifest) -> dict:
+        for key, version in manifest.upstream.items():
+            asset, partition = site_changes.split_key(key)
+            if asset == "feature_examples":
+                try:
+                    return store.manifest_at(asset, partition, version).upstream
+                except ArtifactMissingError:  # collected past retention: the shards are unknown
+                    return {}
+        return {}
+
+    lineages, ranges = {}, []
+    for manifest in parts:
+        frange, upstream = manifest.partition, examples_upstream(manifest)
+        lineage = site_changes.lineage_of(manifest.upstream, upstream, feature_range=frange,
+                                          site_json_version=manifest.data_version)
+        when = store.committed_at(manifest)
+        lineage["computed"] = (datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                               if when is not None else None)
+        lineages[frange] = lineage
+        used = basis.get(keys.describe("site_json", frange)) if basis is not None else None
+        if basis is None or used == manifest.data_version:
+            continue
+        if used is None:  # a range the previous build did not have
+            ranges.append(site_changes.range_changes(frange, None, manifest.files, ["a new feature range"]))
+            continue
+        try:
+            old = store.manifest_at("site_json", frange, used)
+        except ArtifactMissingError:
+            ranges.append({**site_changes.range_changes(frange, None, manifest.files, []), "added": [],
+                           "reasons": ["unknown: the previous build's pages were collected (storage.gc_keep_versions)"]})
+            continue
+        reasons = site_changes.change_reasons(
+            {"upstream": old.upstream, "config_hash": old.config_hash, "code_version": old.code_version},
+            {"upstream": manifest.upstream, "config_hash": manifest.config_hash, "code_version": manifest.code_version},
+            examples_upstream=(examples_upstream(old), upstream))
+        ranges.append(site_changes.range_changes(frange, old.files, manifest.files, reasons))
+    built = None if basis is None else hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:12]
+    changes = {"previous_build": built, "ranges": ranges,
+               "changed_features": sum(sum(r["counts"].values()) for r in ranges)}
+    return lineages, changes
 
 
 def neuronpedia_names(cfg):

@@ -23,22 +23,7 @@
   var chunks = {}, loadedOrder = [], waiting = {};  // loaded chunks by name; callbacks waiting for a script
   var page = 0, generation = 0, searchTimer = null;  // a list render drops its result if a newer one began
 
-  function el(tag, attrs, children) {
-    var node = document.createElement(tag);
-    Object.keys(attrs || {}).forEach(function (k) {
-      if (k === "text") node.textContent = attrs[k];
-      else if (k === "class") node.className = attrs[k];
-      else node.setAttribute(k, attrs[k]);
-    });
-    (children || []).forEach(function (c) { node.appendChild(typeof c === "string" ? document.createTextNode(c) : c); });
-    return node;
-  }
-
-  function fmt(x) {
-    if (x === 0) return "0";
-    var a = Math.abs(x);
-    return a >= 1000 || a < 0.001 ? x.toExponential(2) : x.toPrecision(3);
-  }
+  var el = window.SAE_UI.el, fmt = window.SAE_UI.fmt;  // site-views.js, loaded first
 
   function pad(id) { var s = String(id); while (s.length < 6) s = "0" + s; return s; }
 
@@ -78,7 +63,8 @@
       delete waiting[name];
       callbacks.forEach(function (c) { c[0](data); });
     },
-    feature: function (doc) {
+    feature: function (doc, lineage) {  // lineage: the range's provenance (core/features/changes.py)
+      if (lineage) doc.lineage = lineage;
       features[doc.feature] = doc;
       var done = pendingFeature[doc.feature];
       delete pendingFeature[doc.feature];
@@ -182,8 +168,11 @@
     view.appendChild(el("p", {text: message}));
   }
 
-  function tokenSpan(token, act, max, isCenter) {
-    var span = el("span", {"class": "tok" + (isCenter ? " center" : ""), title: token.length ? fmt(act) : ""});
+  // A special token (BOS/EOS/padding: example.special lists its window positions) shows as a chip
+  // of class "special"; with special_tokens.exclude on, no feature is ranked by it.
+  function tokenSpan(token, act, max, isCenter, isSpecial) {
+    var span = el("span", {"class": "tok" + (isCenter ? " center" : "") + (isSpecial ? " special" : ""),
+                           title: token.length ? fmt(act) : ""});
     span.setAttribute("data-act", String(act));
     var parts = token.split("\n");
     parts.forEach(function (part, i) {
@@ -196,7 +185,10 @@
 
   function exampleRow(example, max) {
     var row = el("div", {"class": "example"}, [el("span", {"class": "value", text: fmt(example.activation)})]);
-    example.tokens.forEach(function (t, i) { row.appendChild(tokenSpan(t, example.acts[i], max, i === example.center)); });
+    var special = example.special || [];
+    example.tokens.forEach(function (t, i) {
+      row.appendChild(tokenSpan(t, example.acts[i], max, i === example.center, special.indexOf(i) >= 0));
+    });
     return row;
   }
 
@@ -261,6 +253,15 @@
       numberTable("neuron-alignment", "Neuron alignment", ["dimension", "weight", "of L1"], aligned)]);
   }
 
+  function lineageLine(l) {  // where this page comes from: dictionary version, data shards, when
+    var short = function (v) { return v ? String(v).slice(0, 12) : "\u2013"; };
+    return el("div", {"class": "lineage", id: "lineage"}, [
+      el("span", {}, ["dictionary ", el("b", {text: String(l.dictionary)}), " v" + short(l.dictionary_version)]),
+      el("span", {}, ["examples from ", el("b", {text: l.shards || "unknown shards"})]),
+      el("span", {}, ["computed ", el("b", {text: l.computed || "\u2013"})]),
+      el("span", {}, ["pages v" + short(l.site_json_version) + " \u00b7 ", el("a", {href: "#changes", text: "what changed"})])]);
+  }
+
   function renderFeature(doc) {
     var view = document.getElementById("feature-view");
     view.textContent = "";
@@ -270,6 +271,7 @@
       el("span", {}, ["fired on ", el("b", {text: String(doc.count)}), " tokens"]),
       el("span", {}, ["max ", el("b", {text: fmt(doc.max)})]),
       el("span", {}, ["mean when active ", el("b", {text: fmt(doc.mean)})])]));
+    if (doc.lineage) view.appendChild(lineageLine(doc.lineage));
     view.appendChild(el("h3", {text: "Activation histogram (log-spaced bins)"}));
     view.appendChild(histogram(doc.histogram, META.hist_edges));
     view.appendChild(el("div", {"class": "columns"}, [logitTable("Promoted tokens", doc.logits.top),
@@ -291,10 +293,17 @@
   }
 
   function route() {
-    var match = /^#feature=(\d+)$/.exec(location.hash);
-    document.getElementById("list-view").hidden = !!match;
+    var match = /^#feature=(\d+)$/.exec(location.hash), overview = location.hash === "#overview";
+    var changes = location.hash === "#changes";
+    document.getElementById("list-view").hidden = !!match || overview || changes;
     document.getElementById("feature-view").hidden = !match;
-    if (match) {  // a feature page loads its own script and nothing of the list
+    document.getElementById("overview-view").hidden = !overview;
+    document.getElementById("changes-view").hidden = !changes;
+    if (overview) {  // site-views.js: loads dictionary-overview.js and nothing else
+      window.SAE_OVERVIEW.show(document.getElementById("overview-view"));
+    } else if (changes) {  // site-views.js: loads site-changes.js and nothing else
+      window.SAE_CHANGES.show(document.getElementById("changes-view"));
+    } else if (match) {  // a feature page loads its own script and nothing of the list
       var view = document.getElementById("feature-view");
       view.textContent = "loading\u2026";
       loadFeature(parseInt(match[1], 10), function (doc) { renderFeature(doc); document.body.setAttribute("data-loaded", String(doc.feature)); });

@@ -47,6 +47,8 @@ class SiteRange(NamedTuple):
     """(feature, the feature's JSON document as text), read lazily."""
     n_tokens: int
     hist_edges: list[float]
+    lineage: dict | None = None
+    """What the range's feature pages show of their provenance (`changes.lineage_of`), if known."""
 
 
 def escape_script_text(json_text: str) -> str:
@@ -90,6 +92,10 @@ class SiteIndex:
         self._interned: dict[str, int] = {}
         self._postings: dict[str, array] = {}
         self._pending: list[list] = []
+
+    def densities(self) -> np.ndarray:
+        """(F,) float64: the density of every feature added so far, in the order added."""
+        return np.frombuffer(self._density, dtype=np.float64).copy() if self._ids else np.zeros(0)
 
     def __len__(self) -> int:
         return len(self._ids)
