@@ -15,6 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+FEATURE_RANGE_PREFIX = "features-"
+"""How a feature-range partition key begins: `features-<lo>-<hi - 1>` (sae_assets.defs.partitions)."""
+
 MAX_PARTITIONS_PER_ASSET = 100_000
 """Dagster's recommended ceiling of partitions per asset (more slows the UI and the daemon)."""
 

@@ -11,7 +11,7 @@ shards with feature ranges (keys like `features-00000-00255|shard-0000`). Traini
 import dagster as dg
 
 from sae_assets.core.config import ConfigError, RunConfig
-from sae_assets.core.partition_budget import MAX_PARTITIONS_PER_ASSET, budget_problem
+from sae_assets.core.partition_budget import FEATURE_RANGE_PREFIX, MAX_PARTITIONS_PER_ASSET, budget_problem
 
 SHARDS = dg.DynamicPartitionsDefinition(name="shards")
 BUCKETS = dg.DynamicPartitionsDefinition(name="buckets")
@@ -25,7 +25,7 @@ _SIZE_KEYS = {"shards": "corpus.num_shards / corpus.documents_per_shard", "bucke
               "step_ranges": "attribution.steps_per_range"}
 """The config keys that set each dynamic partitions definition's size, for errors."""
 _PREFIX = {SHARDS.name: "shard-", BUCKETS.name: "bucket-"}
-_RANGE_PREFIX = "features-"
+_RANGE_PREFIX = FEATURE_RANGE_PREFIX
 
 
 def _key(kind: str, index: int) -> str:

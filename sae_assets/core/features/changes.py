@@ -23,9 +23,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from sae_assets.core.partition_budget import FEATURE_RANGE_PREFIX
+
 _FEATURE_FILE = re.compile(r"feature-(\d+)\.json$")
-RANGE_PREFIX = "features-"
-"""How feature-range partition keys begin (sae_assets.defs.partitions)."""
 _KEY = re.compile(r"^(?P<asset>[a-z_]+)(?:\[(?P<partition>.*)\])?$")
 
 
@@ -54,7 +54,7 @@ def shards_of(keys: Iterable[str]) -> list[str]:
     for key in keys:
         asset, partition = split_key(key)
         if partition and asset in ("feature_samples", "cached_activations", "context_gather", "token_shards"):
-            shards.update(p for p in partition.split("|") if not p.startswith(RANGE_PREFIX))
+            shards.update(p for p in partition.split("|") if not p.startswith(FEATURE_RANGE_PREFIX))
     return sorted(shards)
 
 

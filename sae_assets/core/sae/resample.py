@@ -24,18 +24,18 @@ tests/test_resample_rare.py, tests/test_training_tricks.py; toy comparison: benc
 
 from __future__ import annotations
 
-from typing import Literal
+import typing
 
 import torch
 from torch import Tensor
 
+from sae_assets.core.config import ResampleMethod
 from sae_assets.core.sae.base import SparseAutoencoder
 from sae_assets.core.sae.init import minibatch_kmeans, unit_rows
 
 # Letter key: B batch rows, D input width, F features, R resampled features, M poorly reconstructed inputs.
 
-ResampleMethod = Literal["anthropic", "rare", "reinit"]
-RESAMPLE_METHODS: tuple[str, ...] = ("anthropic", "rare", "reinit")
+RESAMPLE_METHODS: tuple[str, ...] = typing.get_args(ResampleMethod)  # as sae.resample_method allows
 
 ENCODER_NORM_FACTOR = 0.2
 """New encoder columns get this fraction of the mean live encoder norm (Anthropic)."""
