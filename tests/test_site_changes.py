@@ -103,6 +103,11 @@ def test_site_lineage_lists_changed_pages_and_why(two_builds):
         out.extra["changes_basis"] = basis
     assert site_files.changes_basis(out.manifest, [current]) == basis
     assert site_files.site_lineage(store, [current], basis)[1] == listed
+    # A range the last build showed keeps the time it showed, though a rerun re-put its history copy
+    shown = {RANGE: {**lineage, "computed": "2020-01-01 00:00 UTC"}}
+    assert site_files.site_lineage(store, [current], basis, shown)[0][RANGE]["computed"] == "2020-01-01 00:00 UTC"
+    older = {RANGE: {**lineage, "site_json_version": "0" * 24, "computed": "2020-01-01 00:00 UTC"}}
+    assert site_files.site_lineage(store, [current], basis, older)[0][RANGE]["computed"] == lineage["computed"]
     assert site_files.site_lineage(store, [current], None)[1] == {"previous_build": None, "ranges": [],
                                                                   "changed_features": 0}
 

@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # core (and numpy) load when a site is written, not with the 
 STATIC_FILES = ("index.html", "app.js", "site-views.js", "style.css")
 OVERVIEW_FILE = "dictionary-overview.js"
 """The overview page's data (`sae_assets.core.features.overview`), loaded when the page opens."""
+LINEAGE_FILE = "site-lineage.json"
+"""Each range's lineage as the build showed it, so that the next build keeps a range's time."""
 CHANGES_FILE = "site-changes.js"
 """What changed since the previous build (`sae_assets.core.features.changes`), for #changes."""
 INDEX_ROWS_FILE = "index-rows.json"
@@ -111,8 +113,11 @@ def write_site(out, store, parts, *, dictionary: str, overview: Callable[[np.nda
     from sae_assets.core.features.site_index import SiteRange
 
     basis = changes_basis(previous, parts)
-    lineages, changes = site_lineage(store, parts, basis)
+    earlier = (json.loads(store.read_bytes(previous, LINEAGE_FILE))
+               if previous is not None and LINEAGE_FILE in previous.files else None)
+    lineages, changes = site_lineage(store, parts, basis, earlier)
     out.extra["changes_basis"] = basis
+    out.path(LINEAGE_FILE).write_text(json.dumps(lineages, sort_keys=True))
 
     def ranges():
         for manifest in parts:  # one range's rows in memory at a time; documents read one by one
@@ -126,10 +131,13 @@ def write_site(out, store, parts, *, dictionary: str, overview: Callable[[np.nda
     return n_features
 
 
-def site_lineage(store, parts, basis: dict[str, str] | None) -> tuple[dict[str, dict], dict]:
+def site_lineage(store, parts, basis: dict[str, str] | None,
+                 earlier: dict[str, dict] | None = None) -> tuple[dict[str, dict], dict]:
     """({range: its feature pages' lineage}, what changed since the build whose site_json
     versions are `basis` ({'site_json[<range>]': version}; None: no earlier build)) from the
-    site_json manifests `parts` and the manifests they and the basis name."""
+    site_json manifests `parts` and the manifests they and the basis name. `earlier`: the last
+    build's lineages; a range whose version it showed keeps the time it showed (a rerun that
+    rewrites the same version re-puts its history copy, whose mtime the time is read from)."""
     import datetime
     import hashlib
 
@@ -152,9 +160,13 @@ def site_lineage(store, parts, basis: dict[str, str] | None) -> tuple[dict[str, 
         frange, upstream = manifest.partition, examples_upstream(manifest)
         lineage = site_changes.lineage_of(manifest.upstream, upstream, feature_range=frange,
                                           site_json_version=manifest.data_version)
-        when = store.committed_at(manifest)
-        lineage["computed"] = (datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-                               if when is not None else None)
+        shown = (earlier or {}).get(frange, {})
+        if shown.get("site_json_version") == manifest.data_version and shown.get("computed"):
+            lineage["computed"] = shown["computed"]
+        else:
+            when = store.committed_at(manifest)
+            lineage["computed"] = (datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime(
+                "%Y-%m-%d %H:%M UTC") if when is not None else None)
         lineages[frange] = lineage
         used = basis.get(keys.describe("site_json", frange)) if basis is not None else None
         if basis is None or used == manifest.data_version:
