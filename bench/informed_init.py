@@ -320,7 +320,7 @@ def plot_ratio(results: dict[Job, Outcome], toy: Toy, caps: dict[int, int], seed
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenarios", default="256,512,1024", help="ground-truth feature counts G (D = 128)")
-    parser.add_argument("--caps", default="2500,1000,300", help="most training steps per scenario")
+    parser.add_argument("--caps", default="2500,4000,6000", help="most training steps per scenario")
     parser.add_argument("--ratio-scenarios", default="256",
                         help="scenarios of the rare-ratio sweep (the write-up: 256,512)")
     parser.add_argument("--resample-scenario", type=int, default=256)
