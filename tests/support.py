@@ -111,3 +111,19 @@ def toy_sae_config(point, steps: int, batch: int, **changes):
                      lr_warmup_steps=5, lr_decay_fraction=0.2, l1_warmup_fraction=0.1, init="data", resample=False,
                      dead_after_tokens=10 * batch, aux_k=16, checkpoint_every=4, seed=0)
     return replace(base, **changes)
+
+
+def fused_and_graph_losses(sae, x, info):
+    """[(LossOutput, {parameter: gradient}, input gradient)] of `sae.loss` (an architecture's fused
+    loss with its own backward) and of the generic autograd graph (`SparseAutoencoder.loss`), in
+    that order, for tests that hold the two equal."""
+    from sae_assets.core.sae.base import SparseAutoencoder
+
+    results = []
+    for loss in (sae.loss, lambda x, info: SparseAutoencoder.loss(sae, x, info)):
+        sae.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(True)
+        out = loss(xg, info)
+        out.total.backward()
+        results.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}, xg.grad.clone()))
+    return results

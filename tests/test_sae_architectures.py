@@ -16,7 +16,7 @@ import json
 
 import pytest
 import torch
-from support import toy_sae_config
+from support import fused_and_graph_losses, toy_sae_config
 from safetensors.torch import load_file
 
 from sae_assets.core.config import ConfigError, DictionaryPoint, ModelConfig, SaeConfig, config_from_dict
@@ -496,14 +496,8 @@ def test_jumprelu_fused_loss_equals_the_autograd_graph(toy):
         sae.log_threshold[0] = 20.0  # never fires
         sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
     x = _sample(toy, 96) * 2.0
-    results = []
-    for loss in (sae.loss, lambda x, info: SparseAutoencoder.loss(sae, x, info)):
-        sae.zero_grad(set_to_none=True)
-        xg = x.clone().requires_grad_(True)
-        out = loss(xg, StepInfo(step=3, total_steps=10))
-        out.total.backward()
-        results.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}, xg.grad.clone()))
-    (fused, fused_grads, fused_gx), (graph, graph_grads, graph_gx) = results
+    (fused, fused_grads, fused_gx), (graph, graph_grads, graph_gx) = fused_and_graph_losses(
+        sae, x, StepInfo(step=3, total_steps=10))
     for name in ("total", "mse", "sparsity", "aux", "l0"):
         assert torch.allclose(getattr(fused, name), getattr(graph, name), rtol=1e-5, atol=1e-6), name
     assert fused.sparsity.item() > 0 and torch.equal(fused.f, graph.f.detach())
