@@ -281,13 +281,14 @@ def start_worker(python: Path, tmp: Path, threads: int) -> Worker:
 
 
 def load_check(worker: Worker, tmp: Path, archs, *, d: int = 32, width: int = 96, k: int = 6,
-               rows: int = 256, seed: int = 0) -> dict[str, dict]:
+               rows: int = 256, seed: int = 0, d_out: int | None = None) -> dict[str, dict]:
     """`compare_with_saelens` for a random SAE of each architecture on random inputs (N(0, 1) plus
-    an offset, so that every architecture has active features)."""
+    an offset, so that every architecture has active features); with `d_out`, transcoders."""
     g = torch.Generator().manual_seed(seed + 1)
     x_ND = torch.randn(rows, d, generator=g) + 0.5 * torch.randn(d, generator=g)
-    return {arch: compare_with_saelens(worker, randomized_sae(arch, d, width, k=k, seed=seed), tmp / f"random-{arch}",
-                                       x_ND, tmp)
+    tag = "random-transcoder" if d_out else "random"
+    return {arch: compare_with_saelens(worker, randomized_sae(arch, d, width, k=k, seed=seed, d_out=d_out),
+                                       tmp / f"{tag}-{arch}", x_ND, tmp)
             for arch in archs}
 
 
@@ -323,11 +324,13 @@ def point_for(args: argparse.Namespace, arch: str) -> DictionaryPoint:
 
 
 @torch.no_grad()
-def randomized_sae(arch: str, d: int, width: int, *, k: int = 4, seed: int = 0, input_scale: float = 2.5):
+def randomized_sae(arch: str, d: int, width: int, *, k: int = 4, seed: int = 0, input_scale: float = 2.5,
+                   d_out: int | None = None):
     """An SAE of `arch` with every parameter and threshold random and input scale `input_scale`
-    (so folding it into the exported weights is exercised), for checks of the saved layout."""
+    (so folding it into the exported weights is exercised), for checks of the saved layout;
+    with `d_out` a transcoder to that width, its output scale 0.4."""
     point = DictionaryPoint(arch, width, float(k) if arch in TOPK_FAMILY else 0.5)
-    sae = make_sae(point, d, SaeConfig(sweep=(point,)))
+    sae = make_sae(point, d, SaeConfig(sweep=(point,)), d_out)
     g = torch.Generator().manual_seed(seed)
     for param in sae.parameters():
         param.copy_(torch.randn(param.shape, generator=g) * (d ** -0.5 if param.ndim == 2 else 0.3))
@@ -337,6 +340,8 @@ def randomized_sae(arch: str, d: int, width: int, *, k: int = 4, seed: int = 0, 
         sae.threshold.fill_(0.3)
         sae.threshold_batches.fill_(1)
     sae.input_scale.fill_(input_scale)
+    if sae.transcoder:
+        sae.output_scale.fill_(0.4)
     return sae
 
 
@@ -344,7 +349,8 @@ def compare_with_saelens(worker: "Worker", sae, directory: Path, x_ND: torch.Ten
     """Save `sae` with save_sae, load it with SAELens' SAE.load_from_disk in the worker, and compare
     encode(x), decode(encode(x)) and decode(our f) on both sides; max abs differences and more."""
     tag = directory.name
-    save_sae(sae, directory, hook_name="blocks.1.hook_resid_post")
+    save_sae(sae, directory, hook_name="blocks.1.hook_resid_post",
+             hook_name_out="blocks.1.hook_mlp_out" if sae.transcoder else None)
     sae = sae.cpu()
     with torch.no_grad():
         f_ND = sae.encode(x_ND)

@@ -113,17 +113,22 @@ def toy_sae_config(point, steps: int, batch: int, **changes):
     return replace(base, **changes)
 
 
-def fused_and_graph_losses(sae, x, info):
+def fused_and_graph_losses(sae, x, info, target=None):
     """[(LossOutput, {parameter: gradient}, input gradient)] of `sae.loss` (an architecture's fused
     loss with its own backward) and of the generic autograd graph (`SparseAutoencoder.loss`), in
-    that order, for tests that hold the two equal."""
+    that order, for tests that hold the two equal. A transcoder's `target` rows go in as its
+    target, and their gradient is in the dict as 'target'."""
     from sae_assets.core.sae.base import SparseAutoencoder
 
     results = []
-    for loss in (sae.loss, lambda x, info: SparseAutoencoder.loss(sae, x, info)):
+    for loss in (sae.loss, lambda x, info, y: SparseAutoencoder.loss(sae, x, info, y)):
         sae.zero_grad(set_to_none=True)
         xg = x.clone().requires_grad_(True)
-        out = loss(xg, info)
+        yg = None if target is None else target.clone().requires_grad_(True)
+        out = loss(xg, info, yg)
         out.total.backward()
-        results.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}, xg.grad.clone()))
+        grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+        if yg is not None:
+            grads["target"] = yg.grad.clone()
+        results.append((out, grads, xg.grad.clone()))
     return results

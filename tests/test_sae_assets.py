@@ -254,7 +254,7 @@ def test_hook_that_was_not_cached_is_refused(trained):
     bad = config_file(directory, load_config(config_path).storage.root,
                       activations={"hook_points": ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"]},
                       sae={"hook_point": "blocks.0.hook_mlp_out"})
-    with pytest.raises(Exception, match=r"sae.hook_point 'blocks.0.hook_mlp_out' is not among the cached hooks"):
+    with pytest.raises(Exception, match=r"sae.hook_point: hook 'blocks.0.hook_mlp_out' is not among the hooks the current shuffled_shards hold"):
         dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets("sae_dictionary"),
                        partition_key="relu-w64-l1_0.3", instance=instance, resources=build_resources(bad))
     assert store.require("sae_dictionary", "relu-w64-l1_0.3").to_json() == before

@@ -80,3 +80,18 @@ def test_saelens_loads_our_file_and_computes_our_features_and_reconstructions(be
     assert 1 <= got["active"] < 96 and got["same_support"] == 1.0, got
     assert got["close"], got  # encode, decode(encode) and decode(our f): rtol = atol = 1e-5
     assert max(got["features"], got["reconstruction"], got["decode"]) < 1e-5 * max(1.0, got["feature_scale"]), got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,saelens", [("relu", ("Transcoder", "transcoder")),
+                                          ("jumprelu", ("JumpReLUTranscoder", "jumprelu_transcoder")),
+                                          ("batchtopk", ("JumpReLUTranscoder", "jumprelu_transcoder"))])
+def test_saelens_loads_our_transcoders_and_computes_our_outputs(bench, worker, arch, saelens):
+    """A transcoder (32 -> 20 wide, both scales folded) in SAELens' Transcoder layout: the same
+    features and outputs from SAELens' own class."""
+    proc, tmp = worker
+    got = bench.load_check(proc, tmp, [arch], d=32, width=96, k=6, d_out=20)[arch]
+    assert (got["class"], got["architecture"]) == saelens
+    assert 1 <= got["active"] < 96 and got["same_support"] == 1.0, got
+    assert got["close"], got
+    assert max(got["features"], got["reconstruction"], got["decode"]) < 1e-5 * max(1.0, got["feature_scale"]), got

@@ -192,8 +192,8 @@ def test_neuronpedia_export_schema(weights, tmp_path):
                              extra={"hist_edges": [0.1, 0.5, 1.0, 2.0, 4.0], "n_tokens": 640}, key=n) for n in docs]
     store = SimpleNamespace(read_bytes=lambda manifest, name: files[(manifest.key, name)])
     out = SimpleNamespace(path=lambda name: tmp_path / name, extra={})
-    cfg = SimpleNamespace(model=SimpleNamespace(name=""), feature_dictionary=SimpleNamespace(key="relu-0"),
-                          sae_hook="blocks.1.hook_resid_post", corpus=SimpleNamespace(hf_name="", source="embedded"),
+    cfg = SimpleNamespace(model=SimpleNamespace(name=""), feature_dictionary=SimpleNamespace(key="relu-0", target_hook=""),
+                          feature_hook="blocks.1.hook_resid_post", corpus=SimpleNamespace(hf_name="", source="embedded"),
                           tokenizer=SimpleNamespace(context_length=64))
     assert site_files.write_neuronpedia_export(out, store, parts, cfg) == 5
     assert sorted(out.extra["layout"].values()) == sorted([

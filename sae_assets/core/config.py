@@ -32,6 +32,8 @@ StorageBackend = Literal["local", "s3"]
 SaeArchitecture = Literal["relu", "topk", "jumprelu", "batchtopk", "matryoshka", "gated"]
 SaeInit = Literal["anthropic", "orthogonal", "xavier", "data", "svd", "kmeans_rare", "outlier_rare"]
 ResampleMethod = Literal["anthropic", "rare", "reinit"]
+_DATA_INITS = ("data", "svd", "kmeans_rare", "outlier_rare")
+"""sae.init values that draw decoder directions from the input sample (not for transcoders)."""
 
 
 class ConfigError(ValueError):
@@ -185,6 +187,13 @@ class DictionaryPoint:
     prefixes: tuple[int, ...] = ()
     """'matryoshka' only: the nested dictionary sizes m_1 < ... < m_n = width whose
     reconstruction losses are summed; empty = `default_matryoshka_prefixes(width)`."""
+    hook: str = ""
+    """The cached hook the dictionary reads; empty = sae.hook_point (whose empty = the first of
+    activations.hook_points)."""
+    target_hook: str = ""
+    """Set, the point is a transcoder: it reads `hook` and reconstructs this cached hook (an
+    MLP's input -> the MLP's output, e.g. blocks.1.ln2.hook_normalized -> blocks.1.hook_mlp_out);
+    sae_metrics splices its output in at this hook. Empty = an SAE, which reconstructs what it reads."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefixes", tuple(int(m) for m in self.prefixes))
@@ -209,9 +218,15 @@ class DictionaryPoint:
         """The point as hashed into identities; `prefixes` only where set, so that points without
         them keep the hashes they had before the field existed."""
         values = dataclasses.asdict(self)
-        if not self.prefixes:
-            del values["prefixes"]
+        for name in ("prefixes", "hook", "target_hook"):
+            if not values[name]:
+                del values[name]
         return values
+
+    @property
+    def is_transcoder(self) -> bool:
+        """True when the point reconstructs another hook than the one it reads."""
+        return bool(self.target_hook)
 
     @property
     def matryoshka_prefixes(self) -> tuple[int, ...]:
@@ -222,7 +237,9 @@ class DictionaryPoint:
     def key(self) -> str:
         """Readable partition key: relu-w1024-l1_5, gated-w1024-l1_5, jumprelu-w1024-l0_0.001,
         topk-w1024-k32, batchtopk-w1024-k32, matryoshka-w1024-k32 (default prefixes) or
-        matryoshka-w1024-k32-p64_256_1024 (others). No | , [ ] (Dagster refuses them)."""
+        matryoshka-w1024-k32-p64_256_1024 (others); a point with its own hook ends in
+        -in-<hook>, a transcoder in -out-<target_hook> (relu-w1024-l1_5-in-blocks.1.ln2.hook_normalized-
+        out-blocks.1.hook_mlp_out). No | , [ ] (Dagster refuses them)."""
         if self.architecture in _L0_ARCHITECTURES:
             k = self.sparsity
             tag = f"k{int(k)}" if float(k).is_integer() else f"k{k:g}"
@@ -232,6 +249,10 @@ class DictionaryPoint:
         default = default_matryoshka_prefixes(self.width)
         if self.architecture == "matryoshka" and self.prefixes and self.prefixes != default:
             key += "-p" + "_".join(str(m) for m in self.prefixes)
+        if self.hook:  # hook names are Dagster- and path-safe (letters, digits, '.', '_')
+            key += f"-in-{self.hook}"
+        if self.target_hook:
+            key += f"-out-{self.target_hook}"
         return key
 
 
@@ -563,6 +584,8 @@ class RunConfig:
         if self.sae.hook_point:
             _check(self.sae.hook_point in self.activations.hook_points, "sae.hook_point",
                    f"must be one of activations.hook_points {list(self.activations.hook_points)}")
+        for point in self.sae.sweep:
+            self._check_point_hooks(point)
         if not self.corpus.documents_per_shard:  # a growing corpus is checked when its shards are listed
             problem = budget_problem(self.partition_plan(self.corpus.num_shards))
             _check(problem is None, "features.range_width", problem or "")
@@ -585,8 +608,35 @@ class RunConfig:
 
     @property
     def sae_hook(self) -> str:
-        """The hook point the dictionaries are trained on."""
+        """The hook point the dictionaries read unless a sweep point names its own."""
         return self.sae.hook_point or self.activations.hook_points[0]
+
+    def point_hooks(self, point: DictionaryPoint) -> tuple[str, str]:
+        """(the hook a sweep point reads, the hook it reconstructs): the same hook for an SAE."""
+        source = point.hook or self.sae_hook
+        return source, point.target_hook or source
+
+    @property
+    def feature_hook(self) -> str:
+        """The hook whose activations the browsed dictionary's features are computed on (its input)."""
+        return self.point_hooks(self.feature_dictionary)[0]
+
+    def _check_point_hooks(self, point: DictionaryPoint) -> None:
+        cached = list(self.activations.hook_points)
+        for name in ("hook", "target_hook"):
+            hook = getattr(point, name)
+            _check(not hook or hook in cached, point._where(name),
+                   f"is {hook!r}, which is not cached: add it to activations.hook_points {cached} (one forward "
+                   "pass caches them all)")
+        source, target = self.point_hooks(point)
+        if point.is_transcoder:
+            _check(target != source, point._where("target_hook"),
+                   f"is the hook the point reads ({source!r}); leave it empty for an SAE")
+            _check(self.sae.init not in _DATA_INITS, "sae.init",
+                   f"is {self.sae.init!r}, which draws decoder directions from the input data; transcoder "
+                   f"{point.key} reconstructs another hook: use one of anthropic, orthogonal, xavier")
+            _check(not (self.sae.resample and self.sae.resample_method == "rare"), "sae.resample_method",
+                   f"is 'rare' (rare-feature vectors of the input); transcoder {point.key} needs anthropic or reinit")
 
     def value_at(self, path: str) -> Any:
         """The value at a dotted path: a config key ('sae.batch_size') or a derived value

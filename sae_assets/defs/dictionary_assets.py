@@ -23,15 +23,19 @@ from sae_assets.defs.shuffle_assets import SHUFFLED_FILE, consistent_inputs, shu
 INIT_SAMPLE_BATCHES = 8
 
 
-def shuffled_inputs(context, store, cfg):
-    """Manifests, upstream versions, activation format and d_in of the current shuffle."""
+def shuffled_inputs(context, store, cfg, point=None):
+    """Manifests, upstream versions and the widths (D_in, D_out) of a sweep point's two hooks
+    (the same hook for an SAE; default: the point-less sae_hook) in the current shuffle."""
     wanted = [k for k in bucket_keys(context.instance) if bucket_index(k) < cfg.shuffle.num_buckets]
     manifests, upstream = read_upstream(store, "shuffled_shards", wanted)
     fmt = consistent_inputs(store, manifests)
-    hook = cfg.sae_hook
-    if hook not in fmt["hook_widths"]:
-        raise ValueError(f"sae.hook_point {hook!r} is not among the cached hooks {sorted(fmt['hook_widths'])}")
-    return manifests, upstream, fmt["hook_widths"][hook]
+    hooks = cfg.point_hooks(point) if point is not None else (cfg.sae_hook, cfg.sae_hook)
+    for name, hook in zip(("hook", "target_hook"), hooks):
+        if hook not in fmt["hook_widths"]:
+            where = f"sae.sweep[{point.key}].{name}" if point is not None and getattr(point, name) else "sae.hook_point"
+            raise ValueError(f"{where}: hook {hook!r} is not among the hooks the current shuffled_shards hold "
+                             f"{sorted(fmt['hook_widths'])}; rematerialize cached_activations and the shuffle")
+    return manifests, upstream, tuple(fmt["hook_widths"][hook] for hook in hooks)
 
 
 SAE_DICTIONARY = AssetIdentity(
@@ -49,25 +53,37 @@ SAE_DICTIONARY = AssetIdentity(
     hashed_unless_default=("sae.resample_method",))
 
 
-def training_stream(store, manifests, cfg, exclude_token_ids=()) -> "sae_data.TrainingStream":
+def training_stream(store, manifests, cfg, exclude_token_ids=(), point=None) -> "sae_data.TrainingStream":
     """What sae_dictionary trains on: the shuffled buckets of `manifests`, held-out tokens and the
-    rows of `exclude_token_ids` (special tokens) dropped."""
+    rows of `exclude_token_ids` (special tokens) dropped; a transcoder point's rows are its
+    input | target hooks side by side."""
     from resources.arrow_files import open_ipc_table
     from sae_assets.core.sae import data as sae_data
 
     return sae_data.TrainingStream.for_run([open_ipc_table(store.fetch(m, SHUFFLED_FILE)) for m in manifests], cfg,
                                            bucket_names=[f"shuffled_shards[{m.partition}]" for m in manifests],
-                                           exclude_token_ids=exclude_token_ids)
+                                           exclude_token_ids=exclude_token_ids,
+                                           hooks=_stream_hooks(cfg, point))
 
 
-def set_up_dictionary(key: str, d_in: int, cfg, stream: "sae_data.TrainingStream"):
+def _stream_hooks(cfg, point) -> tuple[str, ...]:
+    """The columns a point's training rows hold: its hook, then a transcoder's target hook."""
+    if point is None:
+        return ()
+    source, target = cfg.point_hooks(point)
+    return (source, target) if point.is_transcoder else (source,)
+
+
+def set_up_dictionary(key: str, d_in: int, cfg, stream: "sae_data.TrainingStream", d_out: int | None = None):
     """The SAE of partition `key` before its first step: input scale and decoder initialised from
-    the first INIT_SAMPLE_BATCHES training batches. A bad sample (NaN/inf rows, all zeros) is a
-    ValueError naming the partition and, for a non-finite row, its token and shuffled bucket."""
+    the first INIT_SAMPLE_BATCHES training batches (with `d_out`: a transcoder, whose rows are
+    input | target). A bad sample (NaN/inf rows, all zeros) is a ValueError naming the partition
+    and, for a non-finite row, its token and shuffled bucket."""
     from sae_assets.core.sae.build import build_sae
 
     try:
-        return build_sae(cfg.sae.point(key), d_in, cfg.sae, stream.init_sample(INIT_SAMPLE_BATCHES)).to(cfg.sae.device)
+        return build_sae(cfg.sae.point(key), d_in, cfg.sae, stream.init_sample(INIT_SAMPLE_BATCHES),
+                         d_out=d_out).to(cfg.sae.device)
     except ValueError as exc:
         raise ValueError(f"sae_dictionary[{key}]: cannot set up the SAE: {exc}") from exc
 
@@ -89,15 +105,16 @@ def sae_dictionary(context: dg.AssetExecutionContext, settings: RunSettings, sto
     store = storage.store()
     key = context.partition_key
     point = cfg.sae.point(key)
-    manifests, upstream, d_in = shuffled_inputs(context, store, cfg)
+    hook, target_hook = cfg.point_hooks(point)
+    manifests, upstream, (d_in, d_out) = shuffled_inputs(context, store, cfg, point)
     excluded, tokenizer_version = excluded_token_ids(store, cfg)  # special_tokens: kept out of training
     upstream.update(tokenizer_version)
-    stream = training_stream(store, manifests, cfg, excluded)
+    stream = training_stream(store, manifests, cfg, excluded, point)
 
     def batches(start_step: int):  # batch s is a pure function of s: resumes are exact
         return (x.to(cfg.sae.device) for x in stream.batches(start_step))
 
-    sae = set_up_dictionary(key, d_in, cfg, stream)
+    sae = set_up_dictionary(key, d_in, cfg, stream, d_out if point.is_transcoder else None)
     fingerprint = SAE_DICTIONARY.config_hash(cfg, key)
     tag = hashlib.sha256(json.dumps([fingerprint, upstream], sort_keys=True).encode()).hexdigest()[:16]
     checkpoints = store.checkpoint_dir("sae_dictionary", key, tag)
@@ -110,10 +127,14 @@ def sae_dictionary(context: dg.AssetExecutionContext, settings: RunSettings, sto
                                step=exc.step) from exc
     curve = pl.DataFrame(outcome.curve)
     with SAE_DICTIONARY.writer(store, cfg, key, upstream=upstream) as out:
-        sae_io.save_sae(sae.cpu(), out.scratch, hook_name=cfg.sae_hook, extra={"sae_assets_partition": key})
+        sae_io.save_sae(sae.cpu(), out.scratch, hook_name=hook, extra={"sae_assets_partition": key},
+                        hook_name_out=target_hook if point.is_transcoder else None)
         curve.write_parquet(out.path("training_curve.parquet"))
+        # `hook` is what the dictionary reads (the feature browser encodes it); `target_hook` what
+        # it reconstructs, where sae_metrics splices its output in (= hook for an SAE).
         out.extra.update(point=point.key, architecture=point.architecture, width=point.width,
-                         sparsity=point.sparsity, d_in=d_in, hook=cfg.sae_hook, steps=outcome.steps,
+                         sparsity=point.sparsity, d_in=d_in, d_out=d_out, hook=hook, target_hook=target_hook,
+                         steps=outcome.steps,
                          resamples=outcome.resamples, excluded_token_ids=list(excluded))
     store.drop_checkpoints("sae_dictionary", key, tag)
     last = outcome.curve[-1] if outcome.curve else {}

@@ -2,7 +2,8 @@
 
 Scores a uniform, seeded sample of the language model's held-out sequences (never seen by SAE
 training; `core.sae.data.evaluation_sample`): L0, MSE, fraction of variance unexplained, loss
-recovered with the reconstruction spliced in at the hook point (zero- and mean-ablation
+recovered with the reconstruction spliced in at the hook point (a transcoder's output at its
+target hook, computed from its input hook in the same forward pass; zero- and mean-ablation
 baselines, the mean taken over training tokens, KL divergence), with standard errors; dead
 and dense fractions and a feature-density histogram over at least sae.dead_after_tokens
 held-out tokens (`core.sae.evaluation.evaluate_dictionary` does all of it), special-token
@@ -67,6 +68,7 @@ def sae_metrics_asset(context: dg.AssetExecutionContext, settings: RunSettings, 
     sae, sae_manifest = load_dictionary(store, key, device=device)
     model, model_manifest = load_language_model(store, device=device)
     hook = sae_manifest.extra["hook"]
+    target_hook = sae_manifest.extra.get("target_hook", hook)  # a transcoder's output hook: spliced there
     tokens_ST, first_S, upstream = load_all_sequences(store, training_shard_keys(context.instance, cfg))
     upstream.update({f"sae_dictionary[{key}]": sae_manifest.data_version, "language_model": model_manifest.data_version})
     excluded, tokenizer_version = excluded_token_ids(store, cfg)  # special_tokens: left out of the scores
@@ -74,7 +76,7 @@ def sae_metrics_asset(context: dg.AssetExecutionContext, settings: RunSettings, 
     sample = sae_data.evaluation_sample(first_S, cfg)
     evaluation = evaluate_dictionary(model, sae, hook, tokens_ST[sample.eval_S], tokens_ST[sample.mean_S],
                                      tokens_ST[sample.density_S], batch_size=max(1, cfg.activations.batch_size),
-                                     exclude_token_ids=excluded)
+                                     exclude_token_ids=excluded, target_hook=target_hook)
     metrics = evaluation.metrics
     checks = {DEAD_CHECK: (metrics["dead_fraction"] <= cfg.sae.max_dead_fraction, cfg.sae.max_dead_fraction,
                            "dead_fraction"),

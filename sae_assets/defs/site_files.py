@@ -196,7 +196,7 @@ def neuronpedia_names(cfg):
     from sae_assets.core.features.neuronpedia import ExportNames, layer_of, slug
 
     return ExportNames(model_id=slug(cfg.model.name or "sae-assets-embedded"), source_set=slug(cfg.feature_dictionary.key),
-                       layer=layer_of(cfg.sae_hook), hook=cfg.sae_hook)
+                       layer=layer_of(cfg.feature_hook), hook=cfg.feature_hook)
 
 
 def write_neuronpedia_export(out, store, parts, cfg) -> int:
@@ -221,8 +221,11 @@ def write_neuronpedia_export(out, store, parts, cfg) -> int:
             layout[f"{kind}.batch-{n}.jsonl.gz"] = f"{kind}/batch-{n}.jsonl.gz"
         n_features += len(features)
     dataset = cfg.corpus.hf_name or cfg.corpus.source
+    point = cfg.feature_dictionary
+    where = (f"transcoder from {cfg.feature_hook} to {point.target_hook}" if point.target_hook
+             else f"at {cfg.feature_hook}")
     headers = neuronpedia.header_rows(
-        names, description=f"sae_assets dictionary {cfg.feature_dictionary.key} at {cfg.sae_hook}", dataset=dataset,
+        names, description=f"sae_assets dictionary {point.key} {where}", dataset=dataset,
         prompts=n_tokens // cfg.tokenizer.context_length, tokens_per_prompt=cfg.tokenizer.context_length)
     for name, row in headers.items():
         out.path(name).write_bytes(neuronpedia.jsonl([row]))

@@ -1,7 +1,8 @@
 """Serve shuffled activations to SAE training as float32 batches, without loading the dataset.
 
 `ShuffledActivationReader` reads the `shuffled_shards` bucket tables (memory-mapped Arrow
-tables, or callables that open one) for one hook column. Each epoch it permutes the bucket
+tables, or callables that open one) for one hook column, or several side by side (a
+transcoder's input | target: a row's widths concatenated, in the order given). Each epoch it permutes the bucket
 order with seed (seed, epoch), then walks the buckets in windows of `window` buckets and
 yields the window's rows in a uniformly random order, seeded (seed, epoch, bucket) for a
 one-bucket window, as (B, d) float32 torch tensors (float16 and bfloat16-as-uint16 columns
@@ -59,13 +60,16 @@ class ShuffledActivationReader:
     """Epochs of shuffled (B, d) float32 batches from bucket tables; see the module docstring."""
 
     def __init__(
-        self, buckets: Sequence[TableSource], *, hook: str, batch_size: int, seed: int,
+        self, buckets: Sequence[TableSource], *, hook: str | Sequence[str], batch_size: int, seed: int,
         window: int = 1, drop_last: bool = False, with_token_index: bool = False,
         rows_per_bucket: Sequence[int] | None = None, exclude_token_ids: Sequence[int] = (),
     ):
         if batch_size < 1 or window < 1 or seed < 0:
             raise ValueError(f"batch_size {batch_size} and window {window} must be >= 1, seed >= 0")
-        self.buckets, self.hook, self.batch_size, self.seed = list(buckets), hook, batch_size, seed
+        self.hooks = (hook,) if isinstance(hook, str) else tuple(hook)
+        if not self.hooks:
+            raise ValueError("the reader needs at least one hook column")
+        self.buckets, self.batch_size, self.seed = list(buckets), batch_size, seed
         self.window, self.drop_last, self.with_token_index = window, drop_last, with_token_index
         self.exclude_token_ids = np.asarray(sorted(set(exclude_token_ids)), dtype=np.int64)
         if rows_per_bucket is None:  # opening a memory-mapped file reads only its footer
@@ -87,8 +91,9 @@ class ShuffledActivationReader:
     def _open(self, bucket: int) -> pa.Table:
         source = self.buckets[bucket]
         table = source() if callable(source) else source
-        if self.hook not in table.column_names:
-            raise KeyError(f"bucket {bucket} has no column {self.hook!r}; has {table.column_names}")
+        for hook in self.hooks:
+            if hook not in table.column_names:
+                raise KeyError(f"bucket {bucket} has no column {hook!r}; has {table.column_names}")
         return table
 
     def _rng(self, epoch: int, *ids: int) -> np.random.Generator:
@@ -140,29 +145,36 @@ class ShuffledActivationReader:
         token_ids = [np.asarray(self._open(b).column("token_id").to_numpy()) for b in group]
         return ~np.isin(np.concatenate(token_ids), self.exclude_token_ids)
 
-    def _segments(self, group: list[int]) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[int]]:
-        """Zero-copy (n_c, d) views of every chunk of the group's buckets, in window row order."""
-        mats: list[np.ndarray] = []
+    def _segments(self, group: list[int]) -> tuple[list[list[np.ndarray]], list[np.ndarray] | None, list[int]]:
+        """Per segment (a chunk of the first hook's column), zero-copy (n_c, d_h) views of each
+        hook's rows there, for the group's buckets in window row order."""
+        mats: list[list[np.ndarray]] = []
         ids: list[np.ndarray] | None = [] if self.with_token_index else None
         for b in group:
             table = self._open(b)
             if table.num_rows != self.rows_per_bucket[b]:
                 raise ValueError(f"bucket {b} has {table.num_rows} rows, expected {self.rows_per_bucket[b]}")
-            mats += [to_numpy_matrix(chunk) for chunk in table.column(self.hook).chunks]
-            if ids is not None:
-                ids += [chunk.to_numpy() for chunk in table.column("token_index").chunks]
-        return mats, ids, [m.shape[0] for m in mats]
+            start = 0
+            for chunk in table.column(self.hooks[0]).chunks:  # other columns may be chunked otherwise
+                mats.append([to_numpy_matrix(chunk)] + [to_numpy_matrix(table.column(h).slice(start, len(chunk)))
+                                                        for h in self.hooks[1:]])
+                if ids is not None:
+                    ids.append(table.column("token_index").slice(start, len(chunk)).to_numpy())
+                start += len(chunk)
+        return mats, ids, [m[0].shape[0] for m in mats]
 
     def _rows(self, sel, offsets, mats, ids) -> tuple[np.ndarray, np.ndarray | None]:
         """(n, d) float32 rows and (n,) token indices for window rows `sel`."""
         which = np.searchsorted(offsets, sel, side="right") - 1  # (n,) segment of each row
         local = sel - offsets[which]  # (n,) row within that segment
-        acts = np.empty((sel.size, mats[0].shape[1]), np.float32)
+        widths = np.cumsum([0] + [m.shape[1] for m in mats[0]])  # column offsets of the hooks
+        acts = np.empty((sel.size, int(widths[-1])), np.float32)
         tokens = np.empty(sel.size, np.int64) if ids is not None else None
         order = np.argsort(which, kind="stable")  # rows grouped by segment
         segs, firsts = np.unique(which[order], return_index=True)
         for seg, idx in zip(segs, np.split(order, firsts[1:])):
-            acts[idx] = as_float32(mats[seg][local[idx]])
+            for h, mat in enumerate(mats[seg]):
+                acts[idx, widths[h]:widths[h + 1]] = as_float32(mat[local[idx]])
             if ids is not None:
                 tokens[idx] = ids[seg][local[idx]]
         return acts, tokens

@@ -21,6 +21,13 @@ the encoder's forward product stays B x F x D (it must score every latent), agai
 products densely; loss and gradients are the dense path's up to float rounding. With the input
 centred on b_dec, b_dec's gradient through the encoder is taken as -W_enc (sum_B grad_pre)
 rather than through a (B, F) @ (F, D) product. The pieces are in sparse.py.
+Transcoders: built with `d_out`, the module reads activations x (B, D_in) of one hook and
+reconstructs y (B, D_out) of another (an MLP's input -> its output). W_dec is then (F, D_out),
+b_dec (D_out,) and is never subtracted from the input; a second scalar buffer `output_scale`
+scales the target as `input_scale` scales the input, and `loss(x, info, target_BD=y)` measures
+the reconstruction against y (architectures read the scaled target from `StepInfo.target_BD`
+through `reconstruction_target`). Training batches of a transcoder are the two hooks' rows side
+by side, (B, D_in + D_out); `split_rows` parts them.
 One file per architecture: relu, topk, jumprelu, batchtopk, matryoshka, gated.
 Tests: tests/test_sae_core.py, tests/test_sae_architectures.py.
 """
@@ -37,7 +44,7 @@ from torch import Tensor, nn
 from sae_assets.core.sae.sparse import CentredLinear, PreEntries, SparseCodes, sparse_decode
 
 # Letter key: B batch rows, D input width, F features (dictionary width), N sample rows (or
-# kept entries of SparseCodes).
+# kept entries of SparseCodes); for a transcoder, E its output width (D_out).
 
 
 class StepInfo(NamedTuple):
@@ -53,6 +60,14 @@ class StepInfo(NamedTuple):
     """The batch's training activations as `SparseCodes` when the architecture trains sparsely;
     set by `loss` for `penalties` (Matryoshka's prefix reconstructions use them; then the
     `pre_BF` that `penalties` gets has no graph, and AuxK attaches its entries by `pre_entries`)."""
+    target_BD: Tensor | None = None
+    """A transcoder's reconstruction target (B, E) in its scaled space, set by `loss`; None for an
+    SAE, whose target is its own scaled input (see `reconstruction_target`)."""
+
+
+def reconstruction_target(xs_BD: Tensor, info: StepInfo) -> Tensor:
+    """What `penalties` compare reconstructions with: the scaled input, or a transcoder's target."""
+    return xs_BD if info.target_BD is None else info.target_BD
 
 
 class LossOutput(NamedTuple):
@@ -109,17 +124,23 @@ class SparseAutoencoder(nn.Module, ABC):
     """True when `loss` trains through `train_codes` (TopK, BatchTopK, Matryoshka set it on the
     instance; setting it False there gives the dense path, which tests compare against)."""
 
-    def __init__(self, d_in: int, width: int, *, apply_b_dec_to_input: bool) -> None:
+    def __init__(self, d_in: int, width: int, *, apply_b_dec_to_input: bool, d_out: int | None = None) -> None:
         super().__init__()
-        if d_in < 1 or width < 1:
-            raise ValueError(f"d_in and width must be >= 1, got {d_in} and {width}")
+        if d_in < 1 or width < 1 or (d_out is not None and d_out < 1):
+            raise ValueError(f"d_in, width and d_out must be >= 1, got {d_in}, {width} and {d_out}")
+        if d_out is not None and apply_b_dec_to_input:
+            raise ValueError("a transcoder (d_out given) cannot subtract b_dec, an output-space bias, from its input")
         self.d_in, self.width = int(d_in), int(width)
+        self.transcoder = d_out is not None
+        self.d_out = int(d_out) if d_out is not None else self.d_in
         self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
         self.W_enc = nn.Parameter(torch.zeros(d_in, width))
         self.b_enc = nn.Parameter(torch.zeros(width))
-        self.W_dec = nn.Parameter(torch.zeros(width, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.W_dec = nn.Parameter(torch.zeros(width, self.d_out))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
         self.register_buffer("input_scale", torch.tensor(1.0))
+        if self.transcoder:  # an SAE's state dict keeps the keys it always had
+            self.register_buffer("output_scale", torch.tensor(1.0))
 
     # --- what an architecture supplies -------------------------------------------------
 
@@ -187,6 +208,23 @@ class SparseAutoencoder(nn.Module, ABC):
 
     # --- shared machinery ---------------------------------------------------------------
 
+    @property
+    def target_scale(self) -> Tensor:
+        """0-d: the factor on the reconstruction target (`output_scale` for a transcoder, else
+        `input_scale`); reconstructions are divided by it back into the caller's units."""
+        return self.output_scale if self.transcoder else self.input_scale
+
+    @property
+    def row_width(self) -> int:
+        """Width of one training row: D_in, or D_in + D_out for a transcoder (input | target)."""
+        return self.d_in + self.d_out if self.transcoder else self.d_in
+
+    def split_rows(self, rows_BR: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(input (B, D_in), target (B, D_out) or None for an SAE) of training rows (B, row_width)."""
+        if not self.transcoder:
+            return rows_BR, None
+        return rows_BR[:, :self.d_in], rows_BR[:, self.d_in:]
+
     def pre_activations(self, x_scaled_BD: Tensor) -> Tensor:
         """(B, F) encoder pre-activations of inputs already in the scaled space."""
         if x_scaled_BD.ndim != 2:  # leading dims beyond one batch dim: plain products
@@ -234,21 +272,36 @@ class SparseAutoencoder(nn.Module, ABC):
     def decoder_directions(self, lo: int = 0, hi: int | None = None) -> Tensor:
         """(hi - lo, D) decoder rows of features [lo, hi) in the units of the model's activations
         (what one unit of each feature adds to x_hat), detached: for logit effects and the like."""
-        return (self.W_dec[lo:hi] / self.input_scale).detach()
+        return (self.W_dec[lo:hi] / self.target_scale).detach()
 
     def decode(self, f_BF: Tensor) -> Tensor:
-        """Reconstruction (B, D) in the caller's units."""
-        return self.decode_scaled(f_BF) / self.input_scale
+        """Reconstruction (B, D) (a transcoder: (B, E)) in the caller's units."""
+        return self.decode_scaled(f_BF) / self.target_scale
 
     def forward(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
         """(x_hat (B, D) in the caller's units, f (B, F))."""
         f_BF = self.encode(x_BD)
         return self.decode(f_BF), f_BF
 
-    def loss(self, x_BD: Tensor, step_info: StepInfo | None = None) -> LossOutput:
-        """The training loss of a batch in the caller's units, computed in the scaled space."""
+    def scaled_target(self, x_BD: Tensor, target_BD: Tensor | None) -> Tensor | None:
+        """A transcoder's target (B, E) in its scaled space; None for an SAE (its target is its
+        input). Raises ValueError when a transcoder gets no target or an SAE gets one."""
+        if self.transcoder != (target_BD is not None):
+            raise ValueError("a transcoder's loss needs target_BD (its output hook's activations)" if self.transcoder
+                             else "an SAE reconstructs its input: target_BD is only for transcoders")
+        if target_BD is None:
+            return None
+        if target_BD.shape != (x_BD.shape[0], self.d_out):
+            raise ValueError(f"target must be ({x_BD.shape[0]}, {self.d_out}), got {tuple(target_BD.shape)}")
+        return target_BD * self.output_scale
+
+    def loss(self, x_BD: Tensor, step_info: StepInfo | None = None, target_BD: Tensor | None = None) -> LossOutput:
+        """The training loss of a batch in the caller's units, computed in the scaled space;
+        a transcoder's against `target_BD` (B, E), an SAE's against x."""
         info = step_info if step_info is not None else StepInfo()
         xs_BD = x_BD * self.input_scale
+        ys_BD = self.scaled_target(x_BD, target_BD)
+        info = info._replace(target_BD=ys_BD)
         codes = None
         if self.sparse_decoder:  # only the kept entries are attached; f is built for the caller
             with torch.no_grad():
@@ -262,7 +315,7 @@ class SparseAutoencoder(nn.Module, ABC):
             pre_BF = self.pre_activations(xs_BD)
             f_BF = self.activate_train(pre_BF)
             x_hat_BD = self.decode_scaled(f_BF)
-        mse = (x_hat_BD - xs_BD).pow(2).sum(-1).mean()
+        mse = (x_hat_BD - reconstruction_target(xs_BD, info)).pow(2).sum(-1).mean()
         sparsity, aux = self.penalties(xs_BD, pre_BF, f_BF, x_hat_BD, info)
         with torch.no_grad():
             if codes is None:
@@ -286,12 +339,37 @@ class SparseAutoencoder(nn.Module, ABC):
         return float(self.input_scale)
 
     @torch.no_grad()
-    def initialize(self, W_dec_FD: Tensor) -> None:
-        """Decoder rows = the given directions at `init_decoder_norm`, W_enc = W_dec^T, biases 0."""
-        if W_dec_FD.shape != (self.width, self.d_in):
-            raise ValueError(f"W_dec must be ({self.width}, {self.d_in}), got {tuple(W_dec_FD.shape)}")
-        rows_FD = W_dec_FD.to(self.W_dec) / W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-12).to(self.W_dec)
-        self.W_dec.copy_(rows_FD * self.init_decoder_norm)
-        self.W_enc.copy_(self.W_dec.T)
+    def set_output_scale_from(self, sample_NE: Tensor) -> float:
+        """A transcoder's `output_scale` = sqrt(E) / mean ||y|| over a sample of targets; returns it."""
+        if not self.transcoder:
+            raise ValueError("only a transcoder has an output scale (an SAE's is its input scale)")
+        if sample_NE.ndim != 2 or sample_NE.shape[1] != self.d_out:
+            raise ValueError(f"target sample must be (N, {self.d_out}), got {tuple(sample_NE.shape)}")
+        mean_norm = sample_NE.float().norm(dim=-1).mean().item()
+        if not math.isfinite(mean_norm) or mean_norm <= 0:
+            raise ValueError(f"cannot scale targets: their mean norm is {mean_norm}")
+        self.output_scale.fill_(math.sqrt(self.d_out) / mean_norm)
+        return float(self.output_scale)
+
+    @torch.no_grad()
+    def initialize(self, W_dec_FD: Tensor, W_enc_FD: Tensor | None = None) -> None:
+        """Decoder rows = the given directions at `init_decoder_norm`, W_enc = W_dec^T, biases 0.
+        A transcoder's encoder reads another space: its (F, D_in) directions come as `W_enc_FD`
+        (at the same norm)."""
+        if W_dec_FD.shape != (self.width, self.d_out):
+            raise ValueError(f"W_dec must be ({self.width}, {self.d_out}), got {tuple(W_dec_FD.shape)}")
+        if self.transcoder != (W_enc_FD is not None):
+            raise ValueError("a transcoder's initialisation needs encoder directions W_enc_FD (and an SAE's ties them)")
+        self.W_dec.copy_(_unit_rows(W_dec_FD.to(self.W_dec)) * self.init_decoder_norm)
+        if W_enc_FD is None:
+            self.W_enc.copy_(self.W_dec.T)
+        else:
+            if W_enc_FD.shape != (self.width, self.d_in):
+                raise ValueError(f"W_enc directions must be ({self.width}, {self.d_in}), got {tuple(W_enc_FD.shape)}")
+            self.W_enc.copy_((_unit_rows(W_enc_FD.to(self.W_enc)) * self.init_decoder_norm).T)
         self.b_enc.zero_()
         self.b_dec.zero_()
+
+
+def _unit_rows(rows_FD: Tensor) -> Tensor:
+    return rows_FD / rows_FD.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from sae_assets.core.sae.base import SparseAutoencoder, StepInfo
+from sae_assets.core.sae.base import SparseAutoencoder, StepInfo, reconstruction_target
 from sae_assets.core.sae.sparse import SparseCodes
 from sae_assets.core.sae.topk import auxk_loss, normalize_rows, remove_parallel_gradient, sparse_entries
 
@@ -83,8 +83,8 @@ class BatchTopKSae(SparseAutoencoder):
     elementwise_activation: ClassVar[bool] = True
 
     def __init__(self, d_in: int, width: int, *, k: int, aux_k: int = 256, aux_coefficient: float = 1 / 32,
-                 threshold_decay: float = 0.99, apply_b_dec_to_input: bool = True) -> None:
-        super().__init__(d_in, width, apply_b_dec_to_input=apply_b_dec_to_input)
+                 threshold_decay: float = 0.99, apply_b_dec_to_input: bool = True, d_out: int | None = None) -> None:
+        super().__init__(d_in, width, apply_b_dec_to_input=apply_b_dec_to_input, d_out=d_out)
         if not 1 <= k <= width or aux_k < 0 or aux_coefficient < 0 or not 0 <= threshold_decay < 1:
             raise ValueError(f"need 1 <= k <= width ({width}), aux_k >= 0, aux_coefficient >= 0 and "
                              f"threshold_decay in [0, 1); got {k}, {aux_k}, {aux_coefficient}, {threshold_decay}")
@@ -128,7 +128,8 @@ class BatchTopKSae(SparseAutoencoder):
 
     def penalties(self, x_BD: Tensor, pre_BF: Tensor, f_BF: Tensor, x_hat_BD: Tensor,
                   info: StepInfo) -> tuple[Tensor, Tensor]:
-        aux = self.aux_coefficient * auxk_loss(self.W_dec, x_BD, pre_BF, x_hat_BD, info.dead_F, self.aux_k,
+        aux = self.aux_coefficient * auxk_loss(self.W_dec, reconstruction_target(x_BD, info), pre_BF, x_hat_BD,
+                                               info.dead_F, self.aux_k,
                                                sparse_entries(self, x_BD, pre_BF, info))
         return x_hat_BD.new_zeros(()), aux
 

@@ -104,11 +104,12 @@ class TrainingStream:
 
     @classmethod
     def for_run(cls, buckets: Sequence, cfg: RunConfig, bucket_names: Sequence[str] = (),
-                exclude_token_ids: Sequence[int] = ()) -> TrainingStream:
+                exclude_token_ids: Sequence[int] = (), hooks: Sequence[str] = ()) -> TrainingStream:
         """The stream sae_dictionary trains on: a reader of `buckets` seeded by sae.seed, batches of
         sae.batch_size, the language model's split (model.val_fraction, model.seed), without the
-        rows of `exclude_token_ids` (the special tokens, when special_tokens.exclude is on)."""
-        reader = ShuffledActivationReader(buckets, hook=cfg.sae_hook, batch_size=cfg.sae.batch_size,
+        rows of `exclude_token_ids` (the special tokens, when special_tokens.exclude is on). The
+        rows hold the `hooks` columns side by side (a transcoder's input | target); () = sae_hook."""
+        reader = ShuffledActivationReader(buckets, hook=tuple(hooks) or cfg.sae_hook, batch_size=cfg.sae.batch_size,
                                           seed=cfg.sae.seed, with_token_index=True,
                                           exclude_token_ids=exclude_token_ids)
         return cls(reader, cfg.sae.batch_size, cfg.tokenizer.context_length, cfg.model.val_fraction,

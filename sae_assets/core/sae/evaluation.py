@@ -10,6 +10,11 @@ language model on three sets of fixed-length sequences (numpy (S, T) token ids):
   fractions, the density histogram), so that "dead" can mean "silent on many tokens".
 `core.sae.data.evaluation_sample` draws the three from a run's sequences.
 
+A transcoder (`target_hook`) reads `hook` and reconstructs `target_hook`: MSE and FVU compare
+its output with the target hook's activations, its output is spliced in there (from the input
+of the same forward pass), the zero and mean ablations replace the target hook (its mean over
+mean_ST), and firing is counted on the input hook.
+
 Special tokens (`exclude_token_ids`: BOS/EOS/padding when special_tokens.exclude is on) are
 kept out of every score but the language model still sees them: the reconstruction and the
 zero/mean ablations are spliced in only at the other positions (special positions keep their
@@ -41,7 +46,7 @@ from sae_assets.core.corpus.special_tokens import keep_positions
 from sae_assets.core.model.lm import check_hook_names, model_device
 from sae_assets.core.sae.metrics import (
     DensityHistogram, Dictionary, check_activations, dead_fraction, dense_fraction, density_histogram,
-    dictionary_widths, feature_density, reconstruct, spliced_losses,
+    dictionary_widths, feature_density, input_width, reconstruct, spliced_losses,
 )
 
 if TYPE_CHECKING:
@@ -110,7 +115,7 @@ def _mean_activation(model, hook: str, tokens_ST: np.ndarray, keep_ST: np.ndarra
 def _firing_counts(sae: Dictionary, model, hook: str, tokens_ST: np.ndarray, keep_ST: np.ndarray, width: int,
                    batch_size: int, device) -> tuple[np.ndarray, int]:
     """((F,) int64 tokens each feature fired on, tokens counted) over the kept positions of tokens_ST."""
-    n_features, _ = dictionary_widths(sae)
+    n_features = dictionary_widths(sae)[0]
     counts_F, rows = torch.zeros(n_features, dtype=torch.int64), 0
     for i, acts_ND in enumerate(hook_activations(model, tokens_ST, hook, batch_size=batch_size, device=device)):
         check_activations(acts_ND, width, f"hook {hook!r} on the density sequences (batch {i})")
@@ -122,7 +127,8 @@ def _firing_counts(sae: Dictionary, model, hook: str, tokens_ST: np.ndarray, kee
 
 
 def _per_sequence(model, sae: Dictionary, hook: str, eval_ST: np.ndarray, keep_ST: np.ndarray, mean_D: torch.Tensor,
-                  width: int, batch_size: int, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                  width: int, batch_size: int, device, target_hook: str | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-sequence (M,) float64 sums over the kept positions (losses and kl: over every
     predicted position; squared error, active features, deviation from the sequence's own mean,
     kept tokens) and the (M, D) sequence means of the kept activations (0 for none kept)."""
@@ -131,13 +137,13 @@ def _per_sequence(model, sae: Dictionary, hook: str, eval_ST: np.ndarray, keep_S
     for start in range(0, eval_ST.shape[0], batch_size):
         batch_BT = torch.from_numpy(eval_ST[start:start + batch_size].astype(np.int64)).to(device)
         keep_BT = torch.from_numpy(keep_ST[start:start + batch_size]).to(device)
-        sums, acts_ND = spliced_losses(model, sae, batch_BT, hook, width, start, mean_D,
-                                       None if bool(keep_BT.all()) else keep_BT)
+        sums, acts_ND, target_ND = spliced_losses(model, sae, batch_BT, hook, width, start, mean_D,
+                                                  None if bool(keep_BT.all()) else keep_BT, target_hook)
         f_NF, x_hat_ND = reconstruct(sae, acts_ND)
         shape_BTD = (*batch_BT.shape, width)
         keep_BT1 = keep_BT[..., None].double()
         kept_B = keep_BT.sum(dim=1).double()
-        x_BTD = acts_ND.double().reshape(shape_BTD)
+        x_BTD = target_ND.double().reshape(shape_BTD)  # what is reconstructed (a transcoder: its target)
         mean_BD = (x_BTD * keep_BT1).sum(dim=1) / kept_B.clamp(min=1)[:, None]
         sums["error"] = ((x_BTD - x_hat_ND.double().reshape(shape_BTD)).square() * keep_BT1).sum(dim=(1, 2)).cpu()
         sums["active"] = ((f_NF != 0).reshape(*batch_BT.shape, -1) & keep_BT[..., None]).sum(dim=(1, 2)).double().cpu()
@@ -186,8 +192,10 @@ def evaluate_dictionary(
     batch_size: int,
     dense_threshold: float = 0.1,
     exclude_token_ids: Sequence[int] = (),
+    target_hook: str | None = None,
 ) -> Evaluation:
-    """Score `sae` at `hook` of `model` (see the module docstring for what each sample is for).
+    """Score `sae` at `hook` of `model` (see the module docstring for what each sample is for);
+    a transcoder reads `hook` and is scored at `target_hook`.
 
     Positions holding a token of `exclude_token_ids` are left out of the scores (module
     docstring). The model runs in eval mode and is restored afterwards; sequences go
@@ -205,16 +213,18 @@ def evaluate_dictionary(
         if not keep_ST.any():
             raise ValueError(f"evaluate_dictionary: every position of {name}_ST is an excluded special token "
                              f"({list(exclude_token_ids)})")
-    check_hook_names(model, [hook])
+    target = target_hook or hook
+    check_hook_names(model, list(dict.fromkeys((hook, target))))
     _, width = dictionary_widths(sae)
     device = model_device(model)
     was_training = model.training
     model.eval()
     try:
-        mean_D = _mean_activation(model, hook, mean_ST, keep["mean"], width, batch_size, device)
-        per, means_SD = _per_sequence(model, sae, hook, eval_ST, keep["eval"], mean_D, width, batch_size, device)
-        counts_F, density_tokens = _firing_counts(sae, model, hook, density_ST, keep["density"], width, batch_size,
-                                                  device)
+        mean_D = _mean_activation(model, target, mean_ST, keep["mean"], width, batch_size, device)
+        per, means_SD = _per_sequence(model, sae, hook, eval_ST, keep["eval"], mean_D, width, batch_size, device,
+                                      target)
+        counts_F, density_tokens = _firing_counts(sae, model, hook, density_ST, keep["density"], input_width(sae),
+                                                  batch_size, device)
     finally:
         model.train(was_training)
     metrics = _record(per, means_SD, eval_ST.shape[1])

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from sae_assets.core.sae.base import SparseAutoencoder, StepInfo
+from sae_assets.core.sae.base import SparseAutoencoder, StepInfo, reconstruction_target
 from sae_assets.core.sae.relu import l1_warmup_scale
 
 # Letter key: B batch rows, D input width, F features (W for a slice of them), R resampled features.
@@ -36,8 +36,8 @@ class GatedSae(SparseAutoencoder):
     elementwise_activation: ClassVar[bool] = True
 
     def __init__(self, d_in: int, width: int, *, l1_coefficient: float, l1_warmup_fraction: float = 0.0,
-                 apply_b_dec_to_input: bool = True) -> None:
-        super().__init__(d_in, width, apply_b_dec_to_input=apply_b_dec_to_input)
+                 apply_b_dec_to_input: bool = True, d_out: int | None = None) -> None:
+        super().__init__(d_in, width, apply_b_dec_to_input=apply_b_dec_to_input, d_out=d_out)
         if l1_coefficient < 0 or not 0 <= l1_warmup_fraction < 1:
             raise ValueError(f"need l1_coefficient >= 0 and l1_warmup_fraction in [0, 1), got "
                              f"{l1_coefficient}, {l1_warmup_fraction}")
@@ -64,7 +64,7 @@ class GatedSae(SparseAutoencoder):
         scale = l1_warmup_scale(info.step, info.total_steps, self.l1_warmup_fraction)
         sparsity = self.l1_coefficient * scale * (gate_BF * self.W_dec.norm(dim=-1)).sum(-1).mean()
         via_gate_BD = gate_BF @ self.W_dec.detach() + self.b_dec.detach()
-        return sparsity, (x_BD - via_gate_BD).pow(2).sum(-1).mean()
+        return sparsity, (reconstruction_target(x_BD, info) - via_gate_BD).pow(2).sum(-1).mean()
 
     @torch.no_grad()
     def reset_features(self, index_R: Tensor) -> list[tuple[Tensor, int]]:

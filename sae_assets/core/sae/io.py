@@ -18,8 +18,14 @@ keys, and `metadata` with sae_lens_version >= 6 so no pre-6 conversion runs, hoo
 hook_layer) plus a `sae_assets` block SAELens ignores: our architecture name,
 hyperparameters, the folded scale and free-form extras. `load_sae` / `sae_from_saelens`
 rebuild our module (our architecture from the `sae_assets` block when present, else the
-SAELens one: 'standard', 'topk', 'jumprelu', 'gated'), unfolding the scale when recorded;
-outputs then match the original to float32 rounding. `save_sae` writes weights, then
+SAELens one: 'standard', 'topk', 'jumprelu', 'gated', 'transcoder', 'jumprelu_transcoder'),
+unfolding the scale when recorded; outputs then match the original to float32 rounding.
+Transcoders (SAELens' `Transcoder` layout): cfg `d_out`, W_dec (d_sae, d_out), b_dec (d_out),
+`apply_b_dec_to_input: false`, metadata `hook_name_out` / `hook_layer_out`; the output scale
+is folded into W_dec and b_dec (W_dec' = W_dec / s_out). SAELens has 'transcoder' (ReLU) and
+'jumprelu_transcoder' (also what batchtopk and matryoshka transcoders export as, with their
+inference threshold); a TopK or Gated transcoder has no SAELens class and is written as
+'topk_transcoder' / 'gated_transcoder', which SAELens refuses by name rather than misreads. `save_sae` writes weights, then
 cfg.json, each via a temp name + os.replace. A real SAELens 6 (in a venv of its own, as it
 pins TransformerLens < 4) loads each architecture's files with `SAE.load_from_disk` and its
 encode/decode agree with ours within 1e-5: tests/test_saelens_compat.py (and
@@ -57,31 +63,52 @@ SAELENS_METADATA_KEYS = (
 @torch.no_grad()
 def export_tensors(sae: SparseAutoencoder) -> dict[str, Tensor]:
     """The SAELens state dict, input scale folded in, float32, contiguous, on the CPU."""
-    s = float(sae.input_scale)
+    s, s_out = float(sae.input_scale), float(sae.target_scale)
     folded = {"W_enc": sae.W_enc.double() * s, "b_enc": sae.b_enc.double(),
-              "W_dec": sae.W_dec.double() / s, "b_dec": sae.b_dec.double() / s, **sae.saelens_tensors()}
+              "W_dec": sae.W_dec.double() / s_out, "b_dec": sae.b_dec.double() / s_out, **sae.saelens_tensors()}
     if sae.saelens_architecture == "gated":  # SAELens' gated SAE has b_gate (our b_enc) and no b_enc
         del folded["b_enc"]
     return {name: t.float().cpu().contiguous() for name, t in folded.items()}
 
 
-def saelens_config(sae: SparseAutoencoder, *, hook_name: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """cfg.json contents for `export_tensors(sae)` (JSON-serialisable `extra` values only)."""
+_TRANSCODER_ARCHITECTURES = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}
+"""SAELens' transcoder class for an SAE architecture; others get '<architecture>_transcoder'."""
+
+
+def saelens_architecture(sae: SparseAutoencoder) -> str:
+    """The cfg.json `architecture` of a module (a transcoder's is SAELens' transcoder name)."""
+    if not sae.transcoder:
+        return sae.saelens_architecture
+    return _TRANSCODER_ARCHITECTURES.get(sae.saelens_architecture, f"{sae.saelens_architecture}_transcoder")
+
+
+def saelens_config(sae: SparseAutoencoder, *, hook_name: str, extra: Mapping[str, Any] | None = None,
+                   hook_name_out: str | None = None) -> dict[str, Any]:
+    """cfg.json contents for `export_tensors(sae)` (JSON-serialisable `extra` values only);
+    `hook_name_out`: a transcoder's output hook."""
+    if sae.transcoder != (hook_name_out is not None):
+        raise ValueError("a transcoder's cfg.json names its output hook (hook_name_out); an SAE's does not")
     extra = dict(extra or {})
     metadata: dict[str, Any] = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
                                 "hook_name": hook_name}
-    layer = re.match(r"blocks\.(\d+)\.", hook_name)
-    if layer:
-        metadata["hook_layer"] = int(layer.group(1))
+    for key, hook in (("hook_layer", hook_name), ("hook_layer_out", hook_name_out)):
+        layer = re.match(r"blocks\.(\d+)\.", hook or "")
+        if layer:
+            metadata[key] = int(layer.group(1))
+    if hook_name_out is not None:
+        metadata["hook_name_out"] = hook_name_out
     metadata.update({k: extra.pop(k) for k in SAELENS_METADATA_KEYS if k in extra and k != "hook_name"})
     cfg: dict[str, Any] = {
-        "architecture": sae.saelens_architecture, "d_in": sae.d_in, "d_sae": sae.width,
+        "architecture": saelens_architecture(sae), "d_in": sae.d_in, "d_sae": sae.width,
         "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": sae.apply_b_dec_to_input,
         "normalize_activations": "none", "reshape_activations": "none", "metadata": metadata,
     }
     cfg.update(sae.saelens_fields())
     cfg["sae_assets"] = {"architecture": sae.architecture, "hyperparameters": sae.hyperparameters(),
                          "input_scale": float(sae.input_scale), "input_scale_folded": True, "extra": extra}
+    if sae.transcoder:
+        cfg["d_out"] = sae.d_out
+        cfg["sae_assets"]["output_scale"] = float(sae.output_scale)
     return cfg
 
 
@@ -95,17 +122,19 @@ def _replace_atomically(path: Path, write) -> None:
 
 
 def save_sae(sae: SparseAutoencoder, directory: str | Path, *, hook_name: str,
-             extra: Mapping[str, Any] | None = None) -> Path:
+             extra: Mapping[str, Any] | None = None, hook_name_out: str | None = None) -> Path:
     """Write cfg.json + sae_weights.safetensors into `directory` (created); returns it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors, cfg = export_tensors(sae), saelens_config(sae, hook_name=hook_name, extra=extra)
+    tensors = export_tensors(sae)
+    cfg = saelens_config(sae, hook_name=hook_name, extra=extra, hook_name_out=hook_name_out)
     _replace_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _replace_atomically(directory / CFG_FILE, lambda p: p.write_text(json.dumps(cfg, indent=2, sort_keys=True)))
     return directory
 
 
-_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
+                 "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
 """Our architecture for a SAELens one, when the file has no `sae_assets` block."""
 
 
@@ -122,6 +151,8 @@ def _module_for(cfg: Mapping[str, Any], where: str) -> SparseAutoencoder:
         hp = {"topk": {"k": int(cfg.get("k", 0))}, "jumprelu": {"l0_coefficient": 0.0}}.get(
             name, {"l1_coefficient": 0.0})
     hp["apply_b_dec_to_input"] = bool(cfg.get("apply_b_dec_to_input", True))
+    if "d_out" in cfg or str(arch).endswith("transcoder"):
+        hp["d_out"] = int(cfg.get("d_out", cfg["d_in"]))
     try:
         return ARCHITECTURES[name](int(cfg["d_in"]), int(cfg["d_sae"]), **hp)
     except (TypeError, ValueError) as exc:
@@ -140,14 +171,18 @@ def sae_from_saelens(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], *,
         if name not in tensors or tuple(tensors[name].shape) != tuple(expected.shape):
             got = tuple(tensors[name].shape) if name in tensors else "missing"
             raise ValueError(f"{where}: tensor {name} is {got}, expected {tuple(expected.shape)}")
-    s = float(cfg.get("sae_assets", {}).get("input_scale", 1.0))
+    ours = cfg.get("sae_assets", {})
+    s = float(ours.get("input_scale", 1.0))
+    s_out = float(ours.get("output_scale", 1.0)) if sae.transcoder else s
     sae.W_enc.copy_((tensors["W_enc"].double() / s).float())
     if "b_enc" in tensors:
         sae.b_enc.copy_(tensors["b_enc"].float())
-    sae.W_dec.copy_((tensors["W_dec"].double() * s).float())
-    sae.b_dec.copy_((tensors["b_dec"].double() * s).float())
+    sae.W_dec.copy_((tensors["W_dec"].double() * s_out).float())
+    sae.b_dec.copy_((tensors["b_dec"].double() * s_out).float())
     sae.load_saelens_tensors({k: v.float() for k, v in tensors.items()})
     sae.input_scale.fill_(s)
+    if sae.transcoder:
+        sae.output_scale.fill_(s_out)
     return sae
 
 

@@ -82,13 +82,13 @@ class _JumpReLULoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xs_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor,
-                log_threshold_F: Tensor, coefficient: float, bandwidth: float):
+    def forward(ctx, xs_BD: Tensor, ys_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, W_dec_FD: Tensor,
+                b_dec_D: Tensor, log_threshold_F: Tensor, coefficient: float, bandwidth: float):
         B = xs_BD.shape[0]
         threshold_F = log_threshold_F.exp()
         pre_BF = torch.addmm(b_enc_F, xs_BD, W_enc_DF)
         f_BF = torch.where(pre_BF > threshold_F, pre_BF, 0.0)
-        diff_BD = torch.addmm(b_dec_D, f_BF, W_dec_FD).sub_(xs_BD)  # x_hat - x
+        diff_BD = torch.addmm(b_dec_D, f_BF, W_dec_FD).sub_(ys_BD)  # x_hat - y (y = x for an SAE)
         count = torch.sign(f_BF).sum(1).sum(dtype=torch.float64)  # exact below 2**24 features
         mse = diff_BD.pow(2).sum() / B
         penalty = (coefficient * count / B).to(mse.dtype)
@@ -108,8 +108,9 @@ class _JumpReLULoss(torch.autograd.Function):
         window_BF = pre_BF.sub(threshold_F).abs_() < eps / 2
         per_row = g_penalty * ctx.coefficient / B  # d(penalty) / d(H(z_bi - theta_i))
         g_threshold_F = torch.where(window_BF, g_f_BF.mul_(threshold_F).add_(per_row), 0.0).sum(0) * (-1 / eps)
-        g_x = g_pre_BF @ W_enc_DF.t() - g_xhat_BD if ctx.needs_input_grad[0] else None
-        return (g_x, xs_BD.t() @ g_pre_BF, g_pre_BF.sum(0), f_BF.t() @ g_xhat_BD, g_xhat_BD.sum(0),
+        g_x = g_pre_BF @ W_enc_DF.t() if ctx.needs_input_grad[0] else None
+        g_y = -g_xhat_BD if ctx.needs_input_grad[1] else None
+        return (g_x, g_y, xs_BD.t() @ g_pre_BF, g_pre_BF.sum(0), f_BF.t() @ g_xhat_BD, g_xhat_BD.sum(0),
                 g_threshold_F * threshold_F, None, None)
 
 
@@ -132,8 +133,9 @@ class JumpReLUSae(SparseAutoencoder):
     elementwise_activation: ClassVar[bool] = True
 
     def __init__(self, d_in: int, width: int, *, l0_coefficient: float, l0_warmup_fraction: float = 0.0,
-                 init_threshold: float = 0.001, bandwidth: float = 0.001, apply_b_dec_to_input: bool = False) -> None:
-        super().__init__(d_in, width, apply_b_dec_to_input=apply_b_dec_to_input)
+                 init_threshold: float = 0.001, bandwidth: float = 0.001, apply_b_dec_to_input: bool = False,
+                 d_out: int | None = None) -> None:
+        super().__init__(d_in, width, apply_b_dec_to_input=apply_b_dec_to_input, d_out=d_out)
         if l0_coefficient < 0 or not 0 <= l0_warmup_fraction < 1 or not init_threshold > 0 or not bandwidth > 0:
             raise ValueError(f"need l0_coefficient >= 0, l0_warmup_fraction in [0, 1), init_threshold > 0 and "
                              f"bandwidth > 0; got {l0_coefficient}, {l0_warmup_fraction}, {init_threshold}, "
@@ -153,15 +155,18 @@ class JumpReLUSae(SparseAutoencoder):
     def activate_range(self, pre_BW: Tensor, lo: int, hi: int) -> Tensor:
         return jumprelu(pre_BW, self.log_threshold[lo:hi].exp(), self.bandwidth)
 
-    def loss(self, x_BD: Tensor, step_info: StepInfo | None = None) -> LossOutput:
+    def loss(self, x_BD: Tensor, step_info: StepInfo | None = None, target_BD: Tensor | None = None) -> LossOutput:
         """The loss through `_JumpReLULoss` (no pre-encoder bias, (B, D) inputs), else the generic
         graph (`penalties`)."""
         if self.apply_b_dec_to_input or x_BD.ndim != 2:
-            return super().loss(x_BD, step_info)
+            return super().loss(x_BD, step_info, target_BD)
         info = step_info if step_info is not None else StepInfo()
         coefficient = self.l0_coefficient * l1_warmup_scale(info.step, info.total_steps, self.l0_warmup_fraction)
-        mse, sparsity, f_BF, f_sum_F = _JumpReLULoss.apply(x_BD * self.input_scale, self.W_enc, self.b_enc, self.W_dec,
-                                                           self.b_dec, self.log_threshold, coefficient, self.bandwidth)
+        xs_BD = x_BD * self.input_scale
+        ys_BE = self.scaled_target(x_BD, target_BD)
+        mse, sparsity, f_BF, f_sum_F = _JumpReLULoss.apply(xs_BD, xs_BD if ys_BE is None else ys_BE, self.W_enc,
+                                                           self.b_enc, self.W_dec, self.b_dec, self.log_threshold,
+                                                           coefficient, self.bandwidth)
         l0, _ = active_counts(f_BF)
         return LossOutput(mse + sparsity, mse, sparsity, mse.new_zeros(()), l0, f_BF, f_sum_F > 0)
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn import functional as nnf
 
 from sae_assets.core.config import default_matryoshka_prefixes
-from sae_assets.core.sae.base import StepInfo
+from sae_assets.core.sae.base import StepInfo, reconstruction_target
 from sae_assets.core.sae.batchtopk import BatchTopKSae
 from sae_assets.core.sae.sparse import SparseCodes
 from sae_assets.core.sae.topk import auxk_loss, sparse_entries
@@ -42,9 +42,9 @@ class MatryoshkaSae(BatchTopKSae):
 
     def __init__(self, d_in: int, width: int, *, k: int, prefixes: Sequence[int] | None = None, aux_k: int = 256,
                  aux_coefficient: float = 1 / 32, threshold_decay: float = 0.99,
-                 apply_b_dec_to_input: bool = True) -> None:
+                 apply_b_dec_to_input: bool = True, d_out: int | None = None) -> None:
         super().__init__(d_in, width, k=k, aux_k=aux_k, aux_coefficient=aux_coefficient,
-                         threshold_decay=threshold_decay, apply_b_dec_to_input=apply_b_dec_to_input)
+                         threshold_decay=threshold_decay, apply_b_dec_to_input=apply_b_dec_to_input, d_out=d_out)
         sizes = tuple(int(m) for m in prefixes) if prefixes else default_matryoshka_prefixes(width)
         if not (sizes[0] >= 1 and sizes[-1] == width and all(a < b for a, b in zip(sizes, sizes[1:]))):
             raise ValueError(f"prefixes must be strictly increasing sizes >= 1 ending at the width {width}; "
@@ -79,8 +79,9 @@ class MatryoshkaSae(BatchTopKSae):
             parts = self.prefix_reconstructions_sparse(info.codes).unbind(1)
         else:
             parts = self.prefix_reconstructions(f_BF)
-        inner = [(x_BD - part_BD).pow(2).sum(-1).mean() for part_BD in parts[:-1]]
-        aux = self.aux_coefficient * auxk_loss(self.W_dec, x_BD, pre_BF, x_hat_BD, info.dead_F, self.aux_k,
+        target_BD = reconstruction_target(x_BD, info)
+        inner = [(target_BD - part_BD).pow(2).sum(-1).mean() for part_BD in parts[:-1]]
+        aux = self.aux_coefficient * auxk_loss(self.W_dec, target_BD, pre_BF, x_hat_BD, info.dead_F, self.aux_k,
                                                sparse_entries(self, x_BD, pre_BF, info))
         return x_hat_BD.new_zeros(()), sum(inner, aux)
 

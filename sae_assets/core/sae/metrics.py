@@ -7,7 +7,9 @@ one batch. `feature_density`, `dead_fraction`, `dense_fraction` and `density_his
 the counts into the sparsity numbers and plot data. `loss_recovered` splices the
 reconstruction into a TransformerLens 4 `TransformerBridge` at a hook point and compares the
 next-token loss with the clean model and with zero and mean ablation (0% = the ablation's
-loss, 100% = the clean loss); `spliced_losses` gives the same per sequence for one batch. The
+loss, 100% = the clean loss); `spliced_losses` gives the same per sequence for one batch, and
+for a transcoder (`target_hook`) reads its input at the hook and splices its output in at the
+target hook, from the input of the same forward pass. The
 evaluation sae_metrics records is assembled from these in `sae_assets.core.sae.evaluation`.
 Pure torch/numpy; tests: tests/test_sae_metrics.py.
 """
@@ -98,10 +100,17 @@ class LossRecovered(NamedTuple):
 
 
 def dictionary_widths(sae: Dictionary) -> tuple[int, int]:
+    """(F, D): features and the width of what the dictionary reconstructs (a transcoder's output)."""
     w = sae.W_dec
     if w.ndim != 2:
         raise ValueError(f"dictionary W_dec must have shape (F, D), got {tuple(w.shape)}")
     return int(w.shape[0]), int(w.shape[1])
+
+
+def input_width(sae: Dictionary) -> int:
+    """The width of what the dictionary reads: `d_in` where it says (a transcoder's input hook),
+    else its reconstruction width."""
+    return int(getattr(sae, "d_in", dictionary_widths(sae)[1]))
 
 
 def check_activations(
@@ -125,7 +134,7 @@ def reconstruct(sae: Dictionary, x_ND: torch.Tensor) -> tuple[torch.Tensor, torc
     w = sae.W_dec
     f_NF = sae.encode(x_ND.to(device=w.device, dtype=w.dtype))
     x_hat_ND = sae.decode(f_NF)
-    if x_hat_ND.shape != x_ND.shape:
+    if x_hat_ND.shape != (x_ND.shape[0], w.shape[1]):
         raise ValueError(f"dictionary decode returned shape {tuple(x_hat_ND.shape)} for input {tuple(x_ND.shape)}")
     return f_NF, x_hat_ND.to(device=x_ND.device, dtype=x_ND.dtype)
 
@@ -284,32 +293,49 @@ def _at_kept(keep_BT: torch.Tensor | None, replacement: Callable[[torch.Tensor],
 
 
 def spliced_losses(model, sae, batch_BT, hook_name, width, first, mean_D,
-                   keep_BT: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Per-sequence (B,) float64 loss sums of one batch, and its hook activations (B*T, D).
+                   keep_BT: torch.Tensor | None = None, target_hook: str | None = None,
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Per-sequence (B,) float64 loss sums of one batch, its hook activations (B*T, D) and the
+    activations the dictionary reconstructs (B*T, E): the same tensor for an SAE, a transcoder's
+    `target_hook` activations otherwise (`width` is E, checked on both for an SAE).
 
     The sums are over the T-1 predicted tokens of each sequence: 'clean', 'sae' (the
-    reconstruction spliced in), 'zero' (zero ablation), 'mean' (mean ablation, only when
-    `mean_D` is given) and 'kl' (KL(clean || spliced)). With `keep_BT` (B, T) bool, the
-    reconstruction and the ablations replace the activation only where it is True (special
-    tokens keep their clean activation); every position is still scored. `first` is the
-    index of the batch's first sequence in the evaluation tokens (for errors).
+    reconstruction spliced in at the target hook), 'zero' (zero ablation), 'mean' (mean
+    ablation, only when `mean_D` is given) and 'kl' (KL(clean || spliced)). A transcoder's
+    spliced output is computed from its input hook's activation in the same forward pass (the
+    input hook must run before the target hook). With `keep_BT` (B, T) bool, the reconstruction
+    and the ablations replace the activation only where it is True (special tokens keep their
+    clean activation); every position is still scored. `first` is the index of the batch's first
+    sequence in the evaluation tokens (for errors).
     """
-    captured: list[torch.Tensor] = []
-
-    def capture(activation: torch.Tensor, hook: object) -> None:
-        captured[:] = [activation.detach().clone()]
-
-    clean_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(hook_name, capture)])
-    acts_ND = captured[0].reshape(-1, captured[0].shape[-1])  # (B*T, D)
+    target = target_hook or hook_name
+    captured: dict[str, torch.Tensor] = {}
+    clean_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(h, capture_into(captured, h, clone=True))
+                                                          for h in dict.fromkeys((hook_name, target))])
+    acts_ND = captured[hook_name].reshape(-1, captured[hook_name].shape[-1])  # (B*T, D)
+    target_NE = captured[target].reshape(-1, captured[target].shape[-1])  # (B*T, E)
     seq_len = batch_BT.shape[1]
-    check_activations(acts_ND, width, f"hook {hook_name!r}",
-                       lambda r: f"token sequence {first + r // seq_len}, position {r % seq_len}")
+    where = lambda r: f"token sequence {first + r // seq_len}, position {r % seq_len}"  # noqa: E731
+    check_activations(acts_ND, input_width(sae), f"hook {hook_name!r}", where)
+    if target != hook_name:
+        check_activations(target_NE, width, f"target hook {target!r}", where)
 
-    def splice(act: torch.Tensor) -> torch.Tensor:
-        return reconstruct(sae, act.reshape(-1, act.shape[-1]))[1].reshape(act.shape)
+    if target == hook_name:
+        def splice(act: torch.Tensor) -> torch.Tensor:
+            return reconstruct(sae, act.reshape(-1, act.shape[-1]))[1].reshape(act.shape)
+        sae_hooks = [(hook_name, _replace_once(_at_kept(keep_BT, splice)))]
+    else:
+        live: dict[str, torch.Tensor] = {}
 
-    sae_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(hook_name, _replace_once(_at_kept(keep_BT, splice)))])
-    zero_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(hook_name, _replace_once(_at_kept(keep_BT, torch.zeros_like)))])
+        def transcode(act: torch.Tensor) -> torch.Tensor:
+            if hook_name not in live:
+                raise ValueError(f"transcoder input hook {hook_name!r} did not run before its target hook {target!r}: "
+                                 "the input must come earlier in the forward pass")
+            x_ND = live[hook_name].reshape(-1, live[hook_name].shape[-1])
+            return reconstruct(sae, x_ND)[1].reshape(act.shape).to(act.dtype)
+        sae_hooks = [(hook_name, capture_into(live, hook_name)), (target, _replace_once(_at_kept(keep_BT, transcode)))]
+    sae_BTV = model.run_with_hooks(batch_BT, fwd_hooks=sae_hooks)
+    zero_BTV = model.run_with_hooks(batch_BT, fwd_hooks=[(target, _replace_once(_at_kept(keep_BT, torch.zeros_like)))])
     sums = {
         "clean": _loss_sums(clean_BTV, batch_BT),
         "sae": _loss_sums(sae_BTV, batch_BT),
@@ -317,8 +343,16 @@ def spliced_losses(model, sae, batch_BT, hook_name, width, first, mean_D,
         "kl": _kl_sums(clean_BTV, sae_BTV),
     }
     if mean_D is not None:
-        sums["mean"] = _mean_ablated_sums(model, batch_BT, hook_name, mean_D, keep_BT)
-    return sums, acts_ND
+        sums["mean"] = _mean_ablated_sums(model, batch_BT, target, mean_D, keep_BT)
+    return sums, acts_ND, target_NE
+
+
+def capture_into(store: dict[str, torch.Tensor], name: str, *, clone: bool = False) -> Callable:
+    """A forward hook keeping its activation (detached; a copy with `clone`) in store[name] and
+    changing nothing."""
+    def keep(activation: torch.Tensor, hook: object) -> None:
+        store[name] = activation.detach().clone() if clone else activation.detach()
+    return keep
 
 
 def _mean_ablated_sums(model, batch_BT: torch.Tensor, hook_name: str, mean_D: torch.Tensor,
@@ -370,7 +404,7 @@ def loss_recovered(
         act_sum_D, act_rows = torch.zeros(width, dtype=torch.float64), 0
         for start in range(0, tokens.shape[0], batch_size):
             batch_BT = tokens[start : start + batch_size].to(device)
-            sums, acts_ND = spliced_losses(model, sae, batch_BT, hook_name, width, start, mean_D)
+            sums, acts_ND, _ = spliced_losses(model, sae, batch_BT, hook_name, width, start, mean_D)
             act_sum_D += acts_ND.double().sum(dim=0).cpu()
             act_rows += acts_ND.shape[0]
             for key, value in sums.items():

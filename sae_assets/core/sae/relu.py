@@ -40,36 +40,39 @@ class _ReluRecipeLoss(torch.autograd.Function):
     bias; the ReLU backward is one masked pass. Gradients equal autograd's up to float
     rounding (tests/test_sae_core.py). Returns mse, penalty, f (B, F; no gradient) and the
     column sums of f (F,; no gradient: > 0 exactly where a feature fired, as f >= 0).
+    The target ys (B, E) is xs itself for an SAE (autograd adds the two input gradients), a
+    transcoder's scaled output-hook activations otherwise.
     """
 
     @staticmethod
-    def forward(ctx, xs_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor,
-                coefficient: float):
+    def forward(ctx, xs_BD: Tensor, ys_BE: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, W_dec_FE: Tensor,
+                b_dec_E: Tensor, coefficient: float):
         B = xs_BD.shape[0]
         f_BF = torch.addmm(b_enc_F, xs_BD, W_enc_DF).relu_()
-        diff_BD = torch.addmm(b_dec_D, f_BF, W_dec_FD).sub_(xs_BD)  # x_hat - x
-        norm_F = W_dec_FD.norm(dim=-1)
+        diff_BE = torch.addmm(b_dec_E, f_BF, W_dec_FE).sub_(ys_BE)  # x_hat - y
+        norm_F = W_dec_FE.norm(dim=-1)
         f_sum_F = f_BF.sum(0)
-        mse = diff_BD.pow(2).sum() / B
+        mse = diff_BE.pow(2).sum() / B
         penalty = coefficient * (f_sum_F @ norm_F) / B
-        ctx.save_for_backward(xs_BD, f_BF, W_enc_DF, W_dec_FD, diff_BD, norm_F, f_sum_F)
+        ctx.save_for_backward(xs_BD, f_BF, W_enc_DF, W_dec_FE, diff_BE, norm_F, f_sum_F)
         ctx.coefficient = coefficient
         ctx.mark_non_differentiable(f_BF, f_sum_F)
         return mse, penalty, f_BF, f_sum_F
 
     @staticmethod
     def backward(ctx, g_mse, g_penalty, _g_f, _g_f_sum):
-        xs_BD, f_BF, W_enc_DF, W_dec_FD, diff_BD, norm_F, f_sum_F = ctx.saved_tensors
+        xs_BD, f_BF, W_enc_DF, W_dec_FE, diff_BE, norm_F, f_sum_F = ctx.saved_tensors
         B = xs_BD.shape[0]
-        g_xhat_BD = diff_BD * (2 * g_mse / B)
+        g_xhat_BE = diff_BE * (2 * g_mse / B)
         per_unit = g_penalty * ctx.coefficient / B  # d(penalty) / d(f_bi ||W_dec_i||)
-        g_f_BF = torch.addmm(norm_F * per_unit, g_xhat_BD, W_dec_FD.t())
+        g_f_BF = torch.addmm(norm_F * per_unit, g_xhat_BE, W_dec_FE.t())
         g_pre_BF = torch.ops.aten.threshold_backward(g_f_BF, f_BF, 0)  # 0 where f = 0, as relu's backward
         # d||W_dec_i|| / dW_dec_i = W_dec_i / ||W_dec_i|| (0 for a zero row, as autograd's norm)
         row_scale_F = torch.where(norm_F > 0, per_unit * f_sum_F / norm_F.clamp_min(torch.finfo(norm_F.dtype).tiny), 0)
-        g_W_dec = torch.addmm(W_dec_FD * row_scale_F[:, None], f_BF.t(), g_xhat_BD)
-        g_x = g_pre_BF @ W_enc_DF.t() - g_xhat_BD if ctx.needs_input_grad[0] else None
-        return g_x, xs_BD.t() @ g_pre_BF, g_pre_BF.sum(0), g_W_dec, g_xhat_BD.sum(0), None
+        g_W_dec = torch.addmm(W_dec_FE * row_scale_F[:, None], f_BF.t(), g_xhat_BE)
+        g_x = g_pre_BF @ W_enc_DF.t() if ctx.needs_input_grad[0] else None
+        g_y = -g_xhat_BE if ctx.needs_input_grad[1] else None
+        return g_x, g_y, xs_BD.t() @ g_pre_BF, g_pre_BF.sum(0), g_W_dec, g_xhat_BE.sum(0), None
 
 
 class ReluSae(SparseAutoencoder):
@@ -82,8 +85,8 @@ class ReluSae(SparseAutoencoder):
     activation_is_relu: ClassVar[bool] = True
 
     def __init__(self, d_in: int, width: int, *, l1_coefficient: float, l1_warmup_fraction: float = 0.0,
-                 apply_b_dec_to_input: bool = False) -> None:
-        super().__init__(d_in, width, apply_b_dec_to_input=apply_b_dec_to_input)
+                 apply_b_dec_to_input: bool = False, d_out: int | None = None) -> None:
+        super().__init__(d_in, width, apply_b_dec_to_input=apply_b_dec_to_input, d_out=d_out)
         if l1_coefficient < 0 or not 0 <= l1_warmup_fraction < 1:
             raise ValueError(f"need l1_coefficient >= 0 and l1_warmup_fraction in [0, 1), got "
                              f"{l1_coefficient}, {l1_warmup_fraction}")
@@ -98,15 +101,17 @@ class ReluSae(SparseAutoencoder):
         # flows through them (the feature sampler's hot path), one (B, W) allocation fewer.
         return pre_BW.relu() if pre_BW.requires_grad else pre_BW.relu_()
 
-    def loss(self, x_BD: Tensor, step_info: StepInfo | None = None) -> LossOutput:
+    def loss(self, x_BD: Tensor, step_info: StepInfo | None = None, target_BD: Tensor | None = None) -> LossOutput:
         """The recipe's loss through `_ReluRecipeLoss` (no pre-encoder bias, (B, D) inputs), else
         the generic graph (`penalties`)."""
         if self.apply_b_dec_to_input or x_BD.ndim != 2:
-            return super().loss(x_BD, step_info)
+            return super().loss(x_BD, step_info, target_BD)
         info = step_info if step_info is not None else StepInfo()
         coefficient = self.l1_coefficient * l1_warmup_scale(info.step, info.total_steps, self.l1_warmup_fraction)
-        mse, sparsity, f_BF, f_sum_F = _ReluRecipeLoss.apply(x_BD * self.input_scale, self.W_enc, self.b_enc,
-                                                             self.W_dec, self.b_dec, coefficient)
+        xs_BD = x_BD * self.input_scale
+        ys_BE = self.scaled_target(x_BD, target_BD)
+        mse, sparsity, f_BF, f_sum_F = _ReluRecipeLoss.apply(xs_BD, xs_BD if ys_BE is None else ys_BE, self.W_enc,
+                                                             self.b_enc, self.W_dec, self.b_dec, coefficient)
         l0, _ = active_counts(f_BF)
         return LossOutput(mse + sparsity, mse, sparsity, mse.new_zeros(()), l0, f_BF, f_sum_F > 0)
 

@@ -18,7 +18,11 @@ inputs the SAE currently reconstructs worst, but from rare-feature vectors extra
 rather than the raw inputs (`rare_feature_directions`). `method="reinit"` is the plain
 re-initialisation that "My best guess at the important tricks for training 1L SAEs" found much
 worse than Anthropic's: random directions (`random_directions`), all else alike, so the methods
-differ only in where a revived feature points. Tests: tests/test_sae_core.py,
+differ only in where a revived feature points. A transcoder (`target_BD` given: the rows its
+output hook holds) is scored by its error on the target; 'anthropic' gives a revived feature
+the chosen row's target direction (y - b_dec) as decoder row and its input direction as encoder
+column, 'reinit' independent random directions in the two spaces; 'rare' is for SAEs only
+(the config refuses it for transcoders). Tests: tests/test_sae_core.py,
 tests/test_resample_rare.py, tests/test_training_tricks.py; toy comparison: bench/informed_init.py.
 """
 
@@ -54,28 +58,36 @@ def reset_adam_rows(optimizer: torch.optim.Optimizer, param: Tensor, index_R: Te
 
 
 @torch.no_grad()
-def _scaled_residuals(sae: SparseAutoencoder, x_BD: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, D) inputs in the SAE's scaled units and (B, D) their residuals x - x_hat."""
+def _scaled_residuals(sae: SparseAutoencoder, x_BD: Tensor, target_BE: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(B, E) reconstruction targets in the SAE's scaled units (its inputs, or a transcoder's
+    targets) and (B, E) their residuals y - y_hat."""
     xs_BD = x_BD * sae.input_scale
-    return xs_BD, xs_BD - sae.decode_scaled(sae.activate(sae.pre_activations(xs_BD)))
+    ys_BE = xs_BD if target_BE is None else target_BE * sae.target_scale
+    return ys_BE, ys_BE - sae.decode_scaled(sae.activate(sae.pre_activations(xs_BD)))
 
 
 @torch.no_grad()
-def loss_weights(sae: SparseAutoencoder, x_BD: Tensor) -> Tensor:
+def loss_weights(sae: SparseAutoencoder, x_BD: Tensor, target_BE: Tensor | None = None) -> Tensor:
     """(B,) float64 sampling weights: squared per-input reconstruction loss (all 1 if all 0)."""
-    weights_B = _scaled_residuals(sae, x_BD)[1].pow(2).sum(-1).double().pow(2).cpu()
+    weights_B = _scaled_residuals(sae, x_BD, target_BE)[1].pow(2).sum(-1).double().pow(2).cpu()
     if not torch.isfinite(weights_B).all() or weights_B.sum() <= 0:
         return torch.ones_like(weights_B)
     return weights_B
 
 
 @torch.no_grad()
-def anthropic_directions(sae: SparseAutoencoder, x_BD: Tensor, R: int, generator: torch.Generator) -> Tensor:
-    """(R, D) unit directions x - b_dec of inputs drawn with probability proportional to loss^2."""
-    weights_B = loss_weights(sae, x_BD)
+def anthropic_directions(sae: SparseAutoencoder, x_BD: Tensor, R: int, generator: torch.Generator,
+                         target_BE: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(R, E) unit decoder directions y - b_dec of rows drawn with probability proportional to
+    loss^2 (y = x for an SAE), and (R, D) the encoder directions: the same for an SAE, a
+    transcoder's the drawn rows' unit inputs."""
+    weights_B = loss_weights(sae, x_BD, target_BE)
     replace = R > int((weights_B > 0).sum())
     chosen_R = torch.multinomial(weights_B, R, replacement=replace, generator=generator).to(x_BD.device)
-    return unit_rows(x_BD[chosen_R] * sae.input_scale - sae.b_dec)
+    if target_BE is None:
+        directions_RD = unit_rows(x_BD[chosen_R] * sae.input_scale - sae.b_dec)
+        return directions_RD, directions_RD
+    return unit_rows(target_BE[chosen_R] * sae.target_scale - sae.b_dec), unit_rows(x_BD[chosen_R] * sae.input_scale)
 
 
 def random_directions(R: int, D: int, generator: torch.Generator) -> Tensor:
@@ -119,7 +131,7 @@ def rare_feature_directions(sae: SparseAutoencoder, x_BD: Tensor, R: int, genera
 @torch.no_grad()
 def resample_dead_features(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x_BD: Tensor,
                            dead_F: Tensor, generator: torch.Generator, *,
-                           method: ResampleMethod = "anthropic") -> Tensor:
+                           method: ResampleMethod = "anthropic", target_BE: Tensor | None = None) -> Tensor:
     """Re-initialise the dead features from poorly reconstructed inputs; returns their indices.
 
     method 'anthropic': decoder rows = normalised x - b_dec of inputs drawn by loss^2;
@@ -133,17 +145,23 @@ def resample_dead_features(sae: SparseAutoencoder, optimizer: torch.optim.Optimi
     R = dead_R.numel()
     if R == 0:
         return dead_R
+    if sae.transcoder != (target_BE is not None):
+        raise ValueError("resampling a transcoder needs its targets (target_BE), and an SAE takes none")
     if method == "rare":
-        directions_RD = rare_feature_directions(sae, x_BD, R, generator)
+        if sae.transcoder:
+            raise ValueError("method 'rare' draws rare-feature vectors of the input: not for a transcoder")
+        directions_RD = encoder_RD = rare_feature_directions(sae, x_BD, R, generator)
     elif method == "reinit":
-        directions_RD = random_directions(R, sae.d_in, generator).to(sae.W_dec.device, sae.W_dec.dtype)
+        directions_RD = random_directions(R, sae.d_out, generator).to(sae.W_dec.device, sae.W_dec.dtype)
+        encoder_RD = (random_directions(R, sae.d_in, generator).to(directions_RD) if sae.transcoder
+                      else directions_RD)
     else:
-        directions_RD = anthropic_directions(sae, x_BD, R, generator)
+        directions_RD, encoder_RD = anthropic_directions(sae, x_BD, R, generator, target_BE)
     live_F = ~dead_F.to(sae.W_enc.device)
     live_DF = sae.W_enc[:, live_F] if bool(live_F.any()) else sae.W_enc  # all dead: use every column
     live_norm = live_DF.norm(dim=0).mean()
     sae.W_dec[dead_R] = directions_RD
-    sae.W_enc[:, dead_R] = (ENCODER_NORM_FACTOR * live_norm * directions_RD).T
+    sae.W_enc[:, dead_R] = (ENCODER_NORM_FACTOR * live_norm * encoder_RD).T
     sae.b_enc[dead_R] = 0.0
     reset_adam_rows(optimizer, sae.W_dec, dead_R, 0)
     reset_adam_rows(optimizer, sae.W_enc, dead_R, 1)

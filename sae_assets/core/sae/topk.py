@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from sae_assets.core.sae.base import SparseAutoencoder, StepInfo
+from sae_assets.core.sae.base import SparseAutoencoder, StepInfo, reconstruction_target
 from sae_assets.core.sae.sparse import SparseCodes, sparse_decode
 
 # Letter key: B batch rows, D input width, F features, K kept latents (k or aux_k).
@@ -96,8 +96,8 @@ class TopKSae(SparseAutoencoder):
     init_decoder_norm: ClassVar[float] = 1.0
 
     def __init__(self, d_in: int, width: int, *, k: int, aux_k: int = 256, aux_coefficient: float = 1 / 32,
-                 apply_b_dec_to_input: bool = True) -> None:
-        super().__init__(d_in, width, apply_b_dec_to_input=apply_b_dec_to_input)
+                 apply_b_dec_to_input: bool = True, d_out: int | None = None) -> None:
+        super().__init__(d_in, width, apply_b_dec_to_input=apply_b_dec_to_input, d_out=d_out)
         if not 1 <= k <= width or aux_k < 0 or aux_coefficient < 0:
             raise ValueError(f"need 1 <= k <= width ({width}), aux_k >= 0, aux_coefficient >= 0; got "
                              f"{k}, {aux_k}, {aux_coefficient}")
@@ -119,7 +119,8 @@ class TopKSae(SparseAutoencoder):
     def penalties(self, x_BD: Tensor, pre_BF: Tensor, f_BF: Tensor, x_hat_BD: Tensor,
                   info: StepInfo) -> tuple[Tensor, Tensor]:
         entries = sparse_entries(self, x_BD, pre_BF, info)
-        aux = self.aux_coefficient * self.auxk_loss(x_BD, pre_BF, x_hat_BD, info.dead_F, entries)
+        aux = self.aux_coefficient * self.auxk_loss(reconstruction_target(x_BD, info), pre_BF, x_hat_BD, info.dead_F,
+                                                    entries)
         return x_hat_BD.new_zeros(()), aux
 
     def constrain_gradients(self) -> None:

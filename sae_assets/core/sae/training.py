@@ -90,15 +90,16 @@ def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.Adam:
 
 
 def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x_BD: Tensor, info: StepInfo,
-               lr: float, *, max_grad_norm: float | None = MAX_GRAD_NORM) -> LossOutput:
-    """One optimizer step on a batch; raises SaeTrainingError (nothing changed) if not finite."""
+               lr: float, *, max_grad_norm: float | None = MAX_GRAD_NORM, target_BE: Tensor | None = None) -> LossOutput:
+    """One optimizer step on a batch (a transcoder's with its targets (B, E)); raises
+    SaeTrainingError (nothing changed) if not finite."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    out = sae.loss(x_BD, info)
+    out = sae.loss(x_BD, info, target_BE)
     if not bool(torch.isfinite(out.total)):
-        what = ("the input batch holds NaN/inf values" if not bool(torch.isfinite(x_BD).all())
-                else f"the loss is {out.total.item()}")
+        finite = bool(torch.isfinite(x_BD).all()) and (target_BE is None or bool(torch.isfinite(target_BE).all()))
+        what = "the input batch holds NaN/inf values" if not finite else f"the loss is {out.total.item()}"
         raise SaeTrainingError(f"SAE training stopped at step {info.step}: {what}", step=info.step)
     out.total.backward()
     sae.constrain_gradients()
@@ -147,33 +148,36 @@ def _start(sae: SparseAutoencoder, cfg: SaeConfig, point: DictionaryPoint, path:
     return _Run(sae, optimizer, scheduler, tracker, cfg, total, progress, checkpointer, resample_at)
 
 
-def _maybe_resample(run: _Run, x_BD: Tensor, step: int) -> None:
+def _maybe_resample(run: _Run, x_BD: Tensor, target_BE: Tensor | None, step: int) -> None:
     if step not in run.resample_at:
         return
     dead_F = run.tracker.dead_mask()
     if not bool(dead_F.any()):
         return
-    if not bool(torch.isfinite(x_BD).all()):  # checked here too: resampling would copy NaNs into W_dec
+    if not bool(torch.isfinite(x_BD).all()) or (target_BE is not None and not bool(torch.isfinite(target_BE).all())):
+        # checked here too: resampling would copy NaNs into W_dec
         raise SaeTrainingError(f"SAE training stopped at step {step}: the input batch holds NaN/inf values",
                                step=step)
     revived = resample_dead_features(run.sae, run.optimizer, x_BD, dead_F, run.checkpointer.generator,
-                                     method=run.cfg.resample_method)
+                                     method=run.cfg.resample_method, target_BE=target_BE)
     run.tracker.reset(revived)
     run.scheduler.on_resample(step)
     run.progress.resamples += 1
 
 
-def _one_step(run: _Run, x_BD: Tensor, log_every: int) -> Tensor:
-    """One training step; returns its loss (0-d, detached)."""
+def _one_step(run: _Run, rows_BR: Tensor, log_every: int) -> Tensor:
+    """One training step on rows (B, D), or a transcoder's input | target rows (B, D + E);
+    returns its loss (0-d, detached)."""
     step = run.progress.step
-    if x_BD.ndim != 2 or x_BD.shape[1] != run.sae.d_in:
-        raise SaeTrainingError(f"SAE training stopped at step {step}: batch has shape {tuple(x_BD.shape)}, "
-                               f"expected (B, {run.sae.d_in})", step=step)
-    x_BD = x_BD.to(run.sae.W_dec.device, torch.float32)
-    _maybe_resample(run, x_BD, step)
+    if rows_BR.ndim != 2 or rows_BR.shape[1] != run.sae.row_width:
+        expected = f"(B, {run.sae.d_in} + {run.sae.d_out}): input | target" if run.sae.transcoder else f"(B, {run.sae.d_in})"
+        raise SaeTrainingError(f"SAE training stopped at step {step}: batch has shape {tuple(rows_BR.shape)}, "
+                               f"expected {expected}", step=step)
+    x_BD, target_BE = run.sae.split_rows(rows_BR.to(run.sae.W_dec.device, torch.float32))
+    _maybe_resample(run, x_BD, target_BE, step)
     lr = run.scheduler.lr(step)
     info = StepInfo(step, run.total, run.tracker.dead_mask())
-    out = train_step(run.sae, run.optimizer, x_BD, info, lr)
+    out = train_step(run.sae, run.optimizer, x_BD, info, lr, target_BE=target_BE)
     if out.fired_F is not None:
         run.tracker.update_fired(out.fired_F, x_BD.shape[0])
     else:
