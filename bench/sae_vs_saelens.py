@@ -19,8 +19,9 @@ loop's time (also printed):
   (ReLU, L1 weighted by decoder norms, no b_dec on the input, as ours), `TopKTrainingSAE` and
   `BatchTopKTrainingSAE` (AuxK; SAELens' default `rescale_acts_by_decoder_norm`; dense
   activations unless `--saelens-sparse`), `MatryoshkaBatchTopKTrainingSAE` (our prefixes as
-  `matryoshka_widths`), `JumpReLUTrainingSAE` (DeepMind's step L0 loss, threshold 0.001 and
-  bandwidth 0.001 as ours) and `GatedTrainingSAE`; then `SAETrainer.fit()` (its own training
+  `matryoshka_widths`), `JumpReLUTrainingSAE` (the step L0 loss with its straight-through
+  gradient to the pre-activations too, `jumprelu_ste_to_input`, threshold 0.1 and bandwidth 0.1,
+  as ours) and `GatedTrainingSAE`; then `SAETrainer.fit()` (its own training
   step: `training_forward_pass`, backward, clipping at 1, Adam, LR and sparsity warm-up
   schedulers, dead-neuron counters; no wandb, no checkpoints, tqdm disabled) over the same
   batches, pre-multiplied by our input scale so the numbers trained on are the same
@@ -129,7 +130,8 @@ WORKER = textwrap.dedent('''
         if arch == "jumprelu":
             return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
                 apply_b_dec_to_input=False, l0_coefficient=cmd["sparsity"], l0_warm_up_steps=cmd["l1_warmup_steps"],
-                jumprelu_init_threshold=0.001, jumprelu_bandwidth=0.001, decoder_init_norm=1.0, **common))
+                jumprelu_init_threshold=0.1, jumprelu_bandwidth=0.1, jumprelu_ste_to_input=True,
+                decoder_init_norm=1.0, **common))
         if arch == "topk":
             return TopKTrainingSAE(TopKTrainingSAEConfig(**topk, **common))
         if arch == "batchtopk":

@@ -77,6 +77,22 @@ def test_a_partition_carries_its_sweep_point_in_the_manifest_hash_not_the_code_v
     assert sae.config_hash(grown, "relu-w1024-l1_5") != sae.config_hash(grown, "topk-w1024-k32")
 
 
+def test_an_architectures_training_revision_is_in_its_dictionaries_hash_and_no_other():
+    """SparseAutoencoder.training_revision: a point of an architecture whose training changed in
+    code carries the revision (so its stored dictionaries are stale); one at revision 0 hashes
+    as the plain point, as before revisions existed."""
+    from sae_assets.core.sae import ARCHITECTURES
+
+    cfg = load_config(overrides={"sae": {"sweep": [
+        {"architecture": "relu", "width": 64, "sparsity": 5},
+        {"architecture": "jumprelu", "width": 64, "sparsity": 0.1}]}})
+    relu, jumprelu = cfg.sae.sweep
+    assert ARCHITECTURES["relu"].training_revision == 0 and ARCHITECTURES["jumprelu"].training_revision > 0
+    assert identity.dictionary_point(cfg, relu.key) == relu.as_dict()
+    assert identity.dictionary_point(cfg, jumprelu.key) == {
+        **jumprelu.as_dict(), "training_revision": ARCHITECTURES["jumprelu"].training_revision}
+
+
 def test_no_asset_module_writes_around_its_identity():
     """Every partition is written through AssetIdentity.writer, so its manifest hash is the declared one."""
     for module in DEFS.glob("*.py"):

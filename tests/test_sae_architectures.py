@@ -175,6 +175,37 @@ def test_jumprelu_l0_penalty_raises_thresholds_and_lowers_l0(toy):
     assert sae.loss(x).l0.item() < 0.7 * l0_before
 
 
+def test_jumprelu_l0_pseudo_derivative_reaches_the_pre_activations_as_well_as_the_thresholds(toy):
+    """H(z - theta) is a function of z - theta: d/dz = +K/eps, d/dtheta = -K/eps (Anthropic's
+    January 2025 update), so the L0 term lowers pre-activations near a threshold and raises it."""
+    eps = 0.2
+    sae = _perturbed(_built(toy, JUMPRELU))
+    sae.bandwidth = eps
+    z = sae.pre_activations(_sample(toy, 64) * sae.input_scale).detach().requires_grad_()
+    theta = sae.log_threshold.exp().detach()
+    kernel = ((z - theta).abs() < eps / 2).float() / eps
+    assert kernel.sum() > 0
+    grad_z, grad_log_theta = torch.autograd.grad(sae.l0(z), [z, sae.log_threshold])
+    assert torch.allclose(grad_z, kernel / z.shape[0])
+    assert torch.allclose(grad_log_theta, -kernel.sum(0) / z.shape[0] * theta, atol=1e-6)
+
+
+def test_jumprelu_l0_follows_its_coefficient_within_a_short_run(toy):
+    """100x the L0 coefficient, 150 steps: the L0 must fall well below. With the L0 term reaching
+    only the log thresholds (and theta_0 = eps = 0.001), Adam moves log theta by about lr a step
+    whatever the coefficient, and both runs ended at the same L0."""
+    held_out = _sample(toy, 512, seed=7)
+    l0 = {}
+    for coefficient in (0.01, 1.0):
+        point = DictionaryPoint("jumprelu", G, coefficient)
+        cfg = _cfg(point, 150, init="anthropic")
+        sae = build_sae(point, D, cfg, _sample(toy))
+        train_sae(sae, toy_batches(toy, B, seed=1), cfg, point)
+        with torch.no_grad():
+            l0[coefficient] = (sae.encode(held_out) > 0).float().sum(-1).mean().item()
+    assert l0[1.0] < 0.5 * l0[0.01], l0
+
+
 # --- BatchTopK --------------------------------------------------------------------------------------
 
 def test_batchtopk_keeps_k_per_row_on_average_over_the_batch(toy):
@@ -328,6 +359,24 @@ def test_gated_forward_and_losses_follow_the_definition(toy):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6) and want.abs().sum() > 0
 
 
+def test_gated_sparsity_closes_gates_rather_than_shrinking_decoder_rows(toy):
+    """The decoder is frozen in the gate's L1 as in its reconstruction: the penalty trains the
+    gate alone. With the norms live in the penalty, the L1 shrank decoder rows behind open gates
+    (at L1 3 here: the smallest row at 4% of the median norm, L0 ~20) instead of closing them."""
+    sae = _perturbed(_built(toy, GATED))
+    out = sae.loss(_sample(toy, 64), StepInfo(step=100, total_steps=100))
+    assert torch.autograd.grad(out.sparsity, [sae.W_dec], allow_unused=True) == (None,)
+    point = DictionaryPoint("gated", G, 3.0)
+    cfg = _cfg(point, 200, init="anthropic")
+    sae = build_sae(point, D, cfg, _sample(toy))
+    train_sae(sae, toy_batches(toy, B, seed=1), cfg, point)
+    norm = sae.W_dec.detach().norm(dim=-1)
+    with torch.no_grad():
+        l0 = (sae.encode(_sample(toy, 512, seed=7)) > 0).float().sum(-1).mean().item()
+    assert norm.min() > 0.5 * norm.median(), norm
+    assert l0 < 15, l0
+
+
 def test_resampling_resets_per_feature_parameters_and_their_adam_state(toy):
     for point in (JUMPRELU, GATED):
         sae = _perturbed(_built(toy, point))
@@ -338,7 +387,7 @@ def test_resampling_resets_per_feature_parameters_and_their_adam_state(toy):
         own = [sae.log_threshold] if point is JUMPRELU else [sae.r_mag, sae.b_mag]
         before = [p.detach().clone() for p in own]
         resample_dead_features(sae, optimizer, _sample(toy, 256), dead_F, torch.Generator().manual_seed(0))
-        initial = [torch.tensor(0.001).log()] if point is JUMPRELU else [torch.tensor(0.0)] * 2
+        initial = [torch.tensor(sae.init_threshold).log()] if point is JUMPRELU else [torch.tensor(0.0)] * 2
         for param, old, value in zip(own, before, initial):
             assert torch.allclose(param[:5], value.expand(5)) and torch.equal(param[5:], old[5:])
             state = optimizer.state[param]

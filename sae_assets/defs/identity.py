@@ -59,10 +59,16 @@ NOT_SHAPING_KEYS: dict[str, str] = {
 
 
 def dictionary_point(cfg: RunConfig, partition: str | None) -> dict[str, Any]:
-    """What a sweep-point partition carries of the config: its DictionaryPoint."""
+    """What a sweep-point partition carries of the config: its DictionaryPoint, and its
+    architecture's `training_revision` where that is > 0 (so a change to how one architecture
+    trains makes its dictionaries stale and leaves every other's hash as it was)."""
     if partition is None:
         raise ValueError("a sweep-point asset needs its partition key (a sae.sweep point)")
-    return cfg.sae.point(partition).as_dict()
+    from sae_assets.core.sae.build import ARCHITECTURES  # torch: only where a partition is hashed, not at load
+
+    point = cfg.sae.point(partition)
+    revision = ARCHITECTURES[point.architecture].training_revision
+    return {**point.as_dict(), **({"training_revision": revision} if revision else {})}
 
 
 @dataclass(frozen=True)

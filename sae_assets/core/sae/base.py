@@ -123,6 +123,11 @@ class SparseAutoencoder(nn.Module, ABC):
     sparse_decoder: bool = False
     """True when `loss` trains through `train_codes` (TopK, BatchTopK, Matryoshka set it on the
     instance; setting it False there gives the dense path, which tests compare against)."""
+    training_revision: ClassVar[int] = 0
+    """Bumped when a change to this architecture's code (not to the config: a loss term, a
+    constructor default `make_sae` leaves alone) changes the weights a sweep point trains.
+    sae_dictionary hashes it where > 0 (identity.dictionary_point), so that exactly this
+    architecture's dictionaries go stale and every other keeps its hash."""
 
     def __init__(self, d_in: int, width: int, *, apply_b_dec_to_input: bool, d_out: int | None = None) -> None:
         super().__init__()

@@ -6,11 +6,21 @@ z = x W_enc + b_enc and a learned per-feature threshold theta = exp(log_threshol
 construction); loss = ||x - x_hat||^2 + lambda(t) * sum_i H(z_i - theta_i), the L0 itself.
 H has no useful derivative, so theta learns through pseudo-derivatives with a rectangle kernel
 K(u) = 1[|u| < 1/2] of bandwidth eps: d/dtheta JumpReLU = -(theta / eps) K((z - theta) / eps)
-and d/dtheta H = -(1 / eps) K((z - theta) / eps); z gets the plain derivative (H(z - theta)
-through the activation, none through the L0 term). The paper's defaults for inputs scaled to
-norm about sqrt(D) are theta_0 = 0.001 and eps = 0.001. Decoder rows are kept at unit norm
-(L0 has no scale to trade), lambda ramps up over `l0_warmup_fraction`, and resampling resets
-a revived feature's threshold to theta_0. Exported to SAELens as 'jumprelu' with `threshold`.
+and d/dtheta H = -(1 / eps) K((z - theta) / eps). z gets H(z - theta) through the activation
+and, unlike the paper (where the L0 term reaches theta alone), d/dz H = +(1 / eps) K((z - theta)
+/ eps) through the L0 term: H is a function of z - theta. Anthropic's January 2025 update
+("Dictionary learning optimization techniques") likewise lets the straight-through gradient
+reach every parameter, not just the thresholds. Why: theta is learned in log space, so Adam
+moves log theta by at most about lr per step, a factor ~1.5 in theta over 500 steps at lr 1e-3,
+whatever the coefficient; on the embedded default (width 512, 488 steps, theta_0 = eps = 0.001)
+L0 coefficients 0.01, 0.1 and 1 all ended at L0 201. Through z, the encoder and b_enc lower the
+pre-activations of the features the penalty wants closed, and the L0 follows the coefficient
+within a few hundred steps (86, 25 and 8 there). theta_0 = eps = 0.1, in the units of the scaled
+input (norm sqrt(D), unit decoder rows: pre-activations of order 1, a median of ~0.6 where > 0
+there): the paper's 0.001 and 0.001 suit runs of far more steps; SAELens now defaults to 0.01
+and 0.05 and Anthropic's update starts theta at 0.1. Decoder rows are kept at unit norm (L0 has
+no scale to trade), lambda ramps up over `l0_warmup_fraction`, and resampling resets a revived
+feature's threshold to theta_0. Exported to SAELens as 'jumprelu' with `threshold`.
 Tests: tests/test_sae_architectures.py.
 """
 
@@ -52,7 +62,7 @@ class _JumpReLU(torch.autograd.Function):
 
 
 class _Step(torch.autograd.Function):
-    """H(z - theta); no gradient to z, -(1 / eps) K(...) to theta."""
+    """H(z - theta); (1 / eps) K(...) to z and -(1 / eps) K(...) to theta (a function of z - theta)."""
 
     @staticmethod
     def forward(ctx: Any, pre_BF: Tensor, threshold_F: Tensor, bandwidth: float) -> Tensor:
@@ -61,9 +71,10 @@ class _Step(torch.autograd.Function):
         return (pre_BF > threshold_F).to(pre_BF.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_BF: Tensor) -> tuple[None, Tensor, None]:
+    def backward(ctx: Any, grad_BF: Tensor) -> tuple[Tensor, Tensor, None]:
         pre_BF, threshold_F = ctx.saved_tensors
-        return None, (-_kernel_BF(pre_BF, threshold_F, ctx.bandwidth) * grad_BF).sum(0), None
+        grad_pre_BF = _kernel_BF(pre_BF, threshold_F, ctx.bandwidth) * grad_BF
+        return grad_pre_BF, -grad_pre_BF.sum(0), None
 
 
 class _JumpReLULoss(torch.autograd.Function):
@@ -74,8 +85,9 @@ class _JumpReLULoss(torch.autograd.Function):
 
     - forward: z = addmm, f = z where z > theta (one pass), x_hat = addmm, the L0 count from
       the signs of f (theta > 0, so f > 0 exactly where z > theta);
-    - backward: g_f = one product; g_z = g_f where f > 0 (one pass); the pseudo-derivatives of
-      both terms share their window, so theta's gradient is one masked column sum:
+    - backward: g_f = one product; g_z = g_f where f > 0 (one pass), plus c / (B eps) inside
+      the window (the L0 term's pseudo-derivative to z); the pseudo-derivatives of both terms
+      share their window, so theta's gradient is one masked column sum:
       d/dtheta_i = -(1/eps) sum_b 1[|z_bi - theta_i| < eps/2] (theta_i g_f_bi + c / B).
 
     Returns mse, penalty, f (B, F; no gradient) and the column sums of f (F,; no gradient).
@@ -107,6 +119,7 @@ class _JumpReLULoss(torch.autograd.Function):
         g_pre_BF = torch.ops.aten.threshold_backward(g_f_BF, f_BF, 0)  # H(z - theta): f > 0 there
         window_BF = pre_BF.sub(threshold_F).abs_() < eps / 2
         per_row = g_penalty * ctx.coefficient / B  # d(penalty) / d(H(z_bi - theta_i))
+        g_pre_BF += window_BF * (per_row / eps)  # d/dz H = +(1/eps) K
         g_threshold_F = torch.where(window_BF, g_f_BF.mul_(threshold_F).add_(per_row), 0.0).sum(0) * (-1 / eps)
         g_x = g_pre_BF @ W_enc_DF.t() if ctx.needs_input_grad[0] else None
         g_y = -g_xhat_BD if ctx.needs_input_grad[1] else None
@@ -120,7 +133,7 @@ def jumprelu(pre_BF: Tensor, threshold_F: Tensor, bandwidth: float) -> Tensor:
 
 
 def step(pre_BF: Tensor, threshold_F: Tensor, bandwidth: float) -> Tensor:
-    """H(z - theta) (the L0 count per entry) with the paper's pseudo-derivative for theta."""
+    """H(z - theta) (the L0 count per entry) with pseudo-derivatives for z and theta."""
     return _Step.apply(pre_BF, threshold_F, bandwidth)
 
 
@@ -129,11 +142,12 @@ class JumpReLUSae(SparseAutoencoder):
 
     architecture: ClassVar[str] = "jumprelu"
     saelens_architecture: ClassVar[str] = "jumprelu"
+    training_revision: ClassVar[int] = 1  # 1: the L0 term's pseudo-derivative reaches z; theta_0 = eps = 0.1
     init_decoder_norm: ClassVar[float] = 1.0
     elementwise_activation: ClassVar[bool] = True
 
     def __init__(self, d_in: int, width: int, *, l0_coefficient: float, l0_warmup_fraction: float = 0.0,
-                 init_threshold: float = 0.001, bandwidth: float = 0.001, apply_b_dec_to_input: bool = False,
+                 init_threshold: float = 0.1, bandwidth: float = 0.1, apply_b_dec_to_input: bool = False,
                  d_out: int | None = None) -> None:
         super().__init__(d_in, width, apply_b_dec_to_input=apply_b_dec_to_input, d_out=d_out)
         if l0_coefficient < 0 or not 0 <= l0_warmup_fraction < 1 or not init_threshold > 0 or not bandwidth > 0:
