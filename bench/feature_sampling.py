@@ -88,7 +88,7 @@ def site_generation(table, sae, samples, lo, hi, directory: Path) -> float:
     from sae_assets.defs.site_files import script_json
 
     merged = merge_feature_samples([samples])
-    shown = feature_windows.select_shown_examples(merged, random_examples=8, activation_levels=4, examples_per_level=2)
+    shown = feature_windows.select_shown_examples(merged, random_examples=8, activation_levels=10, examples_per_level=2)
     strings = [f"tok{i}" for i in range(4096)]
     started = time.perf_counter()
     gathered = feature_windows.gather_context_windows(shown, table, lambda x: sae.encode_range(x, lo, hi), shard=0,
@@ -96,7 +96,7 @@ def site_generation(table, sae, samples, lo, hi, directory: Path) -> float:
                                                       batch_size=4096, where="bench")
     windows = feature_windows.assemble_context_windows(shown, [gathered], where="bench")
     logits = site_data.logit_effects(sae.W_dec[lo:hi].detach(), torch.randn(sae.d_in, 4096), 10)
-    for doc in site_data.feature_documents(merged, shown, windows, strings, logits=logits, activation_levels=4,
+    for doc in site_data.feature_documents(merged, shown, windows, strings, logits=logits, activation_levels=10,
                                            dictionary="bench"):
         (directory / f"feature-{doc['feature']:06d}.json").write_text(json.dumps(doc, ensure_ascii=False))
         (directory / f"feature-{doc['feature']:06d}.js").write_text(f"SAE_SITE.feature({script_json(doc)});\n")

@@ -5,7 +5,8 @@ variable alone (tokens T, dictionary features F, hook width D), so each variable
 identifiable: feature_samples (`sample_activation_table` per shard x range), feature_examples
 (`merge_feature_samples` over the shards + `select_shown_examples`), context_gather
 (`gather_context_windows` per shard x range), context_windows (`assemble_context_windows`),
-site_json (`feature_documents`) and feature_site (the site writer). Each stage's CPU-seconds
+site_json (`feature_documents`), feature_map (`decoder_layout`: UMAP of the decoder directions, one
+partition per dictionary) and feature_site (the site writer, the map's page included). Each stage's CPU-seconds
 (process time) and bytes (its outputs serialized as the assets write them) are fitted to
 c * T^a * F^b * D^d in log space. The projection to the target (100M tokens, 1M features, d_model
 4096) counts each stage's rows at scale (samples bounded by top_k / sample_k per feature and by the
@@ -46,6 +47,7 @@ from sae_assets.core import schemas
 from sae_assets.core.features import cofiring as feature_cofiring
 from sae_assets.core.features import panels, site_data
 from sae_assets.core.features import windows as feature_windows
+from sae_assets.core.features.feature_map import PCA_DIMS, decoder_layout, layout_table
 from sae_assets.core.features.merge import merge_feature_samples
 from sae_assets.core.features.sampling import sample_activation_table
 from sae_assets.core.partition_budget import MAX_PARTITIONS_PER_ASSET, plan_partitions, smallest_range_width
@@ -53,9 +55,11 @@ from sae_assets.defs import site_files
 from sae_assets.defs.feature_assets import (COFIRING_FILE, SHOWN_FILE, WINDOWS_FILE, gathered_cofiring_file,
                                             gathered_windows_file, site_data_file,
                                             write_samples)
+from sae_assets.defs.map_assets import LAYOUT_FILE, write_layout
 
 VOCAB, EOS = 4096, 0  # the bench's vocabulary; token 0 ends documents (1 token in 4096, ids are uniform)
-STAGES = ("feature_samples", "feature_examples", "context_gather", "context_windows", "site_json", "feature_site")
+STAGES = ("feature_samples", "feature_examples", "context_gather", "context_windows", "site_json", "feature_map",
+          "feature_site")
 
 
 class Folder:
@@ -95,9 +99,20 @@ def write_site_json(out: Folder, docs, samples) -> None:
     out.extra.update(lo=samples.lo, hi=samples.hi, n_tokens=samples.n_tokens, hist_edges=list(samples.hist_edges))
 
 
-def write_feature_site(out: Folder, parts: list[Folder]) -> None:
-    """The feature_site asset's writer over the site_json partitions (adapt here when the site layout changes)."""
-    site_files.write_site(out, out, parts, dictionary="bench")
+def write_feature_site(out: Folder, parts: list[Folder], layout) -> None:
+    """The feature_site asset's writer over the site_json partitions and the feature map (adapt here
+    when the site layout changes); the per-range lineage `write_site` adds reads store manifests a
+    Folder does not have, and costs a few small reads per range."""
+    from sae_assets.core.features.site_index import SiteRange
+
+    def ranges():
+        for part in parts:
+            documents = ((int(name[len("feature-"):-len(".json")]), part.files[name].read_text())
+                         for name in site_files.feature_files(part))
+            yield SiteRange(json.loads(part.files[site_files.INDEX_ROWS_FILE].read_text()), documents,
+                            part.extra["n_tokens"], part.extra["hist_edges"])
+
+    site_files.write_site_files(out.path, ranges(), dictionary="bench", feature_map=layout)
 
 
 class SizeRun:
@@ -138,13 +153,23 @@ class SizeRun:
         gathers = self.context_gather(examples)
         site_parts = [self.context_windows_and_site_json(lo, hi, *examples[lo], [gathers[s, lo] for s in range(self.S)])
                       for lo, hi in self.ranges]
+        layout = self.feature_map()
         out = Folder(self.tmp / "site")
         with self.cpu("feature_site"):
-            write_feature_site(out, site_parts)
+            write_feature_site(out, site_parts, layout)
         self.record("feature_site", "features", out, self.F)
         self.m["shown_rows"] = sum(shown.num_rows for _, shown in examples.values())
         self.m["context_gather"]["unique"] = sum(_unique_tokens(g) for g in gathers.values())
         return self.m
+
+    def feature_map(self):
+        """What the feature_map asset computes and writes for the dictionary."""
+        out = Folder(self.tmp / "feature_map")
+        with self.cpu("feature_map"):
+            layout = decoder_layout(self.sae.W_dec.detach(), seed=0)
+            write_layout(layout_table(layout), out.path(LAYOUT_FILE))
+        self.record("feature_map", "features", out, self.F)
+        return layout
 
     def feature_samples(self) -> dict:
         f, samples = self.cfg, {}
@@ -251,11 +276,11 @@ def scale_counts(args) -> dict:
             "feature_examples": {"top": F * min(f["top_k"], overall), "sample": F * min(f["sample_k"], overall),
                                  "stats": F, "shown": F * shown},
             "context_gather": {"slots": slots}, "context_windows": {"slots": slots},
-            "site_json": {"features": F}, "feature_site": {"features": F}}
+            "site_json": {"features": F}, "feature_map": {"features": F}, "feature_site": {"features": F}}
     cells, ranges = S * math.ceil(F / W), math.ceil(F / W)
     files = {"feature_samples": dict.fromkeys(samples, cells),  # one Parquet file per table and partition
              "feature_examples": dict.fromkeys(rows["feature_examples"], ranges),
-             "context_gather": {"slots": cells}, "context_windows": {"slots": ranges}}
+             "context_gather": {"slots": cells}, "context_windows": {"slots": ranges}, "feature_map": {"features": 1}}
     return {"T": T, "F": F, "D": D, "W": W, "S": S, "rows": rows, "files": files, "slots": slots, "unique": slots,
             "shown": F * shown, "samples_in": sum(samples.values()), "V": args.vocab}
 
@@ -269,7 +294,15 @@ def cpu_terms(stage: str, c: dict) -> list[float]:
             "context_windows": [0, c["slots"], c["shown"]],
             "site_json": [F * D * (c.get("V", VOCAB) + F), c["slots"], F],  # logit effects and exact nearest
             # features (F x F x D: every pair of decoder rows), window tokens, documents
+            # the projection on the top singular vectors (wider than PCA_DIMS), UMAP ~ F log F
+            "feature_map": [map_projection_macs(F, D), F * math.log2(F)],
             "feature_site": [0, c["slots"], F]}[stage]
+
+
+def map_projection_macs(F: int, D: int) -> float:
+    """feature_map's matmul MACs: 5 passes of A^T (A Q) with Q (D, PCA_DIMS + 16), then A V (D, PCA_DIMS);
+    none for rows no wider than PCA_DIMS. (Float64 in numpy: about twice the float32 rate's time.)"""
+    return 0.0 if D <= PCA_DIMS else F * D * (5 * 2 * min(D, PCA_DIMS + 16) + PCA_DIMS)
 
 
 def matmul_rate(d: int, w: int, batch: int = 1024) -> float:
@@ -308,6 +341,7 @@ DESIGN_BOUNDS = {
     "feature_examples": ("features x K merged", (0, 1, 0)),
     **dict.fromkeys(("context_gather", "context_windows"), ("features x examples x window", (0, 1, 0))),
     **dict.fromkeys(("site_json", "feature_site"), ("features x (examples x window)", (0, 1, 0))),
+    "feature_map": ("features (a few bytes each)", (0, 1, 0)),
 }
 """What DESIGN.md ("How things grow") lets each stage's bytes grow as, and those exponents of (T, F, D)."""
 
@@ -470,7 +504,7 @@ def project(args, sizes, measured, counts) -> None:
     activations = args.tokens * args.d_model * 2  # bf16
     parts = {"feature_samples": (plan.cells, plan.cells), "feature_examples": (plan.ranges, plan.ranges),
              "context_gather": (plan.shards, 1), "context_windows": (plan.ranges, plan.ranges),
-             "site_json": (plan.ranges, plan.ranges), "feature_site": (1, 1)}
+             "site_json": (plan.ranges, plan.ranges), "feature_map": (1, 1), "feature_site": (1, 1)}
     print(f"\ntarget: {args.tokens:,} tokens x {args.features:,} features, d_model {args.d_model}, L0 {args.l0:g} "
           f"(density {args.l0 / args.features:.2g}), {plan.shards} shards of {args.shard_tokens:,} tokens, "
           f"{plan.ranges:,} ranges of {plan.range_width:,}, vocab {args.vocab:,}; a feature fires on "

@@ -22,6 +22,7 @@ from sae_assets.defs import (
     feature_assets,
     identity,
     maintenance,
+    map_assets,
     metrics_assets,
     model_assets,
     probing_assets,
@@ -45,6 +46,7 @@ ALL_ASSETS = [
     dictionary_assets.sae_dictionary,
     metrics_assets.sae_metrics_asset,
     probing_assets.sae_probing,
+    map_assets.feature_map,
 ]
 """The assets every run has, in an order that materializes each after its inputs."""
 ALL_CHECKS = [shuffle_assets.shuffle_is_permutation]

@@ -48,8 +48,10 @@ def test_lineage_follows_the_design():
     assert parents["context_gather"] == {"cached_activations", "token_shards", "tokenizer", "feature_examples",
                                          "sae_dictionary", "sae_metrics"}
     assert parents["context_windows"] == {"feature_examples", "context_gather", "sae_dictionary", "sae_metrics"}
-    # The overview page: this dictionary's training curve, every sweep point's metrics (the frontier)
-    assert parents["feature_site"] == {"site_json", "sae_dictionary", "sae_metrics"}
+    # The overview page: this dictionary's training curve, every sweep point's metrics (the frontier);
+    # the feature map: a layout of each dictionary's decoder alone, read by the site, not recomputed
+    assert parents["feature_map"] == {"sae_dictionary"}
+    assert parents["feature_site"] == {"site_json", "sae_dictionary", "sae_metrics", "feature_map"}
 
 
 def code_versions(overrides: dict) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """The feature assets on a tiny graph: exact tables against a brute force over every shard, the
 same tables from 1 and 7 shards, context windows centred on their examples, the site's files,
-byte-identical reruns, refusal of bad input (a range outside the dictionary, a dictionary
+the feature map of every dictionary (all its features, the site's points coloured by the
+pages' densities), byte-identical reruns, refusal of bad input (a range outside the dictionary, a dictionary
 that failed its checks, a missing context shard), and special tokens kept out of training,
 evaluation and the feature statistics but marked in context (and sampled again with
 special_tokens.exclude off)."""
@@ -25,6 +26,7 @@ from resources.arrow_files import open_ipc_table, write_ipc_file
 from sae_assets.core.activations.reader import to_numpy_matrix
 from sae_assets.core.config import load_config
 from sae_assets.core.corpus import tokenization
+from sae_assets.core.features import feature_map as map_core
 from sae_assets.core.sae import io as sae_io
 from sae_assets.core.sae.relu import ReluSae
 from sae_assets.defs.feature_assets import FeatureInputError, read_samples
@@ -32,6 +34,7 @@ from sae_assets.defs.identity import identity_of
 from sae_assets.defs.partitions import (
     FEATURE_RANGES,
     dictionary_keys,
+    feature_range_bounds,
     feature_range_keys,
     partition_keys,
     shard_keys,
@@ -213,6 +216,38 @@ def test_site_files_and_neuronpedia_export(graph):
     assert {"release.jsonl", "model.jsonl", "sourceset.jsonl", "source.jsonl"} <= set(export.files)
 
 
+def test_feature_map_of_every_dictionary_and_its_page_in_the_site(graph):
+    instance, config_path, store, _ = graph
+    from sae_assets.defs.dictionary_assets import load_dictionary
+    from sae_assets.defs.map_assets import LAYOUT_FILE, MAP_SEED
+
+    key = load_config(config_path).feature_dictionary.key
+    layouts = {}
+    for point in dictionary_keys(instance):  # every sweep point has its map, from its own decoder alone
+        manifest = store.require("feature_map", point)
+        table = pq.read_table(store.fetch(manifest, LAYOUT_FILE))
+        assert table.column("feature").to_pylist() == list(range(64)) and manifest.extra["method"] == "umap"
+        assert manifest.upstream == {f"sae_dictionary[{point}]": store.require("sae_dictionary", point).data_version}
+        layouts[point] = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1)
+    sae, _ = load_dictionary(store, key)
+    again = map_core.decoder_layout(sae.W_dec.detach(), seed=MAP_SEED)
+    assert again.xy_F2.tobytes() == layouts[key].astype(np.uint16).tobytes(), "the same dictionary, the same bytes"
+    site = store.require("feature_site", None)
+    assert site.upstream[f"feature_map[{key}]"] == store.require("feature_map", key).data_version
+    text = store.read_bytes(site, "dictionary-map.js").decode()
+    document = json.loads(text[len("SAE_MAP.data("):-len(");\n")])
+    xy, codes = map_core.read_points(document)
+    assert document["dictionary"] == key and document["features"] == 64
+    assert (xy == layouts[key]).all()
+    density = np.array([json.loads(store.read_bytes(store.require("site_json", frange), f"feature-{f:06d}.json"))["density"]
+                        for frange in feature_range_keys(instance) for f in range(*feature_range_bounds(frange))])
+    live = density > 0
+    assert ((codes == 0) == ~live).all(), "never-fired features, and only they, are grey"
+    back = map_core.code_log10(codes[live], document["log10_low"], document["log10_high"])
+    half_code = (document["log10_high"] - document["log10_low"]) / (2 * (map_core.CODES - 1))
+    assert np.abs(back - np.log10(density[live])).max() <= half_code + 1e-12
+
+
 def test_rerun_is_byte_identical_and_keeps_the_version(graph):
     instance, config_path, store, _ = graph
     frange = "features-00024-00047"
@@ -275,7 +310,7 @@ def test_adding_a_sweep_point_leaves_every_metrics_and_feature_manifest_byte_ide
     grown = write_run_config(directory, TINY, {"root": str(load_config(config_path).storage.root)},
                              features=FEATURES, sae={**TINY["sae"], "sweep": sweep})
     frange, cell = "features-00000-00023", dg.MultiPartitionKey({"shard": "shard-0001", "features": "features-00000-00023"})
-    rerun = [("sae_metrics", k) for k in dictionary_keys(instance)] + [
+    rerun = [(name, k) for name in ("sae_metrics", "feature_map") for k in dictionary_keys(instance)] + [
         ("feature_samples", cell), ("feature_examples", frange), ("context_gather", "shard-0000"),
         ("context_windows", frange), ("site_json", frange), ("feature_site", None), ("neuronpedia_export", None)]
     before = {(name, str(key)): store.require(name, key and str(key)).to_json() for name, key in rerun}

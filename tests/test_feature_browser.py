@@ -2,9 +2,10 @@
 
 The corpus carries `<script>` and `<img onerror=...>` payloads, so they turn up in tokens and
 context windows: the page must show them as text and never run them. The test opens a feature
-page from the list, checks the highlighted tokens against the feature's data and saves
-screenshots under test-artifacts/. Chromium comes from Debian's chromium + chromium-driver
-(`make test` installs them); without them the test fails under CI and is skipped elsewhere.
+page from the list, checks the highlighted tokens and the 10 activation intervals (range,
+share, examples) against the feature's data and saves screenshots under test-artifacts/.
+Chromium comes from Debian's chromium + chromium-driver (`make test` installs them); without
+them the test fails under CI and is skipped elsewhere.
 """
 
 import functools
@@ -59,7 +60,8 @@ def site(tmp_path_factory):
         directory, TINY, {"root": str(directory / "artifacts")},
         corpus={"source": "local", "paths": corpus_files(directory / "corpus"), "num_shards": 2, "max_documents": 0,
                 "min_document_chars": 10},
-        features={"range_width": 32, "top_k": 5, "random_examples": 3, "activation_levels": 2, "examples_per_level": 1})
+        features={"range_width": 32, "top_k": 5, "random_examples": 3, "activation_levels": 10,
+                  "examples_per_level": 1})
     materialize_all(dg.DagsterInstance.ephemeral(), config_path, log=lambda *_: None)
     store = build_resources(config_path)["storage"].store()
     manifest = store.require("feature_site", None)
@@ -146,6 +148,19 @@ def test_feature_page_from_file_url(site, driver):
     ARTIFACTS.mkdir(exist_ok=True)
     driver.save_screenshot(str(ARTIFACTS / "feature_page.png"))
 
+    # SAEDashboard's 10 interval groups, highest first: range, share (marked where estimated), examples.
+    groups = driver.find_elements(By.CSS_SELECTOR, "#level-examples .interval")
+    assert len(groups) == len(doc["levels"]) == 10
+    for group, level in zip(groups, doc["levels"]):
+        title = group.find_element(By.CSS_SELECTOR, ".level-title").text
+        assert title.startswith("Interval ") and title.endswith(
+            " contains " + ("" if level["exact"] else "\u2248") + f"{100 * level['share']:.3f}%"), (title, level)
+        assert len(group.find_elements(By.CSS_SELECTOR, ".example")) == len(level["examples"])
+    notes = driver.find_elements(By.CSS_SELECTOR, "#level-examples .share-note")
+    assert len(notes) == (not all(level["exact"] for level in doc["levels"]))
+    driver.execute_script("document.getElementById('level-examples').scrollIntoView()")
+    driver.save_screenshot(str(ARTIFACTS / "feature_intervals.png"))
+
 
 def test_site_from_a_static_http_host(site, driver):
     site_dir, _ = site
@@ -191,3 +206,35 @@ def test_special_tokens_are_marked_in_context_and_never_an_examples_token(site, 
     assert not driver.find_elements(By.CSS_SELECTOR, "#feature-view .tok.center.special")
     ARTIFACTS.mkdir(exist_ok=True)
     driver.save_screenshot(str(ARTIFACTS / "feature_special_tokens.png"))
+
+
+def test_feature_map_from_file_url(site, driver):
+    """#map of the corpus's dictionary: every feature drawn; hovering the live feature farthest from
+    any other names it and its density as text; a click opens its page; the payloads stay inert."""
+    site_dir, _ = site
+    density = {row[0]: row[1] for row in index_rows(site_dir)}
+    driver.get((site_dir / "index.html").as_uri() + "#map")
+    WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-map") == "ready")
+    canvas = driver.find_element(By.ID, "map-canvas")
+    assert canvas.get_attribute("data-drawn") == str(len(density)) == "64"
+    at = driver.execute_script("return Array.from({length: 64}, (_, i) => SAE_MAP.locate(i))")
+    apart = {f: min(((x - u) ** 2 + (y - v) ** 2) ** 0.5 for g, (u, v) in enumerate(at) if g != f)
+             for f, (x, y) in enumerate(at) if density[f] > 0}
+    feature = max(apart, key=apart.get)
+    assert apart[feature] > 3, "a live feature stands alone on the map"
+    size = canvas.size
+    ActionChains(driver).move_to_element_with_offset(canvas, round(at[feature][0] - size["width"] / 2),
+                                                     round(at[feature][1] - size["height"] / 2)).perform()
+    tip = driver.find_element(By.ID, "map-tooltip")
+    WebDriverWait(driver, 10).until(lambda d: tip.is_displayed())
+    label, shown = tip.text.split(" \u00b7 density ")
+    assert label == f"feature {feature}" and float(shown) == pytest.approx(density[feature], rel=5e-3)
+    assert driver.execute_script("return arguments[0].children.length", tip) == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "feature_map_corpus.png"))
+    ActionChains(driver).click().perform()
+    wait_loaded(driver, str(feature))
+    assert driver.find_element(By.CSS_SELECTOR, "#feature-view h2").text == f"Feature {feature}"
+    assert driver.execute_script("return window.__pwned") is None
+    with pytest.raises(NoAlertPresentException):
+        driver.switch_to.alert.text

@@ -13,7 +13,8 @@ from support import HOOK, SHARD_SEQUENCE_LENGTH, SHARD_WIDTH, shard_table
 from sae_assets.core import schemas
 from sae_assets.core.features import windows as feature_windows
 from sae_assets.core.features import site_data
-from sae_assets.core.features.sampling import sample_activation_table
+from sae_assets.core.features.intervals import interval_shares
+from sae_assets.core.features.sampling import feature_token_hash, sample_activation_table
 from sae_assets.core.features.merge import merge_feature_samples
 from sae_assets.core.sae.relu import ReluSae
 from sae_assets.core.sae.topk import TopKSae
@@ -30,11 +31,13 @@ def make_sae(kind: str) -> torch.nn.Module:
     return sae
 
 
-def pipeline(tables, sae, lo, hi, *, before=3, after=2, batch=7, boundary_ids=()):
+def pipeline(tables, sae, lo, hi, *, before=3, after=2, batch=7, boundary_ids=(), sample_k=12, levels=3):
     parts = [sample_activation_table(t, hook=HOOK, encode_range=lambda x: sae.encode_range(x, lo, hi, rectify=False),
-                                     lo=lo, hi=hi, top_k=3, sample_k=12, seed=5, batch_size=batch) for t in tables]
+                                     lo=lo, hi=hi, top_k=3, sample_k=sample_k, seed=5, batch_size=batch)
+             for t in tables]
     merged = merge_feature_samples(parts)
-    shown = feature_windows.select_shown_examples(merged, random_examples=2, activation_levels=3, examples_per_level=2)
+    shown = feature_windows.select_shown_examples(merged, random_examples=2, activation_levels=levels,
+                                                  examples_per_level=2)
     gathered = [feature_windows.gather_context_windows(
         shown, t, lambda x: sae.encode_range(x, lo, hi), shard=s, hook=HOOK, context_length=T, before=before,
         after=after, lo=lo, batch_size=batch, boundary_ids=boundary_ids, where=f"shard {s}")
@@ -120,12 +123,68 @@ def test_shown_examples_follow_roles_and_levels() -> None:
     assert [(r["feature"], r["token_index"]) for r in rows if r["role"] == "random"] == \
         [(r["feature"], r["token_index"]) for r in sample if r["rank"] < 2]
     peak = dict(zip(merged.stats.column("feature").to_pylist(), merged.stats.column("max").to_pylist()))
+    pool = {(r["feature"], r["token_index"]): r["activation"] for r in sample + top}  # a token in both counts once
+    hashes = dict(zip(pool, feature_token_hash(5, [f for f, _ in pool], [t for _, t in pool]).tolist()))
     for f in range(F):
         for level in (1, 2, 3):
             lo_v, hi_v = peak[f] * (level - 1) / 3, peak[f] * level / 3
-            in_level = [r["token_index"] for r in sample if r["feature"] == f and lo_v < r["activation"] <= hi_v * (1 + 1e-6)]
+            in_level = sorted((hashes[key], key[1]) for key, a in pool.items()
+                              if key[0] == f and lo_v < a <= hi_v * (1 + 1e-6))
             picked = [r["token_index"] for r in rows if r["role"] == "level" and r["feature"] == f and r["level"] == level]
-            assert picked == in_level[:2], (f, level)
+            assert picked == [t for _, t in in_level[:2]], (f, level)
+    # The top interval of a feature is often empty in the sample alone; the top-K fills it.
+    assert any(r["role"] == "level" and r["level"] == 3 and (r["feature"], r["token_index"]) not in
+               {(s["feature"], s["token_index"]) for s in sample} for r in rows)
+
+
+def _dense(tables, sae, lo: int, hi: int) -> np.ndarray:
+    """(N, W) the range's activations on every token of every table: the brute force."""
+    x_ND = np.concatenate([np.asarray(t.column(HOOK).combine_chunks().flatten()).reshape(-1, D) for t in tables])
+    return sae.encode_range(torch.from_numpy(x_ND.copy()), lo, hi).detach().numpy()
+
+
+@pytest.mark.parametrize("sample_k", [12, 4096])
+def test_interval_groups_cover_the_range_with_their_shares_and_examples(sample_k) -> None:
+    """SAEDashboard's 10 interval groups in the feature documents, against every activation: the
+    ranges tile (0, max], the shares sum to 1 and equal the true shares where marked exact (all of
+    them when the sample holds every activation), an estimate errs by at most the histogram bins
+    its edges cut, and every example lies in its group, at most examples_per_level of them."""
+    tables = [shard_table(0, 30, 3), shard_table(1, 20, 4)]
+    sae = make_sae("relu")
+    merged, shown, _, windows = pipeline(tables, sae, 0, F, sample_k=sample_k, levels=10)
+    logits = site_data.logit_effects(sae.W_dec.detach(), torch.randn(D, 50), 4)
+    docs = list(site_data.feature_documents(merged, shown, windows, [f"t{i}" for i in range(50)], logits=logits,
+                                            activation_levels=10, dictionary="relu-test"))
+    dense_NW = _dense(tables, sae, 0, F)
+    inner = np.asarray(merged.hist_edges[1:-1])
+    hist_WH = np.asarray(merged.stats.column("hist").combine_chunks().flatten()).reshape(F, -1)
+    estimated = 0
+    for doc in docs:
+        values = dense_NW[:, doc["feature"]][dense_NW[:, doc["feature"]] > 0].astype(np.float64)
+        assert doc["count"] == len(values) > 0
+        peak = values.max()
+        levels = doc["levels"]
+        assert [g["level"] for g in levels] == list(range(10, 0, -1))  # highest first
+        assert levels[-1]["low"] == 0 and levels[0]["high"] == doc["max"] == pytest.approx(peak, rel=1e-3)
+        assert all(a["low"] == b["high"] for a, b in zip(levels, levels[1:]))  # they tile (0, max]
+        assert sum(g["share"] for g in levels) == pytest.approx(1, abs=1e-3)
+        for g in levels:
+            low, high = peak * (g["level"] - 1) / 10, peak * g["level"] / 10
+            true = ((values > low) & (values <= high)).mean()
+            if g["exact"]:
+                assert g["share"] == pytest.approx(true, rel=1e-3, abs=1e-6), (doc["feature"], g)
+            else:
+                estimated += 1
+                cut = hist_WH[doc["feature"], np.searchsorted(inner, [low, high], side="right")]
+                assert abs(g["share"] - true) <= cut.sum() / len(values) + 1e-3, (doc["feature"], g)
+            assert len(g["examples"]) <= 2
+            for e in g["examples"]:
+                assert g["low"] * (1 - 1e-3) < e["activation"] <= g["high"] * (1 + 1e-3), (doc["feature"], g, e)
+        json.dumps(doc, allow_nan=False)
+    assert estimated > 0 if sample_k == 12 else estimated == 0
+    shares = interval_shares(merged, 10)
+    assert shares.share.shape == shares.exact.shape == (F, 10)
+    assert interval_shares(merged, 0).share.shape == (F, 0)
 
 
 def test_missing_or_foreign_shards_are_named() -> None:

@@ -34,6 +34,8 @@ from sae_assets.defs import site_files
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 PAYLOADS = ['<script>window.__pwned = "script";</script>', '<img src=x onerror="window.__pwned=\'img\'">']
 F, D, V = 37, 8, 53
+SHARES = [0.4, 0.25, 0.15, 0.1, 0.05, 0.025, 0.0125, 0.0075, 0.004, 0.001]
+"""A document's shares of its 10 activation intervals, lowest first; those of intervals 8-10 exact."""
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,8 @@ def _doc(feature: int, weights) -> dict:
     return {
         "feature": feature, "dictionary": "tiny", "count": 5, "density": 0.1, "max": 2.0, "mean": 1.0,
         "histogram": [0, 1, 3, 1], "top": [example], "random": [example],
-        "levels": [{"level": 1, "low": 0.0, "high": 2.0, "examples": [{**example, "level": 1}]}],
+        "levels": [{"level": i, "low": 0.2 * (i - 1), "high": 0.2 * i, "share": SHARES[i - 1], "exact": i > 7,
+                    "examples": [{**example, "level": i}] if i == 10 else []} for i in range(10, 0, -1)],
         "logits": {"top": [[PAYLOADS[0], 1.5]], "bottom": [[PAYLOADS[1], -1.5]]},
         "logit_histogram": {"counts": effects.hist_counts[0].tolist(), "edges": effects.hist_edges[0].tolist()},
         "neighbours": [[int(i), float(c)] for i, c in zip(ids[0], cos[0])],
@@ -218,6 +221,9 @@ def test_neuronpedia_export_schema(weights, tmp_path):
         for row in activations:
             _types_match(row, ACTIVATION_FIELDS)
             assert row["values"][row["maxValueTokenIndex"]] == row["maxValue"] and row["layer"] == "1-relu-0"
+        # An interval example carries its interval and that interval's share (Neuronpedia's "Contains").
+        assert [(r["binMin"], r["binMax"], r["binContains"]) for r in activations if r["binMin"] != -1] == \
+            [(1.8, 2.0, SHARES[-1])] * len(ds)
         assert len({r["id"] for r in activations}) == len(activations)
     again = tmp_path / "again"
     again.mkdir()
@@ -259,6 +265,11 @@ def test_panels_in_headless_chromium(weights, tmp_path):
             assert [int(r.find_elements(By.TAG_NAME, "td")[0].text) for r in aligned] == [
                 a[0] for a in docs[feature]["neuron_alignment"]]
             assert driver.find_elements(By.CSS_SELECTOR, "#level-examples .example")
+            groups = driver.find_elements(By.CSS_SELECTOR, "#level-examples .interval")
+            shares = [("" if level["exact"] else "\u2248") + f"{100 * level['share']:.3f}%"
+                      for level in docs[feature]["levels"]]
+            assert [g.find_element(By.CSS_SELECTOR, ".level-title").text.split(" contains ")[1] for g in groups] == shares
+            assert "estimated from the activation histogram" in driver.find_element(By.CSS_SELECTOR, ".share-note").text
             assert PAYLOADS[0] in driver.find_element(By.ID, "feature-view").text
             assert driver.execute_script("return window.__pwned") is None
             assert driver.find_elements(By.CSS_SELECTOR, "#feature-view img, #feature-view script") == []

@@ -5,8 +5,10 @@ feature_site asset runs) is served from 127.0.0.1 by a handler that counts the b
 file it sends and forbids caching. Headless Chromium then opens the list, searches a token,
 pages through a frequent token's matches, sorts by density and opens a feature page; each step
 must load at most 2 MB, and show what the rows say (the oracle is the rows themselves, not the
-inverted index the page reads). Writing the 100,000 feature files takes most of the run (~25 s
-on 2 busy cores); Chromium as in tests/browser.py.
+inverted index the page reads). The feature map of the 100,000 features (a seeded random layout:
+what is measured is the page, not UMAP) loads its one file, 8 bytes a feature, only when opened,
+and every point is drawn and reachable. Writing the 100,000 feature files takes most of the run
+(~25 s on 2 busy cores); Chromium as in tests/browser.py.
 """
 
 import json
@@ -15,9 +17,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from browser import headless_chromium, require_chromium, serve_counting, take_sent
 
+from sae_assets.core.features.feature_map import FeatureLayout
 from sae_assets.core.features.site_index import search_key
 from sae_assets.core.features.site_synthetic import synthetic_ranges
 from sae_assets.core.features.overview import dictionary_overview
@@ -25,6 +29,7 @@ from sae_assets.defs.site_files import write_site_files
 
 N_FEATURES = 100_000
 BUDGET = 2_000_000  # bytes one view may load
+LAYOUT = FeatureLayout(np.random.default_rng(0).integers(0, 65536, (N_FEATURES, 2)).astype(np.uint16), "umap")
 
 require_chromium()
 
@@ -59,7 +64,7 @@ def site():
                                        metrics_by_point={"synthetic": None})
 
         assert write_site_files(lambda name: directory / name, ranges(), dictionary="synthetic",
-                                overview=make_overview) == N_FEATURES
+                                overview=make_overview, feature_map=LAYOUT) == N_FEATURES
         yield directory, rows
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -119,7 +124,7 @@ def test_each_view_loads_only_its_own_chunks(site, served, driver):
     wait_for(driver, "list")
     sent = take_sent()
     within_budget(sent, "first paint")
-    assert not [name for name, _ in sent if name.startswith(("index-1", "tokens-", "search-", "feature-"))]
+    assert not [name for name, _ in sent if name.startswith(("index-1", "tokens-", "search-", "feature-", "dictionary-"))]
     assert shown_features(driver) == [r[0] for r in rows[:1024] if r[1] > 0], "page 1: live features 0..1023"
 
     # A rare token: one search bucket and one posting chunk, and exactly the features whose rows have it.
@@ -175,7 +180,8 @@ def test_opening_a_feature_page_directly_skips_the_index(site, served, driver):
     driver.get(served + "/index.html#feature=99999")
     wait_for(driver, "99999")
     names = {name for name, _ in take_sent()}
-    assert names == {"index.html", "app.js", "site-views.js", "style.css", "site-meta.js", "feature-099999.js"}
+    assert names == {"index.html", "app.js", "site-views.js", "site-map.js", "style.css", "site-meta.js",
+                     "feature-099999.js"}
     assert Path(site[0] / "site-meta.js").stat().st_size < 4096, "site-meta.js does not grow with features"
 
 
@@ -188,9 +194,48 @@ def test_overview_page_loads_one_small_file(site, served, driver):
     driver.get(served + "/index.html#overview")
     WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-overview") == "ready")
     sent = dict(take_sent())
-    assert set(sent) == {"index.html", "app.js", "site-views.js", "style.css", "site-meta.js", "dictionary-overview.js"}
+    assert set(sent) == {"index.html", "app.js", "site-views.js", "site-map.js", "style.css", "site-meta.js",
+                         "dictionary-overview.js"}
     assert sent["dictionary-overview.js"] < 64_000, "the overview grows with neither features nor curve length"
     heights = driver.execute_script(
         "return Array.from(document.querySelectorAll('svg.density rect')).map(r => r.querySelector('title').textContent)")
     assert sum(int(t.split()[0]) for t in heights) == sum(1 for r in rows if r[1] > 0)
     assert f"dead {sum(1 for r in rows if r[1] == 0)}" in driver.find_element(By.CSS_SELECTOR, "#overview-view .stats").text
+
+
+def test_feature_map_loads_one_file_draws_every_point_and_finds_each(site, served, driver):
+    """The map of 100,000 features: its one data file (8 bytes a feature, within the view budget),
+    every point drawn, and the point under the pointer found by the grid: a random feature's."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    site_dir, rows = site
+    driver.get("about:blank")
+    take_sent()
+    driver.get(served + "/index.html#map")
+    WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-map") == "ready")
+    sent = dict(take_sent())
+    assert set(sent) == {"index.html", "app.js", "site-views.js", "site-map.js", "style.css", "site-meta.js",
+                         "dictionary-map.js"}
+    within_budget(list(sent.items()), "the feature map")
+    assert sent["dictionary-map.js"] < 8 * N_FEATURES + 2_000, "8 bytes a feature and a small header"
+    canvas = driver.find_element(By.ID, "map-canvas")
+    assert canvas.get_attribute("data-drawn") == str(N_FEATURES)
+    positions = np.array(driver.execute_script(
+        f"return Array.from({{length: {N_FEATURES}}}, (_, i) => SAE_MAP.locate(i))"))
+    rng = np.random.default_rng(1)
+    for feature in rng.choice(N_FEATURES, 40, replace=False):  # the first one alone under the pointer
+        distances = np.linalg.norm(positions - positions[feature], axis=1)
+        distances[feature] = np.inf
+        if distances.min() > 1.5:
+            break
+    x, y = positions[feature]
+    size = canvas.size
+    ActionChains(driver).move_to_element_with_offset(canvas, round(x - size["width"] / 2),
+                                                     round(y - size["height"] / 2)).perform()
+    tip = driver.find_element(By.ID, "map-tooltip")
+    WebDriverWait(driver, 10).until(lambda d: tip.is_displayed())
+    near = np.linalg.norm(positions - [round(x), round(y)], axis=1)
+    assert int(tip.get_attribute("data-feature")) == int(np.argmin(near)), "the nearest point to the pointer"
+    row = rows[int(tip.get_attribute("data-feature"))]
+    assert tip.text.startswith(f"feature {row[0]} \u00b7 ")
+    assert ("never fired" in tip.text) == (row[1] == 0)

@@ -235,7 +235,7 @@ class DictionaryPoint:
 
     @property
     def key(self) -> str:
-        """Readable partition key: relu-w1024-l1_5, gated-w1024-l1_5, jumprelu-w1024-l0_0.001,
+        """Readable partition key: relu-w1024-l1_5, gated-w1024-l1_5, jumprelu-w1024-l0_0.1,
         topk-w1024-k32, batchtopk-w1024-k32, matryoshka-w1024-k32 (default prefixes) or
         matryoshka-w1024-k32-p64_256_1024 (others); a point with its own hook ends in
         -in-<hook>, a transcoder in -out-<target_hook> (relu-w1024-l1_5-in-blocks.1.ln2.hook_normalized-
@@ -380,10 +380,11 @@ class FeaturesConfig:
     """Context tokens shown after each example (clipped at the sequence end)."""
     random_examples: int = 8
     """Examples from the uniform sample shown per feature (the first by hash, so a fixed choice)."""
-    activation_levels: int = 4
-    """Evenly spaced activation levels (0, max] at which examples are shown..."""
+    activation_levels: int = 10
+    """Equal-width intervals of (0, max] a feature page shows, each with its share of the feature's
+    non-zero activations (SAEDashboard's 10 quantile groups)..."""
     examples_per_level: int = 2
-    """...and how many from the uniform sample at each level."""
+    """...and how many examples in each (the first by hash among the uniform sample and the top-K)."""
     logit_effects: int = 10
     """Top and bottom tokens of each decoder direction through the unembedding."""
     neuronpedia_export: bool = False

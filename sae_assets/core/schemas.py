@@ -139,6 +139,16 @@ def cofiring_schema() -> pa.Schema:
     ])
 
 
+def feature_map_schema() -> pa.Schema:
+    """feature_map (per dictionary): every feature's quantised place on the map
+    (core/features/feature_map.py), one row per feature in feature order."""
+    return pa.schema([
+        pa.field("feature", pa.int32(), nullable=False),
+        pa.field("x", pa.uint16(), nullable=False),
+        pa.field("y", pa.uint16(), nullable=False),
+    ])
+
+
 # --- training-data attribution (sae_assets.core.attribution) ------------------------------------
 
 def raw_shift_schema() -> pa.Schema:

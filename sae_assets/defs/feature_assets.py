@@ -5,8 +5,9 @@
     context_gather [shard]                   pass 1: each range's windows in the shard, encoded there
     context_windows [feature range]          pass 2: every shard's windows of the range, checked
     site_json [feature range]                one JSON document per feature + index rows
-    feature_site                             the static browser (HTML/CSS/JS) with all the data and
-                                             the dictionary's overview page
+    feature_site                             the static browser (HTML/CSS/JS) with all the data, the
+                                             dictionary's overview page and its feature map (the
+                                             feature_map asset, sae_assets/defs/map_assets.py)
     neuronpedia_export                       (features.neuronpedia_export) Neuronpedia bulk-import files
 
 The dictionary is `features.dictionary` (a sae.sweep key). `build_feature_assets(key)` makes
@@ -39,6 +40,7 @@ from sae_assets.defs.corpus_assets import (
 )
 from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary
 from sae_assets.defs.identity import AssetIdentity
+from sae_assets.defs.map_assets import feature_map, read_feature_map
 from sae_assets.defs.model_assets import language_model, load_language_model
 from sae_assets.defs.partitions import (
     FEATURE_RANGES,
@@ -89,13 +91,13 @@ _SAMPLING = ("feature_dictionary", "features.top_k", "features.sample_k", "featu
 _SHOWN = ("features.random_examples", "features.activation_levels", "features.examples_per_level")
 _WINDOW = ("feature_dictionary", "features.window_before", "features.window_after")
 FEATURE_SAMPLES = AssetIdentity("feature_samples", version="3", device="features.device", keys=_SAMPLING)
-FEATURE_EXAMPLES = AssetIdentity("feature_examples", version="3", keys=(*_SAMPLING, *_SHOWN))
+FEATURE_EXAMPLES = AssetIdentity("feature_examples", version="4", keys=(*_SAMPLING, *_SHOWN))  # 4: + top-K in intervals
 CONTEXT_GATHER = AssetIdentity("context_gather", version="5", device="features.device", keys=_WINDOW)
 CONTEXT_WINDOWS = AssetIdentity("context_windows", version="3", device="features.device", keys=_WINDOW)
-SITE_JSON = AssetIdentity("site_json", version="3", pool="model", device="features.device", keys=(  # 3: special tokens
+SITE_JSON = AssetIdentity("site_json", version="4", pool="model", device="features.device", keys=(  # 4: interval shares
     "feature_dictionary", "features.logit_effects", "features.activation_levels", "special_tokens.token_ids"))
-FEATURE_SITE = AssetIdentity("feature_site", version="5", keys=("feature_dictionary",))  # 5: the overview page
-NEURONPEDIA_EXPORT = AssetIdentity("neuronpedia_export", version="2", keys=(  # 2: bulk-import jsonl layout
+FEATURE_SITE = AssetIdentity("feature_site", version="7", keys=("feature_dictionary",))  # 7: #map; 6: interval shares
+NEURONPEDIA_EXPORT = AssetIdentity("neuronpedia_export", version="3", keys=(  # 3: binContains
     "model.name", "sae_hook", "feature_dictionary", "corpus.source", "corpus.hf_name", "tokenizer.context_length"))
 
 
@@ -312,8 +314,9 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
     @SITE_JSON.asset(
         group_name="features", partitions_def=FEATURE_RANGES,
         deps=[feature_examples, context_windows, language_model, tokenizer, *dictionary],
-        description="One JSON document per feature (density, max, histogram, top/random/per-level examples "
-        "with context, logit effects of the decoder direction and their histogram over the vocabulary, the 10 "
+        description="One JSON document per feature (density, max, histogram, top and random examples and the "
+        "activation intervals' examples with context, each interval's share of the activations, logit effects "
+        "of the decoder direction and their histogram over the vocabulary, the 10 "
         "nearest features by decoder cosine, the model dimensions the decoder weighs most, the features co-firing "
         "on its top examples) and the range's index rows.",
     )
@@ -360,10 +363,12 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
     @FEATURE_SITE.asset(
         group_name="features",
         deps=[dg.AssetDep(site_json, partition_mapping=dg.AllPartitionMapping()), dictionary[0],
-              dg.AssetDep("sae_metrics", partition_mapping=dg.AllPartitionMapping())],  # the frontier: every point
+              dg.AssetDep("sae_metrics", partition_mapping=dg.AllPartitionMapping()),  # the frontier: every point
+              dg.AssetDep(feature_map, partition_mapping=dg.SpecificPartitionsPartitionMapping([dictionary_key]))],
         description="The static feature browser: index.html, app.js, style.css, a chunked index (list pages, "
         "sorted orders, token search), one script per feature with its lineage, the dictionary's overview page "
-        "(density histogram, dead and dense counts, L0, loss recovered, training curves, the sweep's frontier) "
+        "(density histogram, dead and dense counts, L0, loss recovered, training curves, the sweep's frontier), "
+        "the feature map (feature_map's layout coloured by density) "
         "and what changed since the previous build, and why; open index.html from disk or serve the directory "
         "from any static host.",
     )
@@ -372,9 +377,12 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         parts, upstream = read_upstream(store, "site_json", feature_range_keys(context.instance))
         overview, overview_upstream = overview_builder(store, cfg, dictionary_key)
         upstream.update(overview_upstream)
+        layout, map_upstream = read_feature_map(store, dictionary_key)
+        upstream.update(map_upstream)
         previous = store.manifest("feature_site", None)  # the last build: what changed since
         with FEATURE_SITE.writer(store, cfg, None, upstream=upstream) as out:
-            n_features = write_site(out, store, parts, dictionary=dictionary_key, overview=overview, previous=previous)
+            n_features = write_site(out, store, parts, dictionary=dictionary_key, overview=overview, previous=previous,
+                                    feature_map=layout)
         index = out.manifest.files["index.html"]
         return result(out.manifest, store, {"features": n_features, "open": dg.MetadataValue.path(
             store.describe() + "/" + index.key)}, content_version=True)

@@ -4,8 +4,8 @@ The site is flat (every file in one directory; the store's file names have no fo
 it opens from file:// and from any static host or bucket prefix as it is: index.html, app.js,
 style.css (packaged in sae_assets/site/), `site-meta.js`, the chunked index of
 `sae_assets.core.features.site_index` (`index-<n>.js`, `by-density-<n>.js`, `by-max-<n>.js`,
-`search-<b>.js`, `tokens-<n>.js`), one `feature-<id>.js` per feature and the overview page's
-`dictionary-overview.js`, so that no page loads
+`search-<b>.js`, `tokens-<n>.js`), one `feature-<id>.js` per feature, the overview page's
+`dictionary-overview.js` and the feature map's `dictionary-map.js`, so that no page loads
 more than its own files. Data are scripts rather than JSON because browsers refuse fetch() on
 file:// pages; JSON inside a script has `<`, `>`, `&` and U+2028/2029 escaped, so no corpus
 text can close a tag or break the statement. `write_site_files` takes plain iterators, so the
@@ -24,11 +24,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # core (and numpy) load when a site is written, not with the code location
     import numpy as np
 
+    from sae_assets.core.features.feature_map import FeatureLayout
     from sae_assets.core.features.site_index import SiteRange
 
-STATIC_FILES = ("index.html", "app.js", "site-views.js", "style.css")
+STATIC_FILES = ("index.html", "app.js", "site-views.js", "site-map.js", "style.css")
 OVERVIEW_FILE = "dictionary-overview.js"
 """The overview page's data (`sae_assets.core.features.overview`), loaded when the page opens."""
+MAP_FILE = "dictionary-map.js"
+"""The feature map's points and densities (`sae_assets.core.features.feature_map`), loaded when #map opens."""
 LINEAGE_FILE = "site-lineage.json"
 """Each range's lineage as the build showed it, so that the next build keeps a range's time."""
 CHANGES_FILE = "site-changes.js"
@@ -61,13 +64,16 @@ def read_feature_script(text: str) -> tuple[dict, dict | None]:
 
 
 def write_site_files(path: Callable[[str], Path], ranges: Iterable[SiteRange], *, dictionary: str,
-                     overview: Callable[[np.ndarray, int], dict] | None = None, changes: dict | None = None) -> int:
+                     overview: Callable[[np.ndarray, int], dict] | None = None, changes: dict | None = None,
+                     feature_map: FeatureLayout | None = None) -> int:
     """Write the whole site through `path(name)` (a partition writer's `out.path`); return the feature count.
 
     `overview(density_F, n_tokens)` gives the overview page's document from every feature's
     density (`sae_assets.core.features.overview.dictionary_overview`); without it the page says
     that the site has none. `changes`: what changed since the previous build, for #changes.
-    A range's `lineage` goes into each of its feature scripts as the callback's second argument."""
+    A range's `lineage` goes into each of its feature scripts as the callback's second argument.
+    `feature_map`: the dictionary's layout (the feature_map asset), one point per feature of the
+    site in feature order, drawn on #map coloured by the densities of the index."""
     from sae_assets.core.features.site_index import SiteIndex, escape_script_text
 
     static = package_files.files("sae_assets") / "site"
@@ -89,6 +95,11 @@ def write_site_files(path: Callable[[str], Path], ranges: Iterable[SiteRange], *
         path(OVERVIEW_FILE).write_text(f"SAE_OVERVIEW.data({script_json(overview(index.densities(), n_tokens))});\n")
     if changes is not None:
         path(CHANGES_FILE).write_text(f"SAE_CHANGES.data({script_json(changes)});\n")
+    if feature_map is not None:
+        from sae_assets.core.features.feature_map import map_document
+
+        document = map_document(feature_map, index.densities(), dictionary=dictionary, n_tokens=n_tokens)
+        path(MAP_FILE).write_text(f"SAE_MAP.data({script_json(document)});\n")
     return len(index)
 
 
@@ -107,9 +118,10 @@ def changes_basis(previous, parts) -> dict[str, str] | None:
 
 
 def write_site(out, store, parts, *, dictionary: str, overview: Callable[[np.ndarray, int], dict] | None = None,
-               previous=None) -> int:
+               previous=None, feature_map: FeatureLayout | None = None) -> int:
     """Write the browser into the partition writer `out` from the site_json manifests `parts`;
-    `previous`: the last build's feature_site manifest, to list what changed since."""
+    `previous`: the last build's feature_site manifest, to list what changed since;
+    `feature_map`: the dictionary's layout, for #map."""
     from sae_assets.core.features.site_index import SiteRange
 
     basis = changes_basis(previous, parts)
@@ -126,7 +138,8 @@ def write_site(out, store, parts, *, dictionary: str, overview: Callable[[np.nda
             yield SiteRange(json.loads(store.read_bytes(manifest, INDEX_ROWS_FILE)), documents,
                             manifest.extra["n_tokens"], manifest.extra["hist_edges"], lineages[manifest.partition])
 
-    n_features = write_site_files(out.path, ranges(), dictionary=dictionary, overview=overview, changes=changes)
+    n_features = write_site_files(out.path, ranges(), dictionary=dictionary, overview=overview, changes=changes,
+                                  feature_map=feature_map)
     out.extra.update(features=n_features, dictionary=dictionary)
     return n_features
 

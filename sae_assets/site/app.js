@@ -1,6 +1,7 @@
 // The feature browser: a paged feature list (search by token, sort by density or max) and a
 // feature page (statistics, activation histogram, examples coloured by activation, logits, the
-// logit histogram, nearest and co-firing features, neuron alignment, activation intervals).
+// logit histogram, nearest and co-firing features, neuron alignment, the activation intervals
+// with their shares).
 //
 // Data arrive as scripts, not fetch(), so the site also works from file://, and in chunks, so
 // that no view loads more than its own files, whatever the number of features
@@ -253,6 +254,29 @@
       numberTable("neuron-alignment", "Neuron alignment", ["dimension", "weight", "of L1"], aligned)]);
   }
 
+  // SAEDashboard's quantile groups: the equal-width intervals of (0, max], highest first, each
+  // titled with its range and its share of the feature's non-zero activations (an estimate says
+  // so: core/features/intervals.py), then its examples.
+  function intervals(doc) {
+    var section = el("section", {id: "level-examples"}, [el("h3", {text: "Activation intervals"})]);
+    if (doc.levels.some(function (l) { return l.share !== undefined && !l.exact; })) {
+      section.appendChild(el("p", {"class": "muted share-note", text: "\u2248 estimated from the activation " +
+        "histogram's exact bin counts, the bin an interval's edge cuts spread evenly over its range; " +
+        "the other shares are exact"}));
+    }
+    doc.levels.forEach(function (level) {
+      var share = level.share === undefined ? "" :  // a document from before the shares
+        " \u00b7 contains " + (level.exact ? "" : "\u2248") + (100 * level.share).toFixed(3) + "%";
+      var title = "Interval " + fmt(level.low) + " \u2013 " + fmt(level.high) + share;
+      var group = el("div", {"class": "interval", "data-level": String(level.level)},
+                     [el("div", {"class": "level-title", text: title})]);
+      level.examples.forEach(function (e) { group.appendChild(exampleRow(e, doc.max)); });
+      if (!level.examples.length) group.appendChild(el("div", {"class": "muted", text: "no example kept here"}));
+      section.appendChild(group);
+    });
+    return section;
+  }
+
   function lineageLine(l) {  // where this page comes from: dictionary version, data shards, when
     var short = function (v) { return v ? String(v).slice(0, 12) : "\u2013"; };
     return el("div", {"class": "lineage", id: "lineage"}, [
@@ -280,13 +304,7 @@
     var top = el("section", {id: "top-examples"}, [el("h3", {text: "Top activations"})]);
     doc.top.forEach(function (e) { top.appendChild(exampleRow(e, doc.max)); });
     view.appendChild(top);
-    var levels = el("section", {id: "level-examples"}, [el("h3", {text: "Activation intervals"})]);
-    doc.levels.forEach(function (level) {
-      if (!level.examples.length) return;
-      levels.appendChild(el("div", {"class": "level-title", text: "(" + fmt(level.low) + ", " + fmt(level.high) + "]"}));
-      level.examples.forEach(function (e) { levels.appendChild(exampleRow(e, doc.max)); });
-    });
-    view.appendChild(levels);
+    view.appendChild(intervals(doc));
     var random = el("section", {id: "random-examples"}, [el("h3", {text: "Random activating tokens"})]);
     doc.random.forEach(function (e) { random.appendChild(exampleRow(e, doc.max)); });
     view.appendChild(random);
@@ -294,15 +312,18 @@
 
   function route() {
     var match = /^#feature=(\d+)$/.exec(location.hash), overview = location.hash === "#overview";
-    var changes = location.hash === "#changes";
-    document.getElementById("list-view").hidden = !!match || overview || changes;
+    var changes = location.hash === "#changes", map = location.hash === "#map";
+    document.getElementById("list-view").hidden = !!match || overview || changes || map;
     document.getElementById("feature-view").hidden = !match;
     document.getElementById("overview-view").hidden = !overview;
     document.getElementById("changes-view").hidden = !changes;
+    document.getElementById("map-view").hidden = !map;
     if (overview) {  // site-views.js: loads dictionary-overview.js and nothing else
       window.SAE_OVERVIEW.show(document.getElementById("overview-view"));
     } else if (changes) {  // site-views.js: loads site-changes.js and nothing else
       window.SAE_CHANGES.show(document.getElementById("changes-view"));
+    } else if (map) {  // site-map.js: loads dictionary-map.js and nothing else
+      window.SAE_MAP.show(document.getElementById("map-view"));
     } else if (match) {  // a feature page loads its own script and nothing of the list
       var view = document.getElementById("feature-view");
       view.textContent = "loading\u2026";

@@ -6,7 +6,7 @@
 // - what changed since the previous build (#changes), range by range, and why, from
 //   site-changes.js (sae_assets/core/features/changes.py).
 // Names, keys and reasons reach the page through textContent, never as markup. This script loads
-// before app.js and lends it `el` and `fmt` (window.SAE_UI).
+// before app.js and lends it `el` and `fmt`, and site-map.js `page` too (window.SAE_UI).
 (function () {
   "use strict";
   var SVG_NS = "http://www.w3.org/2000/svg";
@@ -197,7 +197,7 @@
     };
   }
 
-  window.SAE_UI = {el: el, fmt: fmt};
+  window.SAE_UI = {el: el, fmt: fmt, page: page};  // page: site-map.js loads its data the same way
   window.SAE_CHANGES = page("site-changes.js", renderChanges);
   window.SAE_OVERVIEW = page("dictionary-overview.js", function (view, d) { data = d; render(view); });
 })();

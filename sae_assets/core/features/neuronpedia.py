@@ -7,8 +7,11 @@ database models (SourceRelease, Model, SourceSet, Source, Feature, Activation). 
 deterministic (ids derive from source, feature and example; no creation times: the importer's
 defaults apply), so a rerun writes the same bytes. `neuronpedia_feature` is the intermediate
 per-feature dict in the field names of SAEDashboard's older `batch-<n>.json` files, from which
-`feature_row` and `activation_rows` are built. Writing is `sae_assets.defs.site_files`'s job;
-tests/test_site_panels.py checks the schema of every file.
+`feature_row` and `activation_rows` are built. An interval example's `binMin`/`binMax`/`binContains`
+are its activation interval and that interval's share of the feature's non-zero activations (a
+fraction, which Neuronpedia shows as "Contains x%"; SAEDashboard divides by every token instead);
+top and random examples carry -1 there (no interval). Writing is `sae_assets.defs.site_files`'s
+job; tests/test_site_panels.py checks the schema of every file.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def neuronpedia_feature(doc: dict[str, Any], hist_edges: Sequence[float]) -> dic
                             "values": example["acts"], "qualifying_token_index": example["center"]})
     for level in doc["levels"]:
         for example in level["examples"]:
-            activations.append({"bin_min": level["low"], "bin_max": level["high"], "bin_contains": -1,
+            activations.append({"bin_min": level["low"], "bin_max": level["high"],
+                                "bin_contains": level.get("share", -1),
                                 "tokens": example["tokens"], "values": example["acts"],
                                 "qualifying_token_index": example["center"]})
     logit_hist = doc.get("logit_histogram") or {"counts": [], "edges": []}

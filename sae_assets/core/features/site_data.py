@@ -1,7 +1,8 @@
 """The feature browser's data: one JSON document per feature, index rows and a Neuronpedia export.
 
-`feature_documents` joins a range's merged samples (statistics, histogram), the examples the
-page shows (`feature_windows.select_shown_examples`), their context windows, the decoder
+`feature_documents` joins a range's merged samples (statistics, histogram, the share of each
+activation interval: core/features/intervals.py), the examples the page shows
+(`feature_windows.select_shown_examples`), their context windows, the decoder
 direction's panels (logit effects and their histogram, nearest features, neuron alignment:
 core/features/panels.py) and the features co-firing on the top examples
 (core/features/cofiring.py) into plain dicts, ready for `json.dumps`. Token ids become strings
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from sae_assets.core.features.intervals import interval_shares
 from sae_assets.core.features.merge import FeatureSamples
 from sae_assets.core.features.neuronpedia import neuronpedia_feature  # noqa: F401  (the export's per-feature dict)
 from sae_assets.core.features.panels import LogitEffects, logit_effects  # noqa: F401
@@ -92,6 +94,10 @@ def feature_documents(samples: FeatureSamples, shown: pa.Table, windows: pa.Tabl
                       special_ids: Collection[int] = ()) -> Iterator[dict[str, Any]]:
     """One JSON-ready document per feature of the range, in feature order.
 
+    `levels` lists the `activation_levels` intervals of (0, max], highest first, each with its
+    bounds, its `share` of the feature's non-zero activations, whether that share is `exact`
+    (else estimated from the activation histogram: core/features/intervals.py) and its examples.
+
     `neighbours`, `alignment` and `cofiring` are the range's rows of `panels.nearest_features`,
     `panels.neuron_alignment` and `cofiring.cofiring_features`; without them the lists are empty.
     Window positions holding one of `special_ids` (special tokens) are listed in each example's
@@ -107,10 +113,12 @@ def feature_documents(samples: FeatureSamples, shown: pa.Table, windows: pa.Tabl
         entry = _example((f, t), a, win, strings, special_ids)
         by_role[role].append({**entry, "level": level} if role == "level" else entry)
     top_ids, top_vals, bottom_ids, bottom_vals = logits[:4]
+    shares = interval_shares(samples, activation_levels)
     for w, f in enumerate(stats["feature"]):
         count, peak = stats["count"][w], stats["max"][w]
         mine = examples.get(f, {"top": [], "random": [], "level": []})
         levels = [{"level": i, "low": _num(peak * (i - 1) / activation_levels), "high": _num(peak * i / activation_levels),
+                   "share": _num(shares.share[w, i - 1]), "exact": bool(shares.exact[w, i - 1]),
                    "examples": [e for e in mine["level"] if e["level"] == i]}
                   for i in range(activation_levels, 0, -1)] if count else []
         yield {

@@ -2,9 +2,12 @@
 
 The examples a feature page shows are chosen once from its merged samples
 (`select_shown_examples`): every top-K entry, the first `random_examples` entries of the
-uniform sample, and at each of `activation_levels` evenly spaced levels of (0, max] the first
-`examples_per_level` sample entries in that level (sample order is hash order, so every choice
-is fixed by the seed and independent of sharding). Examples lie anywhere in the dataset, so:
+uniform sample, and in each of the `activation_levels` equal-width intervals of (0, max]
+(core/features/intervals.py) the first `examples_per_level` activations by hash among the
+sample and the top-K. Hash order makes every choice fixed by the seed and independent of
+sharding, and the choice in an interval uniform wherever the sample holds that many there or
+the interval lies within the top-K (as the top intervals of a heavy-tailed feature do, which a
+sample alone would leave empty). Examples lie anywhere in the dataset, so:
 
 1. `gather_context_windows` runs per data shard: for one feature range it takes the shown
    examples found in the shard, cuts the window [t - before, t + after] around each (clipped to
@@ -31,7 +34,9 @@ import torch
 
 from sae_assets.core import schemas
 from sae_assets.core.activations.reader import as_float32, to_numpy_matrix
+from sae_assets.core.features.intervals import interval_of
 from sae_assets.core.features.merge import FeatureSamples
+from sae_assets.core.features.sampling import feature_token_hash
 from sae_assets.core.progress import QUIET, ProgressLog
 
 # Letter key: E shown examples, U unique window tokens, L window slots (sum of window lengths),
@@ -67,22 +72,33 @@ def select_shown_examples(samples: FeatureSamples, *, random_examples: int, acti
                   "role": np.ones(int(pick.sum()), np.int8), "rank": s_rank[pick],
                   "level": np.zeros(int(pick.sum()), np.int32)})
     if activation_levels and examples_per_level and len(s_feature):
-        peak = samples.stats.column("max").to_numpy()[s_feature - samples.lo].astype(np.float64)
-        # Level i of L holds activations in ((i-1)/L * max, i/L * max]; sample rows are in hash order.
-        level = np.clip(np.ceil(s_act / np.maximum(peak, 1e-30) * activation_levels), 1, activation_levels)
-        order = np.lexsort((s_rank, level, s_feature))
-        rank = np.empty(len(order), np.int64)
-        rank[order] = _rank_within(s_feature[order] * (activation_levels + 1) + level[order].astype(np.int64))
-        pick = rank < examples_per_level
-        parts.append({"feature": s_feature[pick], "token_index": s_tok[pick], "activation": s_act[pick],
-                      "role": np.full(int(pick.sum()), 2, np.int8), "rank": rank[pick],
-                      "level": level[pick].astype(np.int32)})
+        parts.append(_interval_examples(samples, activation_levels, examples_per_level))
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     order = np.lexsort((cols["rank"], cols["level"], cols["role"], cols["feature"]))
     cols = {k: v[order] for k, v in cols.items()}
     cols["role"] = np.asarray(ROLES, dtype=object)[cols["role"]]
     return pa.table({k: cols[k] for k in ("feature", "token_index", "activation", "role", "rank", "level")},
                     schema=schemas.shown_examples_schema())
+
+
+def _interval_examples(samples: FeatureSamples, levels: int, per_level: int) -> dict[str, np.ndarray]:
+    """The first `per_level` activations by hash in each interval of each feature, among the
+    sample and the top-K (a token in both counts once); columns of the shown-examples table."""
+    top, sample = samples.top, samples.sample
+    t_feature, t_tok = top.column("feature").to_numpy(), top.column("token_index").to_numpy()
+    feature = np.concatenate([sample.column("feature").to_numpy(), t_feature]).astype(np.int64)
+    tok = np.concatenate([sample.column("token_index").to_numpy(), t_tok])
+    act = np.concatenate([sample.column("activation").to_numpy(), top.column("activation").to_numpy()])
+    hashes = np.concatenate([sample.column("hash").to_numpy(), feature_token_hash(samples.seed, t_feature, t_tok)])
+    level = interval_of(act, samples.stats.column("max").to_numpy()[feature - samples.lo], levels)
+    order = np.lexsort((tok, hashes, level, feature))
+    twice = (feature[order][1:] == feature[order][:-1]) & (tok[order][1:] == tok[order][:-1])  # adjacent: same hash
+    order = order[np.r_[True, ~twice]]
+    rank = _rank_within(feature[order] * (levels + 1) + level[order])
+    pick = order[rank < per_level]
+    return {"feature": feature[pick].astype(np.int32), "token_index": tok[pick], "activation": act[pick],
+            "role": np.full(len(pick), 2, np.int8), "rank": rank[rank < per_level],
+            "level": level[pick].astype(np.int32)}
 
 
 def window_spans(token_index: np.ndarray, *, context_length: int, before: int, after: int) -> tuple[np.ndarray, np.ndarray]:
