@@ -39,11 +39,12 @@ def test_lineage_follows_the_design():
     assert parents["shuffle_plan"] == {"cached_activations"}
     assert parents["shuffle_scatter"] == {"shuffle_plan", "cached_activations"}
     assert parents["shuffled_shards"] == {"shuffle_plan", "shuffle_scatter"}
-    assert parents["sae_dictionary"] == {"shuffled_shards"}
-    assert "sae_dictionary" in parents["sae_metrics"]
+    # Every asset that reads the tokenizer's special tokens declares it (special_tokens.exclude)
+    assert parents["sae_dictionary"] == {"shuffled_shards", "tokenizer"}
+    assert parents["sae_metrics"] == {"sae_dictionary", "language_model", "token_shards", "tokenizer"}
     # Probing reads the documents' labels (corpus_shards) beside what sae_metrics reads
     assert parents["sae_probing"] == {"corpus_shards", "tokenizer", "token_shards", "language_model", "sae_dictionary"}
-    assert parents["feature_samples"] == {"cached_activations", "sae_dictionary", "sae_metrics"}
+    assert parents["feature_samples"] == {"cached_activations", "tokenizer", "sae_dictionary", "sae_metrics"}
     assert parents["feature_examples"] == {"feature_samples"}
     assert parents["context_gather"] == {"cached_activations", "token_shards", "tokenizer", "feature_examples",
                                          "sae_dictionary", "sae_metrics"}

@@ -12,13 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from support import HOOK, shard_table
+from support import HOOK, SHARD_WIDTH, shard_table
 from tokenizers import AddedToken
 
 from sae_assets.core.activations.reader import ShuffledActivationReader
 from sae_assets.core.config import ConfigError, config_from_dict
 from sae_assets.core.corpus import tokenization
-from sae_assets.core.corpus.special_tokens import drop_special_rows, keep_positions, resolve_special_token_ids
+from sae_assets.core.corpus.special_tokens import keep_positions, resolve_special_token_ids
 from sae_assets.core.features import panels, site_data
 from sae_assets.core.features import windows as feature_windows
 from sae_assets.core.features.merge import merge_feature_samples
@@ -70,23 +70,28 @@ def test_the_exclusion_hashed_into_identities_is_none_when_switched_off():
     assert config_from_dict({**named, "special_tokens": {"token_ids": [50256]}}).special_tokens.token_ids == (50256,)
 
 
-def test_keep_positions_and_drop_special_rows_keep_exactly_the_other_tokens_in_order():
+def test_the_sampler_drops_excluded_rows_batch_by_batch_as_if_they_were_never_cached():
     table = shard_table(0, 6, seed=1)  # token ids in 0..49
     ids = table.column("token_id").to_numpy()
     excluded = (0, 3, 17)
     keep = keep_positions(ids, excluded)
     assert keep.shape == ids.shape and keep.sum() == (~np.isin(ids, excluded)).sum() < len(ids)
-    kept = drop_special_rows(table, excluded, columns=["token_index", HOOK])
-    assert kept.column_names == ["token_index", HOOK, "token_id"]
-    assert kept.column("token_index").to_pylist() == table.column("token_index").to_numpy()[keep].tolist()
-    assert kept.column(HOOK).to_pylist() == table.filter(pa.array(keep)).column(HOOK).to_pylist()
-    assert not np.isin(kept.column("token_id").to_numpy(), excluded).any()
-    # Nothing to drop: the same (memory-mapped, zero-copy) buffers come back.
-    same = drop_special_rows(table, (), columns=["token_index", HOOK])
-    assert same.column(HOOK).chunk(0).buffers()[-1].address == table.column(HOOK).chunk(0).buffers()[-1].address
-    absent = drop_special_rows(table, (99,))
-    assert absent.column(HOOK).chunk(0).buffers()[-1].address == table.column(HOOK).chunk(0).buffers()[-1].address
     assert keep_positions(ids.reshape(6, -1), ()).all()
+    torch.manual_seed(0)
+    W_DW = torch.randn(SHARD_WIDTH, 12)
+    sample = dict(hook=HOOK, encode_range=lambda x: (x @ W_DW).relu(), lo=0, hi=12, top_k=3, sample_k=5, seed=2)
+    # batch_size 7 cuts batches across special rows; one batch (rows 0..6 or so) may be all kept
+    dropped = sample_activation_table(table, batch_size=7, exclude_token_ids=excluded, **sample)
+    filtered = sample_activation_table(table.filter(pa.array(keep)), batch_size=7, **sample)
+    assert dropped.n_tokens == int(keep.sum())
+    for a, b in zip(dropped.stored(), filtered.stored()):
+        assert a.equals(b)
+    assert not np.isin(dropped.top.column("token_index").to_numpy(),
+                       table.column("token_index").to_numpy()[~keep]).any()
+    everything = sample_activation_table(table, batch_size=7, **sample)
+    assert everything.n_tokens == len(ids) and not everything.top.equals(dropped.top)
+    with pytest.raises(ValueError, match="no column 'token_id'"):
+        sample_activation_table(table.drop_columns(["token_id"]), batch_size=7, exclude_token_ids=excluded, **sample)
 
 
 def test_the_reader_drops_excluded_rows_and_keeps_every_other_row_once_per_epoch():

@@ -14,7 +14,7 @@ import dagster as dg
 
 from resources import ArtifactStorage, RunSettings
 from sae_assets.defs.common import progress_log, read_upstream, result
-from sae_assets.defs.corpus_assets import excluded_token_ids
+from sae_assets.defs.corpus_assets import excluded_token_ids, tokenizer
 from sae_assets.defs.identity import AssetIdentity, dictionary_point
 from sae_assets.defs.partitions import DICTIONARIES, bucket_index, bucket_keys
 from sae_assets.defs.plots import line_chart_markdown
@@ -91,7 +91,8 @@ def set_up_dictionary(key: str, d_in: int, cfg, stream: "sae_data.TrainingStream
 @SAE_DICTIONARY.asset(
     group_name="dictionary",
     partitions_def=DICTIONARIES,
-    deps=[dg.AssetDep(shuffled_shards, partition_mapping=dg.AllPartitionMapping())],
+    # The tokenizer: its special tokens are kept out of training (special_tokens.exclude).
+    deps=[dg.AssetDep(shuffled_shards, partition_mapping=dg.AllPartitionMapping()), tokenizer],
     description="A sparse autoencoder trained on the shuffled activations for one sweep point "
     "(architecture, width, sparsity); cfg.json + sae_weights.safetensors as SAELens loads them.",
 )

@@ -143,7 +143,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         group_name="features", partitions_def=SHARD_FEATURES,
         # Each cell reads its shard's activations: Dagster infers the mapping from the shared
         # `shard` dimension (MultiToSingleDimensionPartitionMapping).
-        deps=[cached_activations, *dictionary],
+        deps=[cached_activations, tokenizer, *dictionary],  # tokenizer: special tokens are left out
         description="For each feature of the range over the shard's tokens: exact top-K activations (ties by "
         "global token index), a uniform bottom-k-by-hash sample of activating tokens, count/sum/max and a "
         "log-spaced histogram. Special tokens (special_tokens.exclude) are not offered: n_tokens counts the rest.",
@@ -152,7 +152,6 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         import pyarrow.compute as pc
 
         from resources.arrow_files import open_ipc_table
-        from sae_assets.core.corpus.special_tokens import drop_special_rows
         from sae_assets.core.features import sampling as features
 
         cfg, store = settings.load(), storage.store()
@@ -162,13 +161,13 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         [acts], versions = read_upstream(store, "cached_activations", [shard])
         excluded, tokenizer_version = excluded_token_ids(store, cfg)
         versions.update(tokenizer_version)
-        table = drop_special_rows(open_ipc_table(store.fetch(acts, ACTIVATIONS_FILE)), excluded,
-                                  columns=["token_index", sae_manifest.extra["hook"]])
+        table = open_ipc_table(store.fetch(acts, ACTIVATIONS_FILE))  # memory-mapped; special rows dropped per batch
         started = time.perf_counter()
         samples = features.sample_activation_table(
             table, hook=sae_manifest.extra["hook"], encode_range=lambda x: sae.encode_range(x, lo, hi, rectify=False), lo=lo,
             hi=hi, top_k=cfg.features.top_k, sample_k=cfg.features.samples_kept, seed=cfg.features.seed,
-            batch_size=cfg.features.batch_size, device=cfg.features.device, progress_log=progress_log(context))
+            batch_size=cfg.features.batch_size, device=cfg.features.device, progress_log=progress_log(context),
+            exclude_token_ids=excluded)
         seconds = time.perf_counter() - started
         with FEATURE_SAMPLES.writer(store, cfg, context.partition_key, upstream={**upstream, **versions}) as out:
             write_samples(out, samples)

@@ -20,7 +20,7 @@ import dagster as dg
 from resources import ArtifactStorage, RunSettings
 from sae_assets.defs.common import result
 from sae_assets.defs.identity import AssetIdentity
-from sae_assets.defs.corpus_assets import excluded_token_ids, token_shards
+from sae_assets.defs.corpus_assets import excluded_token_ids, token_shards, tokenizer
 from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary
 from sae_assets.defs.model_assets import language_model, load_all_sequences, load_language_model
 from sae_assets.defs.partitions import DICTIONARIES, training_shard_keys
@@ -44,7 +44,8 @@ SAE_METRICS = AssetIdentity(
 @SAE_METRICS.asset(
     group_name="dictionary",
     partitions_def=DICTIONARIES,
-    deps=[sae_dictionary, language_model, dg.AssetDep(token_shards, partition_mapping=dg.AllPartitionMapping())],
+    deps=[sae_dictionary, language_model, dg.AssetDep(token_shards, partition_mapping=dg.AllPartitionMapping()),
+          tokenizer],  # its special tokens are left out of the scores
     check_specs=[
         dg.AssetCheckSpec(DEAD_CHECK, asset="sae_metrics", blocking=True,
                           description="Dead features (never firing on held-out tokens) <= sae.max_dead_fraction"),

@@ -5,8 +5,8 @@ spends features on them (a feature that fires only on `<|endoftext|>`, document 
 top examples). With `special_tokens.exclude` on, SAE training, sae_metrics and the feature
 statistics skip those positions; the browser still shows the tokens in context, marked.
 `resolve_special_token_ids` turns the config's `special_tokens.token_ids` ('auto' or a list)
-into ids of a tokenizer; `keep_positions` and `drop_special_rows` apply them to token ids and
-to cached_activations-like tables. Tests: tests/test_special_tokens.py.
+into ids of a tokenizer; `keep_positions` applies them to token ids (the feature sampler drops
+those rows batch by batch: core/features/sampling.py). Tests: tests/test_special_tokens.py.
 """
 
 from __future__ import annotations
@@ -14,10 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from sae_assets.core import schemas
 from sae_assets.core.config import ConfigError, SpecialTokenIds
 
 
@@ -46,18 +43,3 @@ def keep_positions(token_ids: np.ndarray, excluded: Sequence[int]) -> np.ndarray
     if not len(excluded):
         return np.ones(token_ids.shape, dtype=bool)
     return ~np.isin(token_ids, np.asarray(excluded, dtype=np.int64))
-
-
-def drop_special_rows(table: pa.Table, excluded: Sequence[int], *, columns: Sequence[str] = ()) -> pa.Table:
-    """The rows of a table with a `token_id` column whose token is not one of `excluded`.
-
-    `columns` (with `token_id`) are selected first, so only they are copied. The rows come back
-    as views (e.g. still memory-mapped) when nothing is excluded or no row is special; otherwise
-    the kept rows are a copy, in their original order.
-    """
-    if columns:  # a missing column is left for the caller to name
-        table = table.select([c for c in dict.fromkeys([*columns, schemas.TOKEN_ID]) if c in table.column_names])
-    if not len(excluded):
-        return table
-    special = pc.is_in(table.column(schemas.TOKEN_ID), value_set=pa.array(list(excluded), pa.int32()))
-    return table.filter(pc.invert(special)) if pc.any(special).as_py() else table

@@ -19,12 +19,15 @@ through the torch code here. Tests: tests/test_features_core.py.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from sae_assets.core import schemas
 from sae_assets.core.activations.reader import as_float32, to_numpy_matrix
+from sae_assets.core.corpus.special_tokens import keep_positions
 from sae_assets.core.features.best_k import BestK
 from sae_assets.core.features.merge import FeatureSamples, build_feature_samples, merge_feature_samples
 from sae_assets.core.progress import QUIET, ProgressLog
@@ -276,23 +279,37 @@ def _float32_input(rows_BD: np.ndarray) -> Tensor:
 
 def sample_activation_table(table, *, hook: str, encode_range, lo: int, hi: int, top_k: int, sample_k: int,
                             seed: int, batch_size: int, device: str = "cpu",
-                            progress_log: ProgressLog | None = None) -> FeatureSamples:
+                            progress_log: ProgressLog | None = None,
+                            exclude_token_ids: Sequence[int] = ()) -> FeatureSamples:
     """Run a `FeatureRangeSampler` over a cached_activations table, `batch_size` tokens at a time.
 
     `encode_range(x_BD)` gives the (B, hi - lo) feature activations of float32 inputs; memory
-    is O(batch_size x (D + hi - lo)) on top of the sampler's fixed state. A progress log
-    counts the batches (its steps) and their tokens.
+    is O(batch_size x (D + hi - lo)) on top of the sampler's fixed state. The rows of tokens in
+    `exclude_token_ids` (special tokens; the table's `token_id` column says which) are dropped
+    batch by batch, so that only a batch is ever copied, never the table's activation column;
+    the result is the one the table without those rows gives. A progress log counts the batches
+    (its steps) and the tokens kept.
     """
     if hook not in table.column_names:
         raise ValueError(f"activations have no column {hook!r} (have {table.column_names})")
+    excluded = tuple(sorted(set(exclude_token_ids)))
+    columns = ["token_index", hook, *([schemas.TOKEN_ID] if excluded else [])]
+    if excluded and schemas.TOKEN_ID not in table.column_names:
+        raise ValueError(f"activations have no column {schemas.TOKEN_ID!r} to exclude special tokens by")
     sampler = FeatureRangeSampler(lo, hi, top_k=top_k, sample_k=sample_k, seed=seed)
-    batches = table.select(["token_index", hook]).to_batches(max_chunksize=batch_size)  # a list of views
+    batches = table.select(columns).to_batches(max_chunksize=batch_size)  # a list of views
     report = progress_log or QUIET
     report.start(len(batches))
     for step, batch in enumerate(batches, start=1):
-        with torch.no_grad():
-            f_BW = encode_range(_float32_input(to_numpy_matrix(batch.column(1))).to(device))
-        sampler.update(f_BW, torch.tensor(batch.column(0).to_numpy(), device=f_BW.device))
+        rows_BD, tok_B = to_numpy_matrix(batch.column(1)), batch.column(0).to_numpy()
+        if excluded:
+            keep_B = keep_positions(batch.column(2).to_numpy(), excluded)
+            if not keep_B.all():  # a copy of this batch's kept rows only
+                rows_BD, tok_B = rows_BD[keep_B], tok_B[keep_B]
+        if len(tok_B):
+            with torch.no_grad():
+                f_BW = encode_range(_float32_input(rows_BD).to(device))
+            sampler.update(f_BW, torch.tensor(tok_B, device=f_BW.device))
         report.update(step, tokens=sampler.n_tokens)
     report.close()
     return sampler.result()
