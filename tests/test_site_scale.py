@@ -185,17 +185,25 @@ def test_opening_a_feature_page_directly_skips_the_index(site, served, driver):
     assert Path(site[0] / "site-meta.js").stat().st_size < 4096, "site-meta.js does not grow with features"
 
 
+PAGE_FILES = ("index.html", "app.js", "site-views.js", "site-map.js", "style.css", "site-meta.js")
+"""What every view of the site loads before its own data file."""
+
+
+def open_view(driver, served: str, view: str, *, timeout: int) -> dict:
+    """Open `#<view>` from a blank page and wait for body[data-<view>] = 'ready'; {file: bytes sent}."""
+    driver.get("about:blank")
+    take_sent()
+    driver.get(served + f"/index.html#{view}")
+    WebDriverWait(driver, timeout).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute(f"data-{view}") == "ready")
+    return dict(take_sent())
+
+
 def test_overview_page_loads_one_small_file(site, served, driver):
     """The overview of 100,000 features: one data file, its size independent of the width (bins,
     a thinned curve, the sweep's points), and a density histogram that counts every live row."""
     site_dir, rows = site
-    driver.get("about:blank")
-    take_sent()
-    driver.get(served + "/index.html#overview")
-    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-overview") == "ready")
-    sent = dict(take_sent())
-    assert set(sent) == {"index.html", "app.js", "site-views.js", "site-map.js", "style.css", "site-meta.js",
-                         "dictionary-overview.js"}
+    sent = open_view(driver, served, "overview", timeout=30)
+    assert set(sent) == {*PAGE_FILES, "dictionary-overview.js"}
     assert sent["dictionary-overview.js"] < 64_000, "the overview grows with neither features nor curve length"
     heights = driver.execute_script(
         "return Array.from(document.querySelectorAll('svg.density rect')).map(r => r.querySelector('title').textContent)")
@@ -209,13 +217,8 @@ def test_feature_map_loads_one_file_draws_every_point_and_finds_each(site, serve
     from selenium.webdriver.common.action_chains import ActionChains
 
     site_dir, rows = site
-    driver.get("about:blank")
-    take_sent()
-    driver.get(served + "/index.html#map")
-    WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-map") == "ready")
-    sent = dict(take_sent())
-    assert set(sent) == {"index.html", "app.js", "site-views.js", "site-map.js", "style.css", "site-meta.js",
-                         "dictionary-map.js"}
+    sent = open_view(driver, served, "map", timeout=60)
+    assert set(sent) == {*PAGE_FILES, "dictionary-map.js"}
     within_budget(list(sent.items()), "the feature map")
     assert sent["dictionary-map.js"] < 8 * N_FEATURES + 2_000, "8 bytes a feature and a small header"
     canvas = driver.find_element(By.ID, "map-canvas")

@@ -335,12 +335,7 @@ class SparseAutoencoder(nn.Module, ABC):
     @torch.no_grad()
     def set_input_scale_from(self, sample_ND: Tensor) -> float:
         """Set `input_scale` = sqrt(D) / mean ||x|| over a sample of inputs; returns it."""
-        if sample_ND.ndim != 2 or sample_ND.shape[1] != self.d_in:
-            raise ValueError(f"sample must be (N, {self.d_in}), got {tuple(sample_ND.shape)}")
-        mean_norm = sample_ND.float().norm(dim=-1).mean().item()
-        if not math.isfinite(mean_norm) or mean_norm <= 0:
-            raise ValueError(f"cannot scale inputs: their mean norm is {mean_norm}")
-        self.input_scale.fill_(math.sqrt(self.d_in) / mean_norm)
+        self.input_scale.fill_(_norm_scale(sample_ND, self.d_in, "inputs"))
         return float(self.input_scale)
 
     @torch.no_grad()
@@ -348,12 +343,7 @@ class SparseAutoencoder(nn.Module, ABC):
         """A transcoder's `output_scale` = sqrt(E) / mean ||y|| over a sample of targets; returns it."""
         if not self.transcoder:
             raise ValueError("only a transcoder has an output scale (an SAE's is its input scale)")
-        if sample_NE.ndim != 2 or sample_NE.shape[1] != self.d_out:
-            raise ValueError(f"target sample must be (N, {self.d_out}), got {tuple(sample_NE.shape)}")
-        mean_norm = sample_NE.float().norm(dim=-1).mean().item()
-        if not math.isfinite(mean_norm) or mean_norm <= 0:
-            raise ValueError(f"cannot scale targets: their mean norm is {mean_norm}")
-        self.output_scale.fill_(math.sqrt(self.d_out) / mean_norm)
+        self.output_scale.fill_(_norm_scale(sample_NE, self.d_out, "targets"))
         return float(self.output_scale)
 
     @torch.no_grad()
@@ -374,6 +364,17 @@ class SparseAutoencoder(nn.Module, ABC):
             self.W_enc.copy_((_unit_rows(W_enc_FD.to(self.W_enc)) * self.init_decoder_norm).T)
         self.b_enc.zero_()
         self.b_dec.zero_()
+
+
+def _norm_scale(sample_ND: Tensor, width: int, what: str) -> float:
+    """sqrt(width) / the mean row norm of a (N, width) sample: the factor that brings its rows to
+    mean norm sqrt(width). ValueError for another shape or a mean norm that is 0 or not finite."""
+    if sample_ND.ndim != 2 or sample_ND.shape[1] != width:
+        raise ValueError(f"{what} sample must be (N, {width}), got {tuple(sample_ND.shape)}")
+    mean_norm = sample_ND.float().norm(dim=-1).mean().item()
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        raise ValueError(f"cannot scale {what}: their mean norm is {mean_norm}")
+    return math.sqrt(width) / mean_norm
 
 
 def _unit_rows(rows_FD: Tensor) -> Tensor:
