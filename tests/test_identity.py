@@ -93,6 +93,18 @@ def test_an_architectures_training_revision_is_in_its_dictionaries_hash_and_no_o
         **jumprelu.as_dict(), "training_revision": ARCHITECTURES["jumprelu"].training_revision}
 
 
+
+def test_training_revisions_come_with_a_version_of_sae_dictionary_that_marks_them_stale():
+    """Dagster's staleness is the code version (the partition hash is not read), so the revisions
+    in the code must be the ones sae_dictionary's current version was bumped for."""
+    from sae_assets.core.sae import ARCHITECTURES
+    from sae_assets.defs.dictionary_assets import SAE_DICTIONARY, TRAINED_REVISIONS
+
+    revisions = {name: cls.training_revision for name, cls in ARCHITECTURES.items() if cls.training_revision}
+    assert revisions == TRAINED_REVISIONS, "bump SAE_DICTIONARY's version and TRAINED_REVISIONS together"
+    assert SAE_DICTIONARY.version != "2", "version 2 trained JumpReLU and Gated the old way"
+
+
 def test_no_asset_module_writes_around_its_identity():
     """Every partition is written through AssetIdentity.writer, so its manifest hash is the declared one."""
     for module in DEFS.glob("*.py"):

@@ -38,8 +38,14 @@ def shuffled_inputs(context, store, cfg, point=None):
     return manifests, upstream, tuple(fmt["hook_widths"][hook] for hook in hooks)
 
 
-SAE_DICTIONARY = AssetIdentity(
-    "sae_dictionary", version="2", pool="model", device="sae.device", partition_config=dictionary_point,
+TRAINED_REVISIONS = {"jumprelu": 1, "gated": 1}
+"""The architectures' `SparseAutoencoder.training_revision`s (those > 0) this version of
+sae_dictionary trains with. Dagster marks partitions stale by the code version, not by the
+manifest's partition hash, so a revision bump comes with a version bump and an entry here
+(tests/test_identity.py fails otherwise)."""
+
+SAE_DICTIONARY = AssetIdentity(  # 3: TRAINED_REVISIONS (JumpReLU's L0 gradient to z, Gated's frozen norms)
+    "sae_dictionary", version="3", pool="model", device="sae.device", partition_config=dictionary_point,
     keys=("sae_hook", *(f"sae.{key}" for key in (
         "train_tokens", "batch_size", "learning_rate", "lr_warmup_steps", "lr_decay_fraction", "l1_warmup_fraction",
         "init", "resample", "resample_steps", "rewarm_after_resample", "rewarm_steps", "dead_after_tokens", "aux_k",

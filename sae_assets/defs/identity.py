@@ -60,8 +60,8 @@ NOT_SHAPING_KEYS: dict[str, str] = {
 
 def dictionary_point(cfg: RunConfig, partition: str | None) -> dict[str, Any]:
     """What a sweep-point partition carries of the config: its DictionaryPoint, and its
-    architecture's `training_revision` where that is > 0 (so a change to how one architecture
-    trains makes its dictionaries stale and leaves every other's hash as it was)."""
+    architecture's `training_revision` where that is > 0 (in the manifest's hash and the
+    checkpoint tag; Dagster's staleness comes from sae_dictionary's version, bumped with it)."""
     if partition is None:
         raise ValueError("a sweep-point asset needs its partition key (a sae.sweep point)")
     from sae_assets.core.sae.build import ARCHITECTURES  # torch: only where a partition is hashed, not at load

@@ -126,8 +126,11 @@ class SparseAutoencoder(nn.Module, ABC):
     training_revision: ClassVar[int] = 0
     """Bumped when a change to this architecture's code (not to the config: a loss term, a
     constructor default `make_sae` leaves alone) changes the weights a sweep point trains.
-    sae_dictionary hashes it where > 0 (identity.dictionary_point), so that exactly this
-    architecture's dictionaries go stale and every other keeps its hash."""
+    sae_dictionary hashes it where > 0 (identity.dictionary_point) into the manifest and the
+    checkpoint tag, so an old checkpoint is never resumed and bench/sae_sweep.py retrains just
+    this architecture. Dagster marks partitions stale by the asset's code version, not by that
+    hash, so a bump goes with one of SAE_DICTIONARY's version (dictionary_assets.TRAINED_REVISIONS;
+    tests/test_identity.py holds the two together)."""
 
     def __init__(self, d_in: int, width: int, *, apply_b_dec_to_input: bool, d_out: int | None = None) -> None:
         super().__init__()
