@@ -330,5 +330,10 @@ def test_transcoder_feature_pages_open_in_chromium(transcoder_graph, tmp_path):
         assert [float(c.get_attribute("data-act")) for c in centres] == pytest.approx(
             [e["activation"] for e in doc["top"]], rel=2e-3)
         assert "-out-blocks.0.hook_mlp_out" in driver.find_element(By.TAG_NAME, "body").text
+        driver.get((site_dir / "index.html").as_uri() + "#overview")
+        WebDriverWait(driver, 20).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-overview") == "ready")
+        said = driver.find_element(By.CSS_SELECTOR, "#overview-view .hooks").text
+        assert said == f"transcoder: reads {MLP_IN}, reconstructs {MLP_OUT}"
     finally:
         driver.quit()

@@ -96,7 +96,7 @@ CONTEXT_GATHER = AssetIdentity("context_gather", version="5", device="features.d
 CONTEXT_WINDOWS = AssetIdentity("context_windows", version="3", device="features.device", keys=_WINDOW)
 SITE_JSON = AssetIdentity("site_json", version="4", pool="model", device="features.device", keys=(  # 4: interval shares
     "feature_dictionary", "features.logit_effects", "features.activation_levels", "special_tokens.token_ids"))
-FEATURE_SITE = AssetIdentity("feature_site", version="7", keys=("feature_dictionary",))  # 7: #map; 6: interval shares
+FEATURE_SITE = AssetIdentity("feature_site", version="8", keys=("feature_dictionary",))  # 8: hooks on #overview; 7: #map
 NEURONPEDIA_EXPORT = AssetIdentity("neuronpedia_export", version="3", keys=(  # 3: binContains
     "model.name", "sae_hook", "feature_dictionary", "corpus.source", "corpus.hf_name", "tokenizer.context_length"))
 
@@ -420,9 +420,10 @@ def overview_builder(store, cfg: RunConfig, dictionary: str):
         metrics_by_point[point.key] = manifest.extra.get("metrics") if manifest is not None else None
         if manifest is not None:
             upstream[f"sae_metrics[{point.key}]"] = manifest.data_version
-    curve = []
+    curve, hooks = [], {}
     trained = store.manifest("sae_dictionary", dictionary)
     if trained is not None:
+        hooks = {"hook": trained.extra.get("hook", ""), "target_hook": trained.extra.get("target_hook", "")}
         upstream[f"sae_dictionary[{dictionary}]"] = trained.data_version
         if "training_curve.parquet" in trained.files:
             curve = pl.read_parquet(store.fetch(trained, "training_curve.parquet")).to_dicts()
@@ -430,7 +431,7 @@ def overview_builder(store, cfg: RunConfig, dictionary: str):
     def overview(density_F, n_tokens: int) -> dict:
         return dictionary_overview(density_F, dictionary=dictionary, n_tokens=n_tokens,
                                    metrics=metrics_by_point.get(dictionary), curve=curve,
-                                   metrics_by_point=metrics_by_point)
+                                   metrics_by_point=metrics_by_point, **hooks)
 
     return overview, upstream
 

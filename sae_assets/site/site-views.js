@@ -113,6 +113,10 @@
     var d = data, m = d.metrics || {}, h = d.density;
     view.textContent = "";
     view.appendChild(el("h2", {text: "Dictionary " + d.dictionary}));
+    if (d.hook) {  // a transcoder reads one hook and reconstructs another
+      view.appendChild(el("p", {"class": "muted hooks", text: d.target_hook ?
+        "transcoder: reads " + d.hook + ", reconstructs " + d.target_hook : "reads and reconstructs " + d.hook}));
+    }
     view.appendChild(el("div", {"class": "stats"}, [
       stat("features", String(h.features)), stat("dead", String(h.dead)),
       stat("dense (\u2265 " + fmt(h.dense_threshold) + ")", String(h.dense)), stat("L0", fmt(m.l0)),

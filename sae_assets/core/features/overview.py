@@ -82,9 +82,12 @@ def frontier_points(metrics_by_point: Mapping[str, Mapping | None], current: str
 
 def dictionary_overview(density_F: np.ndarray, *, dictionary: str, n_tokens: int, metrics: Mapping | None,
                         curve: Sequence[Mapping], metrics_by_point: Mapping[str, Mapping | None],
-                        dense_threshold: float = DENSE_THRESHOLD, max_curve_points: int = 400) -> dict:
-    """The overview document of one dictionary (see the module docstring); JSON-ready."""
-    return {"dictionary": dictionary, "n_tokens": int(n_tokens),
+                        dense_threshold: float = DENSE_THRESHOLD, max_curve_points: int = 400,
+                        hook: str = "", target_hook: str = "") -> dict:
+    """The overview document of one dictionary (see the module docstring); JSON-ready. `hook`:
+    what it reads; `target_hook`: what it reconstructs, where it differs (a transcoder)."""
+    return {"dictionary": dictionary, "n_tokens": int(n_tokens), "hook": hook,
+            "target_hook": target_hook if target_hook != hook else "",
             "density": density_histogram(density_F, dense_threshold=dense_threshold),
             "metrics": {k: _finite(metrics.get(k)) for k in METRIC_KEYS if k in metrics} if metrics else None,
             "curve": thin_curve(curve, max_curve_points),
