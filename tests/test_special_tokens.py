@@ -84,8 +84,15 @@ def test_the_sampler_drops_excluded_rows_batch_by_batch_as_if_they_were_never_ca
     dropped = sample_activation_table(table, batch_size=7, exclude_token_ids=excluded, **sample)
     filtered = sample_activation_table(table.filter(pa.array(keep)), batch_size=7, **sample)
     assert dropped.n_tokens == int(keep.sum())
-    for a, b in zip(dropped.stored(), filtered.stored()):
-        assert a.equals(b)
+    for a, b in zip(dropped.stored(), filtered.stored()):  # the same entries; values up to the product's rounding
+        assert a.column_names == b.column_names and a.num_rows == b.num_rows
+        for name in a.column_names:
+            x, y = a.column(name).to_numpy(zero_copy_only=False), b.column(name).to_numpy(zero_copy_only=False)
+            if name in ("activation", "sum", "max", "hist") or x.dtype == object:
+                assert np.allclose(np.stack(x) if x.dtype == object else x,
+                                   np.stack(y) if y.dtype == object else y, rtol=1e-5), name
+            else:
+                assert np.array_equal(x, y), name
     assert not np.isin(dropped.top.column("token_index").to_numpy(),
                        table.column("token_index").to_numpy()[~keep]).any()
     everything = sample_activation_table(table, batch_size=7, **sample)

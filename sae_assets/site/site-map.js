@@ -52,12 +52,14 @@
     return code ? Math.pow(10, d.log10_low + (code - 1) / (d.codes - 1) * (d.log10_high - d.log10_low)) : 0;
   }
 
-  // Feature ids by density code, never-fired first: the densest are drawn last, on top.
+  // Feature ids by density code, never-fired (code 0) in a bucket of their own first, then the
+  // live ones by the code's top byte: the densest are drawn last, on top.
   function drawOrder(code) {
-    var counts = new Int32Array(257), order = new Uint32Array(code.length), i;
-    for (i = 0; i < code.length; i++) counts[(code[i] >> 8) + 1]++;
-    for (i = 1; i < 257; i++) counts[i] += counts[i - 1];
-    for (i = 0; i < code.length; i++) order[counts[code[i] >> 8]++] = i;
+    var counts = new Int32Array(259), order = new Uint32Array(code.length), i;
+    var bucket = function (c) { return c ? (c >> 8) + 1 : 0; };
+    for (i = 0; i < code.length; i++) counts[bucket(code[i]) + 1]++;
+    for (i = 1; i < 259; i++) counts[i] += counts[i - 1];
+    for (i = 0; i < code.length; i++) order[counts[bucket(code[i])]++] = i;
     return order;
   }
 

@@ -287,8 +287,9 @@ def sample_activation_table(table, *, hook: str, encode_range, lo: int, hi: int,
     is O(batch_size x (D + hi - lo)) on top of the sampler's fixed state. The rows of tokens in
     `exclude_token_ids` (special tokens; the table's `token_id` column says which) are dropped
     batch by batch, so that only a batch is ever copied, never the table's activation column;
-    the result is the one the table without those rows gives. A progress log counts the batches
-    (its steps) and the tokens kept.
+    the tables are those of the table without those rows, up to the float rounding of the
+    encoder's product on batches of other sizes. A progress log counts the batches (its steps)
+    and the tokens kept.
     """
     if hook not in table.column_names:
         raise ValueError(f"activations have no column {hook!r} (have {table.column_names})")
