@@ -25,7 +25,7 @@ import _common  # noqa: F401  (puts the repo root on sys.path)
 import numpy as np
 from sae_assets.core.features import feature_map
 from sae_assets.core.features.site_index import script_json
-from sae_assets.defs.map_assets import write_layout
+from sae_assets.core.features.feature_map import write_layout
 
 
 def measure(F: int, D: int) -> tuple[float, float, int, int]:

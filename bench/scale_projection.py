@@ -47,7 +47,7 @@ from sae_assets.core import schemas
 from sae_assets.core.features import cofiring as feature_cofiring
 from sae_assets.core.features import panels, site_data
 from sae_assets.core.features import windows as feature_windows
-from sae_assets.core.features.feature_map import PCA_DIMS, decoder_layout, layout_table
+from sae_assets.core.features.feature_map import PCA_DIMS, decoder_layout, layout_table, write_layout
 from sae_assets.core.features.merge import merge_feature_samples
 from sae_assets.core.features.sampling import sample_activation_table
 from sae_assets.core.partition_budget import MAX_PARTITIONS_PER_ASSET, plan_partitions, smallest_range_width
@@ -55,7 +55,7 @@ from sae_assets.defs import site_files
 from sae_assets.defs.feature_assets import (COFIRING_FILE, SHOWN_FILE, WINDOWS_FILE, gathered_cofiring_file,
                                             gathered_windows_file, site_data_file,
                                             write_samples)
-from sae_assets.defs.map_assets import LAYOUT_FILE, write_layout
+from sae_assets.defs.map_assets import LAYOUT_FILE
 
 VOCAB, EOS = 4096, 0  # the bench's vocabulary; token 0 ends documents (1 token in 4096, ids are uniform)
 STAGES = ("feature_samples", "feature_examples", "context_gather", "context_windows", "site_json", "feature_map",

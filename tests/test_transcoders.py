@@ -186,6 +186,8 @@ def test_transcoder_points_are_keyed_hashed_and_checked_by_key():
     assert transcoder.key == f"topk-w64-k8-in-{MLP_IN}-out-{MLP_OUT}"
     assert cfg.point_hooks(transcoder) == (MLP_IN, MLP_OUT) and transcoder.is_transcoder
     assert cfg.point_hooks(cfg.sae.sweep[0]) == ("blocks.0.hook_resid_post",) * 2
+    assert cfg.training_columns(transcoder) == (MLP_IN, MLP_OUT)  # its rows: input | target
+    assert cfg.training_columns(cfg.sae.sweep[0]) == ("blocks.0.hook_resid_post",)
     # A point without hooks hashes as it did before the fields existed.
     assert set(cfg.sae.sweep[0].as_dict()) == {"architecture", "width", "sparsity"}
     bad = {

@@ -617,6 +617,12 @@ class RunConfig:
         source = point.hook or self.sae_hook
         return source, point.target_hook or source
 
+    def training_columns(self, point: DictionaryPoint) -> tuple[str, ...]:
+        """The hook columns a point's training rows hold, side by side: its hook, then a
+        transcoder's target hook."""
+        source, target = self.point_hooks(point)
+        return (source, target) if point.is_transcoder else (source,)
+
     @property
     def feature_hook(self) -> str:
         """The hook whose activations the browsed dictionary's features are computed on (its input)."""

@@ -68,16 +68,7 @@ def training_stream(store, manifests, cfg, exclude_token_ids=(), point=None) -> 
 
     return sae_data.TrainingStream.for_run([open_ipc_table(store.fetch(m, SHUFFLED_FILE)) for m in manifests], cfg,
                                            bucket_names=[f"shuffled_shards[{m.partition}]" for m in manifests],
-                                           exclude_token_ids=exclude_token_ids,
-                                           hooks=_stream_hooks(cfg, point))
-
-
-def _stream_hooks(cfg, point) -> tuple[str, ...]:
-    """The columns a point's training rows hold: its hook, then a transcoder's target hook."""
-    if point is None:
-        return ()
-    source, target = cfg.point_hooks(point)
-    return (source, target) if point.is_transcoder else (source,)
+                                           exclude_token_ids=exclude_token_ids, point=point)
 
 
 def set_up_dictionary(key: str, d_in: int, cfg, stream: "sae_data.TrainingStream", d_out: int | None = None):

@@ -37,7 +37,7 @@ FEATURE_MAP = AssetIdentity("feature_map", version="1", keys=())
     "A dictionary of at most 15 features gets its first two principal components instead (method 'pca').",
 )
 def feature_map(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
-    from sae_assets.core.features.feature_map import decoder_layout, layout_table
+    from sae_assets.core.features.feature_map import decoder_layout, layout_table, write_layout
 
     cfg, store = settings.load(), storage.store()
     key = context.partition_key
@@ -57,22 +57,10 @@ def feature_map(context: dg.AssetExecutionContext, settings: RunSettings, storag
                                         "layout_seconds": dg.MetadataValue.float(seconds)})
 
 
-def write_layout(table, path) -> None:
-    """Parquet of a layout table: ids 0..F-1 delta-coded to nearly nothing, x and y (stored as
-    32-bit integers) plain and zstd-compressed, about 5 bytes a feature (dictionary pages: 13)."""
-    import pyarrow.parquet as pq
-
-    pq.write_table(table, path, use_dictionary=False, compression="zstd",
-                   column_encoding={"feature": "DELTA_BINARY_PACKED", "x": "PLAIN", "y": "PLAIN"})
-
-
 def read_feature_map(store, dictionary: str):
     """(the FeatureLayout of feature_map[dictionary], {'feature_map[<dictionary>]': its version})."""
-    import pyarrow.parquet as pq
-
-    from sae_assets.core.features.feature_map import layout_from_table
+    from sae_assets.core.features.feature_map import read_layout
 
     manifest = store.require("feature_map", dictionary)
-    layout = layout_from_table(pq.read_table(store.fetch(manifest, LAYOUT_FILE)), manifest.extra["method"],
-                               where=f"feature_map[{dictionary}]")
+    layout = read_layout(store.fetch(manifest, LAYOUT_FILE), manifest.extra["method"], where=f"feature_map[{dictionary}]")
     return layout, {f"feature_map[{dictionary}]": manifest.data_version}

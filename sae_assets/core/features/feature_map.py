@@ -202,6 +202,22 @@ def layout_table(layout: FeatureLayout) -> "pa.Table":
                     schema=schemas.feature_map_schema())
 
 
+def write_layout(table: "pa.Table", path) -> None:
+    """Parquet of a layout table: ids 0..F-1 delta-coded to nearly nothing, x and y (stored as
+    32-bit integers) plain and zstd-compressed, about 5 bytes a feature (dictionary pages: 13)."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path, use_dictionary=False, compression="zstd",
+                   column_encoding={"feature": "DELTA_BINARY_PACKED", "x": "PLAIN", "y": "PLAIN"})
+
+
+def read_layout(path, method: str, *, where: str) -> FeatureLayout:
+    """The layout `write_layout` wrote at `path` (its method from the manifest)."""
+    import pyarrow.parquet as pq
+
+    return layout_from_table(pq.read_table(path), method, where=where)
+
+
 def layout_from_table(table: "pa.Table", method: str, *, where: str) -> FeatureLayout:
     """A stored layout back; its rows must be features 0, 1, ... in order (`where` names it in the error)."""
     features = table.column("feature").to_numpy()

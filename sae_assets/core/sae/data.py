@@ -25,7 +25,7 @@ import torch
 
 from sae_assets.core import schemas
 from sae_assets.core.activations.reader import ShuffledActivationReader
-from sae_assets.core.config import RunConfig
+from sae_assets.core.config import DictionaryPoint, RunConfig
 from sae_assets.core.model.lm import split_is_validation
 
 # Letter key: N rows (tokens), B batch rows, D activation width, S sequences, T positions.
@@ -104,12 +104,14 @@ class TrainingStream:
 
     @classmethod
     def for_run(cls, buckets: Sequence, cfg: RunConfig, bucket_names: Sequence[str] = (),
-                exclude_token_ids: Sequence[int] = (), hooks: Sequence[str] = ()) -> TrainingStream:
+                exclude_token_ids: Sequence[int] = (), point: DictionaryPoint | None = None) -> TrainingStream:
         """The stream sae_dictionary trains on: a reader of `buckets` seeded by sae.seed, batches of
         sae.batch_size, the language model's split (model.val_fraction, model.seed), without the
         rows of `exclude_token_ids` (the special tokens, when special_tokens.exclude is on). The
-        rows hold the `hooks` columns side by side (a transcoder's input | target); () = sae_hook."""
-        reader = ShuffledActivationReader(buckets, hook=tuple(hooks) or cfg.sae_hook, batch_size=cfg.sae.batch_size,
+        rows hold `point`'s training columns (`RunConfig.training_columns`: a transcoder's input |
+        target side by side); no point: sae_hook."""
+        hooks = cfg.training_columns(point) if point is not None else (cfg.sae_hook,)
+        reader = ShuffledActivationReader(buckets, hook=hooks, batch_size=cfg.sae.batch_size,
                                           seed=cfg.sae.seed, with_token_index=True,
                                           exclude_token_ids=exclude_token_ids)
         return cls(reader, cfg.sae.batch_size, cfg.tokenizer.context_length, cfg.model.val_fraction,
