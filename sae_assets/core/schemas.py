@@ -151,6 +151,16 @@ def feature_map_schema() -> pa.Schema:
 
 # --- training-data attribution (sae_assets.core.attribution) ------------------------------------
 
+def feature_matches_schema() -> pa.Schema:
+    """feature_matches (per served dictionary and sweep point): every feature's closest feature
+    of the other dictionary by decoder cosine (core/features/matches.py), in feature order."""
+    return pa.schema([
+        pa.field("feature", pa.int64()),
+        pa.field("match", pa.int64()),
+        pa.field("cosine", pa.float32()),
+    ])
+
+
 def raw_shift_schema() -> pa.Schema:
     """language_model's capture files: the top-k shifts of each datum at each step, as captured."""
     return pa.schema([
