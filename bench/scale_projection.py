@@ -6,7 +6,9 @@ identifiable: feature_samples (`sample_activation_table` per shard x range), fea
 (`merge_feature_samples` over the shards + `select_shown_examples`), context_gather
 (`gather_context_windows` per shard x range), context_windows (`assemble_context_windows`),
 site_json (`feature_documents`), feature_map (`decoder_layout`: UMAP of the decoder directions, one
-partition per dictionary) and feature_site (the site writer, the map's page included). Each stage's CPU-seconds
+partition per dictionary), feature_site (the site writer, the map's page included) and feature_matches
+(`closest_features`: each feature's closest in a second dictionary of the same width, exact, one
+ordered pair of dictionaries; F^2 x D multiply-adds, about 5 bytes a feature). Each stage's CPU-seconds
 (process time) and bytes (its outputs serialized as the assets write them) are fitted to
 c * T^a * F^b * D^d in log space. The projection to the target (100M tokens, 1M features, d_model
 4096) counts each stage's rows at scale (samples bounded by top_k / sample_k per feature and by the
@@ -48,6 +50,7 @@ from sae_assets.core.features import cofiring as feature_cofiring
 from sae_assets.core.features import panels, site_data
 from sae_assets.core.features import windows as feature_windows
 from sae_assets.core.features.feature_map import PCA_DIMS, decoder_layout, layout_table, write_layout
+from sae_assets.core.features.matches import closest_features, matches_table, write_matches
 from sae_assets.core.features.merge import merge_feature_samples
 from sae_assets.core.features.sampling import sample_activation_table
 from sae_assets.core.partition_budget import MAX_PARTITIONS_PER_ASSET, plan_partitions, smallest_range_width
@@ -55,11 +58,12 @@ from sae_assets.defs import site_files
 from sae_assets.defs.feature_assets import (COFIRING_FILE, SHOWN_FILE, WINDOWS_FILE, gathered_cofiring_file,
                                             gathered_windows_file, site_data_file,
                                             write_samples)
+
 from sae_assets.defs.map_assets import LAYOUT_FILE
 
 VOCAB, EOS = 4096, 0  # the bench's vocabulary; token 0 ends documents (1 token in 4096, ids are uniform)
 STAGES = ("feature_samples", "feature_examples", "context_gather", "context_windows", "site_json", "feature_map",
-          "feature_site")
+          "feature_site", "feature_matches")
 
 
 class Folder:
@@ -158,6 +162,7 @@ class SizeRun:
         with self.cpu("feature_site"):
             write_feature_site(out, site_parts, layout)
         self.record("feature_site", "features", out, self.F)
+        self.feature_matches()
         self.m["shown_rows"] = sum(shown.num_rows for _, shown in examples.values())
         self.m["context_gather"]["unique"] = sum(_unique_tokens(g) for g in gathers.values())
         return self.m
@@ -170,6 +175,16 @@ class SizeRun:
             write_layout(layout_table(layout), out.path(LAYOUT_FILE))
         self.record("feature_map", "features", out, self.F)
         return layout
+
+    def feature_matches(self) -> None:
+        """Each feature's closest in a second dictionary of the same width (random decoder rows:
+        the match ids compress least), written as one ordered pair's matches."""
+        other_FD = torch.randn(self.F, self.D, generator=torch.Generator().manual_seed(self.F * self.D))
+        out = Folder(self.tmp / "feature_matches")
+        with self.cpu("feature_matches"):
+            ids, cosines = closest_features(self.sae.W_dec.detach(), other_FD)
+            write_matches(matches_table(ids, cosines), out.path(MATCHES_FILE))
+        self.record("feature_matches", "features", out, self.F)
 
     def feature_samples(self) -> dict:
         f, samples = self.cfg, {}
@@ -276,11 +291,13 @@ def scale_counts(args) -> dict:
             "feature_examples": {"top": F * min(f["top_k"], overall), "sample": F * min(f["sample_k"], overall),
                                  "stats": F, "shown": F * shown},
             "context_gather": {"slots": slots}, "context_windows": {"slots": slots},
-            "site_json": {"features": F}, "feature_map": {"features": F}, "feature_site": {"features": F}}
+            "site_json": {"features": F}, "feature_map": {"features": F}, "feature_site": {"features": F},
+            "feature_matches": {"features": F}}
     cells, ranges = S * math.ceil(F / W), math.ceil(F / W)
     files = {"feature_samples": dict.fromkeys(samples, cells),  # one Parquet file per table and partition
              "feature_examples": dict.fromkeys(rows["feature_examples"], ranges),
-             "context_gather": {"slots": cells}, "context_windows": {"slots": ranges}, "feature_map": {"features": 1}}
+             "context_gather": {"slots": cells}, "context_windows": {"slots": ranges}, "feature_map": {"features": 1},
+             "feature_matches": {"features": 1}}
     return {"T": T, "F": F, "D": D, "W": W, "S": S, "rows": rows, "files": files, "slots": slots, "unique": slots,
             "shown": F * shown, "samples_in": sum(samples.values()), "V": args.vocab}
 
@@ -296,7 +313,8 @@ def cpu_terms(stage: str, c: dict) -> list[float]:
             # features (F x F x D: every pair of decoder rows), window tokens, documents
             # the projection on the top singular vectors (wider than PCA_DIMS), UMAP ~ F log F
             "feature_map": [map_projection_macs(F, D), F * math.log2(F)],
-            "feature_site": [0, c["slots"], F]}[stage]
+            "feature_site": [0, c["slots"], F],
+            "feature_matches": [F * F * D, F]}[stage]  # every pair of rows of the two dictionaries; per feature
 
 
 def map_projection_macs(F: int, D: int) -> float:
@@ -342,6 +360,7 @@ DESIGN_BOUNDS = {
     **dict.fromkeys(("context_gather", "context_windows"), ("features x examples x window", (0, 1, 0))),
     **dict.fromkeys(("site_json", "feature_site"), ("features x (examples x window)", (0, 1, 0))),
     "feature_map": ("features (a few bytes each)", (0, 1, 0)),
+    "feature_matches": ("features (a few bytes each)", (0, 1, 0)),
 }
 """What DESIGN.md ("How things grow") lets each stage's bytes grow as, and those exponents of (T, F, D)."""
 
@@ -504,7 +523,8 @@ def project(args, sizes, measured, counts) -> None:
     activations = args.tokens * args.d_model * 2  # bf16
     parts = {"feature_samples": (plan.cells, plan.cells), "feature_examples": (plan.ranges, plan.ranges),
              "context_gather": (plan.shards, 1), "context_windows": (plan.ranges, plan.ranges),
-             "site_json": (plan.ranges, plan.ranges), "feature_map": (1, 1), "feature_site": (1, 1)}
+             "site_json": (plan.ranges, plan.ranges), "feature_map": (1, 1), "feature_site": (1, 1),
+             "feature_matches": (1, 1)}
     print(f"\ntarget: {args.tokens:,} tokens x {args.features:,} features, d_model {args.d_model}, L0 {args.l0:g} "
           f"(density {args.l0 / args.features:.2g}), {plan.shards} shards of {args.shard_tokens:,} tokens, "
           f"{plan.ranges:,} ranges of {plan.range_width:,}, vocab {args.vocab:,}; a feature fires on "

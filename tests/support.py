@@ -1,6 +1,6 @@
 """What the test modules share, so that none imports another: the tiny run config `TINY` (a
 two-shard graph that trains in seconds on CPU), `write_run_config` and `overlay` to vary it by
-section, `materialize` for chosen assets of one partition, the feature settings `FEATURES`, a
+section, `materialize` for chosen assets of one partition, `stale_cells` (Dagster's own staleness), the feature settings `FEATURES`, a
 cached_activations-like `shard_table` and the numpy `brute_force` of the feature samplers.
 A plain module, not a test module; tests/test_layers.py checks that test modules import
 helpers from here (or tests/dev_server.py, tests/cluster.py, ...) and never from each other.
@@ -65,6 +65,27 @@ def materialize(instance, config_path, names, partition=None):
     chosen = [a for a in assets if a.key.to_user_string() in names]
     return dg.materialize([*assets, *ALL_CHECKS], selection=dg.AssetSelection.assets(*chosen), partition_key=partition,
                           instance=instance, resources=build_resources(config_path), run_config=QUIET)
+
+
+def stale_cells(instance, config_path) -> dict[str, str]:
+    """'asset[partition]' -> Dagster's own stale status, for every partition that is not FRESH."""
+    import dagster as dg
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._core.loader import LoadingContextForTest
+
+    from sae_assets.defs.partitions import partition_keys
+    from sae_assets.definitions import build_resources, graph_assets
+
+    assets = graph_assets(load_config(config_path))
+    graph = dg.Definitions(assets=assets, resources=build_resources(config_path)).resolve_asset_graph()
+    resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+    found = {}
+    for asset in assets:
+        for key in partition_keys(asset.partitions_def, instance):
+            status = resolver.get_status(asset.key, key).value
+            if status != "FRESH":
+                found[f"{asset.key.to_user_string()}[{key}]" if key else asset.key.to_user_string()] = status
+    return found
 
 
 def shard_table(shard: int, n_sequences: int, seed: int, dtype: str = "float32", width: int = SHARD_WIDTH) -> pa.Table:

@@ -14,9 +14,7 @@ import warnings
 
 import dagster as dg
 import pytest
-from dagster._core.definitions.data_version import CachingStaleStatusResolver  # Dagster's own staleness
-from dagster._core.loader import LoadingContextForTest
-from support import FEATURES, TINY, overlay, write_run_config
+from support import FEATURES, TINY, overlay, stale_cells, write_run_config
 
 from sae_assets.core.config import load_config
 from sae_assets.defs.identity import DECLARED
@@ -26,20 +24,6 @@ from sae_assets.demo import materialize_stale
 
 pytestmark = pytest.mark.slow
 EDITED_KEY, EDITED_VALUE = "features.logit_effects", 3
-
-
-def stale_cells(instance, config_path) -> dict[str, str]:
-    """'asset[partition]' -> Dagster's stale status, for every partition that is not FRESH."""
-    assets = graph_assets(load_config(config_path))
-    graph = dg.Definitions(assets=assets, resources=build_resources(config_path)).resolve_asset_graph()
-    resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
-    found = {}
-    for asset in assets:
-        for key in partition_keys(asset.partitions_def, instance):
-            status = resolver.get_status(asset.key, key).value
-            if status != "FRESH":
-                found[f"{asset.key.to_user_string()}[{key}]" if key else asset.key.to_user_string()] = status
-    return found
 
 
 @pytest.fixture(scope="module")

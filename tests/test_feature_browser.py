@@ -20,7 +20,7 @@ from browser import headless_chromium, require_chromium
 from support import TINY, write_run_config
 
 from sae_assets.core.features.site_index import search_key
-from sae_assets.defs.site_files import read_feature_script
+from sae_assets.defs.site_files import feature_script_arguments, read_feature_script
 from sae_assets.definitions import build_resources
 from sae_assets.demo import materialize_all
 
@@ -34,7 +34,7 @@ from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
 def corpus_files(directory: Path) -> list[str]:
@@ -61,7 +61,7 @@ def site(tmp_path_factory):
         corpus={"source": "local", "paths": corpus_files(directory / "corpus"), "num_shards": 2, "max_documents": 0,
                 "min_document_chars": 10},
         features={"range_width": 32, "top_k": 5, "random_examples": 3, "activation_levels": 10,
-                  "examples_per_level": 1})
+                  "examples_per_level": 1, "dictionaries": "all"})
     materialize_all(dg.DagsterInstance.ephemeral(), config_path, log=lambda *_: None)
     store = build_resources(config_path)["storage"].store()
     manifest = store.require("feature_site", None)
@@ -235,6 +235,49 @@ def test_feature_map_from_file_url(site, driver):
     ActionChains(driver).click().perform()
     wait_loaded(driver, str(feature))
     assert driver.find_element(By.CSS_SELECTOR, "#feature-view h2").text == f"Feature {feature}"
+    assert driver.execute_script("return window.__pwned") is None
+    with pytest.raises(NoAlertPresentException):
+        driver.switch_to.alert.text
+
+
+def test_dictionary_picker_and_closest_feature_links(site, driver):
+    """Both sweep points in one site: the picker lists them as text and opens the other's page,
+    whose feature pages link to the closest feature of the first (the one feature_matches found)."""
+    site_dir, _ = site
+    text = (site_dir / "site-dictionaries.js").read_text()
+    entries = json.loads(text[len("window.SAE_SITE_DICTIONARIES = "):].rstrip().rstrip(";"))
+    assert len(entries) == 2 and entries[0]["page"] == "index.html"
+    driver.get((site_dir / "index.html").as_uri() + "#overview")
+    picker = Select(driver.find_element(By.ID, "dictionary-picker"))
+    assert driver.find_element(By.ID, "picker").is_displayed()
+    assert [o.text for o in picker.options] == [f"{e['key']} \u00b7 {e['features']} features" for e in entries]
+    assert picker.first_selected_option.text.startswith(entries[0]["key"])
+    picker.select_by_index(1)  # the same view, on the other dictionary's page
+    WebDriverWait(driver, 20).until(lambda d: d.current_url.endswith(entries[1]["page"] + "#overview"))
+    WebDriverWait(driver, 20).until(lambda d: entries[1]["key"] in d.find_element(By.ID, "subtitle").text)
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "dictionary_picker.png"))
+
+    prefix = entries[1]["page"][: -len("index.html")]
+    feature = next(f for f in range(64)
+                   if feature_script_arguments((site_dir / f"{prefix}feature-{f:06d}.js").read_text())[0]["count"])
+    doc, _, closest = feature_script_arguments((site_dir / f"{prefix}feature-{feature:06d}.js").read_text())
+    [[position, match, cosine]] = closest
+    assert position == 0
+    driver.get((site_dir / entries[1]["page"]).as_uri() + f"#feature={feature}")
+    wait_loaded(driver, str(feature))
+    rows = driver.find_elements(By.CSS_SELECTOR, "#closest tr")[1:]
+    assert len(rows) == 1
+    cells = rows[0].find_elements(By.TAG_NAME, "td")
+    assert cells[0].text == entries[0]["key"] and cells[1].text == str(match)
+    assert float(cells[2].text) == pytest.approx(cosine, abs=2e-3)
+    driver.execute_script("document.getElementById('closest').scrollIntoView()")
+    driver.save_screenshot(str(ARTIFACTS / "closest_features.png"))
+    cells[1].find_element(By.TAG_NAME, "a").click()  # opens the first dictionary's page of that feature
+    wait_loaded(driver, str(match))
+    assert driver.current_url.endswith(f"/index.html#feature={match}")
+    assert driver.find_element(By.CSS_SELECTOR, "#feature-view h2").text == f"Feature {match}"
+    assert entries[0]["key"] in driver.find_element(By.ID, "subtitle").text
     assert driver.execute_script("return window.__pwned") is None
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert.text

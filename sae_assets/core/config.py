@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -363,7 +364,11 @@ class FeaturesConfig:
     """The feature browser: example tables, context windows and the static site of one dictionary."""
 
     dictionary: str = ""
-    """The sae.sweep point (sae_dictionary partition key) the browser serves; empty = the first."""
+    """The sae.sweep point (sae_dictionary partition key) the browser opens on; empty = the first."""
+    dictionaries: Literal["all"] | tuple[str, ...] = ()
+    """Further sweep points the same site serves ('all': every one), each with its own feature
+    assets (named `<asset>__<key slug>`), a place in the site's dictionary picker, and on each
+    feature page the closest feature of every other served dictionary (feature_matches)."""
     range_width: int = 256
     """Features per feature-range partition; memory per step is batch_size x range_width."""
     top_k: int = 16
@@ -582,6 +587,16 @@ class RunConfig:
         if self.features.dictionary:
             _check(self.features.dictionary in [p.key for p in self.sae.sweep], "features.dictionary",
                    f"must be one of the sae.sweep keys {[p.key for p in self.sae.sweep]}")
+        if self.features.dictionaries != "all":
+            for i, key in enumerate(self.features.dictionaries):
+                _check(key in [p.key for p in self.sae.sweep], f"features.dictionaries[{i}]",
+                       f"is {key!r}, not one of the sae.sweep keys {[p.key for p in self.sae.sweep]}")
+        slugs: dict[str, str] = {}
+        for point in self.browsed_dictionaries:
+            other = slugs.setdefault(dictionary_slug(point.key), point.key)
+            _check(other == point.key, "features.dictionaries",
+                   f"serves {other!r} and {point.key!r}, whose asset names would both end in "
+                   f"__{dictionary_slug(point.key)}: serve one of them")
         if self.sae.hook_point:
             _check(self.sae.hook_point in self.activations.hook_points, "sae.hook_point",
                    f"must be one of activations.hook_points {list(self.activations.hook_points)}")
@@ -593,13 +608,29 @@ class RunConfig:
 
     def partition_plan(self, shards: int) -> PartitionPlan:
         """The shard x feature-range partition counts of this config over `shards` data shards."""
-        return plan_partitions(shards=shards, dictionary_width=self.feature_dictionary.width,
+        return plan_partitions(shards=shards, dictionary_width=max(p.width for p in self.browsed_dictionaries),
                                range_width=self.features.range_width)
 
     @property
     def feature_dictionary(self) -> DictionaryPoint:
         """The sweep point the feature browser serves (features.dictionary, or the first)."""
         return self.sae.point(self.features.dictionary) if self.features.dictionary else self.sae.sweep[0]
+
+    @property
+    def browsed_dictionaries(self) -> tuple[DictionaryPoint, ...]:
+        """The sweep points the feature browser serves: features.dictionary (the one it opens on)
+        first, then features.dictionaries in sweep order ('all') or as listed, each once."""
+        listed = ([p.key for p in self.sae.sweep] if self.features.dictionaries == "all"
+                  else list(self.features.dictionaries))
+        first = self.feature_dictionary.key
+        return (self.feature_dictionary, *(self.sae.point(key) for key in dict.fromkeys(listed) if key != first))
+
+    def browsing(self, key: str) -> RunConfig:
+        """This config with the browser on sweep point `key`: what the feature assets of `key`
+        read (`feature_dictionary`, `feature_hook` and every key derived from them follow)."""
+        if key == self.feature_dictionary.key:
+            return self
+        return dataclasses.replace(self, features=dataclasses.replace(self.features, dictionary=key))
 
     @property
     def special_token_exclusion(self) -> str | tuple[int, ...]:
@@ -659,6 +690,20 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+SLUG_CHARS = 40
+"""The longest slug: `feature_examples__<slug>` stays within the 64 characters of an asset name."""
+
+
+def dictionary_slug(key: str) -> str:
+    """A sweep point's key as it can end an asset name and a file name (a-z, 0-9, _):
+    relu-w1024-l1_5 -> relu_w1024_l1_5; a longer key (a transcoder's names two hooks) keeps its
+    first 31 characters and a hash of the whole."""
+    slug = re.sub(r"[^a-z0-9_]", "_", key.lower())
+    if len(slug) <= SLUG_CHARS:
+        return slug
+    return f"{slug[:SLUG_CHARS - 9]}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 def config_keys() -> list[str]:

@@ -1,4 +1,4 @@
-"""Features group: the example tables, context windows and static browser of one dictionary.
+"""Features group: the example tables, context windows and the static browser of the served dictionaries.
 
     feature_samples [shard x feature range]  top-K, uniform sample, counts/histograms of one cell
     feature_examples [feature range]         exact merge over shards + the examples pages show
@@ -8,12 +8,19 @@
     feature_site                             the static browser (HTML/CSS/JS) with all the data, the
                                              dictionary's overview page and its feature map (the
                                              feature_map asset, sae_assets/defs/map_assets.py)
+    feature_matches [dictionary]             per sweep point B, each feature's closest feature in B
+                                             (the highest decoder cosine, exact)
     neuronpedia_export                       (features.neuronpedia_export) Neuronpedia bulk-import files
 
-The dictionary is `features.dictionary` (a sae.sweep key). `build_feature_assets(key)` makes
-the assets for it, wiring their dependency on exactly that sae_dictionary/sae_metrics
-partition, so retraining another sweep point leaves the browser fresh. A dictionary whose
-metric checks failed is refused (features.require_passing_checks).
+The site serves `features.dictionary` (a sae.sweep key; the site opens on it) and each of
+`features.dictionaries`. `build_feature_assets(key)` makes one dictionary's assets, wiring their
+dependency on exactly that sae_dictionary/sae_metrics partition, so retraining another sweep
+point leaves them fresh; the opened dictionary's keep the plain names, each further one's end
+in `__<slug>` (`config.dictionary_slug`), with feature-range partitions of its own
+(`partitions.feature_partitions`): serving another sweep point adds its assets and partitions
+and touches no other dictionary's. `build_feature_site(config)` makes the one site over them
+all, with a dictionary picker. A dictionary whose metric checks failed is refused
+(features.require_passing_checks).
 """
 
 import json
@@ -38,24 +45,27 @@ from sae_assets.defs.corpus_assets import (
     token_shards,
     tokenizer,
 )
+from sae_assets.core.config import dictionary_slug
 from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary
 from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.map_assets import feature_map, read_feature_map
 from sae_assets.defs.model_assets import language_model, load_language_model
 from sae_assets.defs.partitions import (
-    FEATURE_RANGES,
-    SHARD_FEATURES,
+    DICTIONARIES,
     SHARDS,
+    feature_partitions,
     feature_range_bounds,
     feature_range_keys,
+    served_feature_partitions,
     shard_index,
     shard_keys,
 )
-from sae_assets.defs.site_files import INDEX_ROWS_FILE, write_neuronpedia_export, write_site
+from sae_assets.defs.site_files import INDEX_ROWS_FILE, ServedDictionary, write_neuronpedia_export, write_site
 from sae_assets.defs.plots import bar_chart_markdown
 
 SAMPLE_TABLES = ("top", "sample", "stats")
 SHOWN_FILE = "shown.parquet"
+MATCHES_FILE = "matches.parquet"
 WINDOWS_FILE = "windows.parquet"
 COFIRING_FILE = "cofiring.parquet"
 
@@ -70,12 +80,17 @@ def browsed_dictionary(store, cfg: RunConfig, device: str):
     """(SAE, manifest, upstream versions) of features.dictionary, refusing one that failed its checks."""
     key = cfg.feature_dictionary.key
     metrics = store.require("sae_metrics", key)
+    sae, manifest = load_dictionary(store, key, device=device)
+    scored = metrics.upstream.get(f"sae_dictionary[{key}]")
+    if scored is not None and scored != manifest.data_version:  # a retrain whose rescoring has not run
+        raise FeatureInputError(
+            f"sae_metrics[{key}] scored sae_dictionary[{key}] version {scored}, but the dictionary is now "
+            f"{manifest.data_version}: rematerialize sae_metrics[{key}] before its features")
     failed = sorted(name for name, ok in metrics.extra.get("checks", {}).items() if not ok)
     if failed and cfg.features.require_passing_checks:
         raise FeatureInputError(
             f"sae_dictionary[{key}] failed its sae_metrics check(s) {failed}: the browser refuses it. Pick "
             "another features.dictionary, or set features.require_passing_checks: false to browse it anyway")
-    sae, manifest = load_dictionary(store, key, device=device)
     return sae, manifest, {f"sae_dictionary[{key}]": manifest.data_version, f"sae_metrics[{key}]": metrics.data_version}
 
 
@@ -96,7 +111,9 @@ CONTEXT_GATHER = AssetIdentity("context_gather", version="5", device="features.d
 CONTEXT_WINDOWS = AssetIdentity("context_windows", version="3", device="features.device", keys=_WINDOW)
 SITE_JSON = AssetIdentity("site_json", version="4", pool="model", device="features.device", keys=(  # 4: interval shares
     "feature_dictionary", "features.logit_effects", "features.activation_levels", "special_tokens.token_ids"))
-FEATURE_SITE = AssetIdentity("feature_site", version="8", keys=("feature_dictionary",))  # 8: hooks on #overview; 7: #map
+FEATURE_MATCHES = AssetIdentity("feature_matches", version="1", device="features.device", keys=("feature_dictionary",))
+FEATURE_SITE = AssetIdentity("feature_site", version="8", keys=("feature_dictionary", "features.dictionaries"),
+                             hashed_unless_default=("features.dictionaries",))  # 8: hooks on #overview; 7: #map
 NEURONPEDIA_EXPORT = AssetIdentity("neuronpedia_export", version="3", keys=(  # 3: binContains
     "model.name", "sae_hook", "feature_dictionary", "corpus.source", "corpus.hf_name", "tokenizer.context_length"))
 
@@ -128,19 +145,33 @@ def _dictionary_deps(key: str) -> list[dg.AssetDep]:
 
 # --- the assets -------------------------------------------------------------------------------
 
-def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> list[dg.AssetsDefinition]:
-    """The feature assets for the dictionary `dictionary_key` (features.dictionary)."""
+def served_identity(identity: AssetIdentity, dictionary_key: str, slug: str | None) -> AssetIdentity:
+    """A feature asset's identity for a served dictionary: as declared for the one the site opens
+    on (slug None), else `<name>__<slug>` reading its keys with the browser on `dictionary_key`."""
+    return identity if slug is None else identity.for_dictionary(dictionary_key, slug)
+
+
+def build_feature_assets(dictionary_key: str, *, slug: str | None = None) -> list[dg.AssetsDefinition]:
+    """The feature assets of served dictionary `dictionary_key`: plain names for the one the site
+    opens on (slug None), `<name>__<slug>` and partitions of their own for each further one."""
     dictionary = _dictionary_deps(dictionary_key)
+    SAMPLES, EXAMPLES, GATHER, WINDOWS, JSON_DOCS, MATCHES = (served_identity(i, dictionary_key, slug) for i in (
+        FEATURE_SAMPLES, FEATURE_EXAMPLES, CONTEXT_GATHER, CONTEXT_WINDOWS, SITE_JSON, FEATURE_MATCHES))
+    ranges_def, cells_def = feature_partitions(slug)
+    group = "features" if slug is None else f"features__{slug}"
+
+    def load_config(settings: RunSettings) -> RunConfig:
+        return settings.load().browsing(dictionary_key)
 
     def range_inputs(store, cfg: RunConfig, frange: str):
         """(SAE, lo, hi, feature_examples manifest, upstream versions) of a feature-range partition."""
         sae, _, upstream = browsed_dictionary(store, cfg, cfg.features.device)
         lo, hi = range_of(frange, sae, dictionary_key)
-        [examples], versions = read_upstream(store, "feature_examples", [frange])
+        [examples], versions = read_upstream(store, EXAMPLES.name, [frange])
         return sae, lo, hi, examples, {**upstream, **versions}
 
-    @FEATURE_SAMPLES.asset(
-        group_name="features", partitions_def=SHARD_FEATURES,
+    @SAMPLES.asset(
+        group_name=group, partitions_def=cells_def,
         # Each cell reads its shard's activations: Dagster infers the mapping from the shared
         # `shard` dimension (MultiToSingleDimensionPartitionMapping).
         deps=[cached_activations, tokenizer, *dictionary],  # tokenizer: special tokens are left out
@@ -154,7 +185,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         from resources.arrow_files import open_ipc_table
         from sae_assets.core.features import sampling as features
 
-        cfg, store = settings.load(), storage.store()
+        cfg, store = load_config(settings), storage.store()
         shard, frange = (context.partition_key.keys_by_dimension[d] for d in ("shard", "features"))
         sae, sae_manifest, upstream = browsed_dictionary(store, cfg, cfg.features.device)
         lo, hi = range_of(frange, sae, dictionary_key)
@@ -169,7 +200,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             batch_size=cfg.features.batch_size, device=cfg.features.device, progress_log=progress_log(context),
             exclude_token_ids=excluded)
         seconds = time.perf_counter() - started
-        with FEATURE_SAMPLES.writer(store, cfg, context.partition_key, upstream={**upstream, **versions}) as out:
+        with SAMPLES.writer(store, cfg, context.partition_key, upstream={**upstream, **versions}) as out:
             write_samples(out, samples)
             out.extra.update(lo=lo, hi=hi, n_tokens=samples.n_tokens)
         fired = pc.sum(pc.greater(samples.stats.column("count"), 0)).as_py()
@@ -178,8 +209,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             "token_features_per_second": dg.MetadataValue.float(samples.n_tokens * (hi - lo) / max(seconds, 1e-9)),
         })
 
-    @FEATURE_EXAMPLES.asset(
-        group_name="features", partitions_def=FEATURE_RANGES,
+    @EXAMPLES.asset(
+        group_name=group, partitions_def=ranges_def,
         deps=[feature_samples],  # every cell of the range (the `features` dimension, inferred)
         description="The exact merge of every shard's feature_samples for the range (independent of sharding), "
         "and the examples each feature page shows. Its data version is the merged content's hash.",
@@ -190,10 +221,10 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         from sae_assets.core.features import windows as feature_windows
         from sae_assets.core.features.merge import merge_feature_samples
 
-        cfg, store = settings.load(), storage.store()
+        cfg, store = load_config(settings), storage.store()
         frange = context.partition_key
         cells = [str(_cell(s, frange)) for s in shard_keys(context.instance)]
-        manifests, upstream = read_upstream(store, "feature_samples", cells)
+        manifests, upstream = read_upstream(store, SAMPLES.name, cells)
         merged = merge_feature_samples([read_samples(store, m) for m in manifests])
         f = cfg.features
         shown = feature_windows.select_shown_examples(merged, random_examples=f.random_examples,
@@ -201,7 +232,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
                                                       examples_per_level=f.examples_per_level)
         # The manifest records the inputs, but only the merged content enters the data version
         # (Manifest.content_version): Dagster ignores staleness past 100 upstream partitions.
-        with FEATURE_EXAMPLES.writer(store, cfg, frange, upstream=upstream) as out:
+        with EXAMPLES.writer(store, cfg, frange, upstream=upstream) as out:
             write_samples(out, merged)
             pq.write_table(shown, out.path(SHOWN_FILE))
             out.describe_table(SHOWN_FILE, rows=shown.num_rows)
@@ -213,8 +244,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             "density_histogram": dg.MetadataValue.md(_density_markdown(counts, merged.n_tokens)),
         })
 
-    @CONTEXT_GATHER.asset(
-        group_name="features", partitions_def=SHARDS,
+    @GATHER.asset(
+        group_name=group, partitions_def=SHARDS,
         backfill_policy=SINGLE_RUN,
         deps=[cached_activations, token_shards, tokenizer,
               dg.AssetDep(feature_examples, partition_mapping=dg.AllPartitionMapping()), *dictionary],
@@ -232,11 +263,11 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         from sae_assets.core.features import cofiring as feature_cofiring
         from sae_assets.core.features import windows as feature_windows
 
-        cfg, store = settings.load(), storage.store()
-        ranges = feature_range_keys(context.instance)
+        cfg, store = load_config(settings), storage.store()
+        ranges = feature_range_keys(context.instance, ranges_def)
         sae, sae_manifest, dictionary_versions = browsed_dictionary(store, cfg, cfg.features.device)
         bounds = {frange: range_of(frange, sae, dictionary_key) for frange in ranges}
-        examples, upstream = read_upstream(store, "feature_examples", ranges)
+        examples, upstream = read_upstream(store, EXAMPLES.name, ranges)
         upstream.update(dictionary_versions)
         tok_manifest = store.require("tokenizer", None)  # its end-of-text id separates packed documents
         upstream["tokenizer"] = tok_manifest.data_version
@@ -247,7 +278,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             [acts], versions = read_upstream(store, "cached_activations", [shard])
             [tokens_manifest], token_versions = read_upstream(store, "token_shards", [shard])
             table = open_ipc_table(store.fetch(acts, ACTIVATIONS_FILE))
-            with CONTEXT_GATHER.writer(store, cfg, shard, upstream={**upstream, **versions, **token_versions}) as out:
+            with GATHER.writer(store, cfg, shard, upstream={**upstream, **versions, **token_versions}) as out:
                 total, report = 0, progress_log(context, shard)  # one step per feature range
                 report.start(len(shown_by_range))
                 for step, (frange, shown) in enumerate(shown_by_range.items(), start=1):
@@ -257,13 +288,13 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
                         hook=hook, context_length=tokens_manifest.extra["context_length"],
                         before=cfg.features.window_before, after=cfg.features.window_after, lo=lo,
                         batch_size=cfg.features.batch_size, boundary_ids=(tok_manifest.extra["eos_id"],),
-                        device=cfg.features.device, where=f"context_gather[{shard}] for {frange}")
+                        device=cfg.features.device, where=f"{GATHER.name}[{shard}] for {frange}")
                     pq.write_table(windows, out.path(gathered_windows_file(frange)))
                     out.describe_table(gathered_windows_file(frange), rows=windows.num_rows)
                     cofiring = feature_cofiring.gather_cofiring(  # within the range: linear in the features
                         shown, table, lambda x, lo=lo, hi=hi: sae.encode_range(x, lo, hi), shard=shard_index(shard),
                         hook=hook, batch_size=cfg.features.batch_size, lo=lo, device=cfg.features.device,
-                        where=f"context_gather[{shard}] for {frange}")
+                        where=f"{GATHER.name}[{shard}] for {frange}")
                     pq.write_table(cofiring, out.path(gathered_cofiring_file(frange)))
                     out.describe_table(gathered_cofiring_file(frange), rows=cofiring.num_rows)
                     total += windows.num_rows
@@ -273,8 +304,8 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
 
         return each_partition(context, store, gather_one)
 
-    @CONTEXT_WINDOWS.asset(
-        group_name="features", partitions_def=FEATURE_RANGES,
+    @WINDOWS.asset(
+        group_name=group, partitions_def=ranges_def,
         deps=[feature_examples, dg.AssetDep(context_gather, partition_mapping=dg.AllPartitionMapping()), *dictionary],
         description="Pass 2, per feature range: every shard's pass-1 windows assembled and checked, each shown "
         "example's feature activation on every token of its window (features.window_before / window_after "
@@ -286,11 +317,11 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         from sae_assets.core.features import cofiring as feature_cofiring
         from sae_assets.core.features import windows as feature_windows
 
-        cfg, store = settings.load(), storage.store()
+        cfg, store = load_config(settings), storage.store()
         frange = context.partition_key
         _, _, _, examples, upstream = range_inputs(store, cfg, frange)
-        gathers, gather_versions = read_upstream(store, "context_gather", shard_keys(context.instance))
-        _check_gathers_current(gathers, frange, examples)
+        gathers, gather_versions = read_upstream(store, GATHER.name, shard_keys(context.instance))
+        _check_gathers_current(gathers, EXAMPLES.name, frange, examples)
         shown = pq.read_table(store.fetch(examples, SHOWN_FILE))
         parts, report = [], progress_log(context)  # one step per shard's pass-1 file
         report.start(len(gathers))
@@ -299,19 +330,19 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
             report.update(step, tokens=sum(part.num_rows for part in parts))
         report.close()
         windows = feature_windows.assemble_context_windows(
-            shown, parts, where=f"context_windows[{frange}]", shard_names=[g.partition for g in gathers])
+            shown, parts, where=f"{WINDOWS.name}[{frange}]", shard_names=[g.partition for g in gathers])
         cofiring = feature_cofiring.assemble_cofiring(
             shown, [pq.read_table(store.fetch(g, gathered_cofiring_file(frange))) for g in gathers],
-            where=f"context_windows[{frange}]")
-        with CONTEXT_WINDOWS.writer(store, cfg, frange, upstream={**upstream, **gather_versions}) as out:
+            where=f"{WINDOWS.name}[{frange}]")
+        with WINDOWS.writer(store, cfg, frange, upstream={**upstream, **gather_versions}) as out:
             pq.write_table(windows, out.path(WINDOWS_FILE))
             out.describe_table(WINDOWS_FILE, rows=windows.num_rows)
             pq.write_table(cofiring, out.path(COFIRING_FILE))
             out.describe_table(COFIRING_FILE, rows=cofiring.num_rows)
         return result(out.manifest, store, {"windows": windows.num_rows})
 
-    @SITE_JSON.asset(
-        group_name="features", partitions_def=FEATURE_RANGES,
+    @JSON_DOCS.asset(
+        group_name=group, partitions_def=ranges_def,
         deps=[feature_examples, context_windows, language_model, tokenizer, *dictionary],
         description="One JSON document per feature (density, max, histogram, top and random examples and the "
         "activation intervals' examples with context, each interval's share of the activations, logit effects "
@@ -325,7 +356,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
         from sae_assets.core.features import cofiring as feature_cofiring
         from sae_assets.core.features import panels, site_data
 
-        cfg, store = settings.load(), storage.store()
+        cfg, store = load_config(settings), storage.store()
         model, model_manifest = load_language_model(store, device=cfg.features.device)
         tok, tok_manifest = load_tokenizer(store)
         token_strings = site_data.token_strings(tok)
@@ -333,7 +364,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
 
         def documents_of(frange: str):
             sae, lo, hi, examples, upstream = range_inputs(store, cfg, frange)
-            [windows], window_versions = read_upstream(store, "context_windows", [frange])
+            [windows], window_versions = read_upstream(store, WINDOWS.name, [frange])
             samples = read_samples(store, examples)
             directions = sae.decoder_directions(lo, hi)
             shown = pq.read_table(store.fetch(examples, SHOWN_FILE))
@@ -348,7 +379,7 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
                 special_ids=special_ids)
             upstream.update(window_versions, language_model=model_manifest.data_version,
                             tokenizer=tok_manifest.data_version)
-            with SITE_JSON.writer(store, cfg, frange, upstream=upstream) as out:
+            with JSON_DOCS.writer(store, cfg, frange, upstream=upstream) as out:
                 rows = []
                 for doc in docs:
                     out.path(site_data_file(doc["feature"])).write_text(json.dumps(doc, ensure_ascii=False))
@@ -359,51 +390,146 @@ def build_feature_assets(dictionary_key: str, *, neuronpedia: bool = False) -> l
 
         return each_partition(context, store, documents_of)
 
+    @MATCHES.asset(
+        group_name=group, partitions_def=DICTIONARIES,
+        # Cell B reads sae_dictionary[B] (the same key: identity) and this dictionary through its
+        # scored partition sae_metrics[<this>] (browsed_dictionary checks that it scored the
+        # dictionary as it is now), so retraining B marks only column B stale, and adding a sweep
+        # point adds a cell and leaves the others fresh.
+        deps=[sae_dictionary, dictionary[1]],
+        description="For every feature of this dictionary, the closest feature of sweep point <partition> "
+        "by decoder direction: the highest cosine between unit decoder rows, exact (blockwise, every pair "
+        "compared), with its value; against itself, the closest other feature. Points that decode into "
+        "another hook (a transcoder's target) are not compared. The site links each feature page to its "
+        "match in every other served dictionary.",
+    )
+    def feature_matches(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+        from sae_assets.core.features import matches as feature_matching
+
+        cfg, store = load_config(settings), storage.store()
+        other = context.partition_key
+        sae, _, upstream = browsed_dictionary(store, cfg, cfg.features.device)
+        other_sae, other_manifest = load_dictionary(store, other, device=cfg.features.device)
+        upstream[f"sae_dictionary[{other}]"] = other_manifest.data_version
+        spaces = {key: cfg.point_hooks(cfg.sae.point(key))[1] for key in (dictionary_key, other)}
+        with MATCHES.writer(store, cfg, other, upstream=upstream) as out:
+            out.extra.update(dictionary=dictionary_key, other=other, features=sae.width)
+            if spaces[dictionary_key] != spaces[other]:  # decoder rows of different hooks: no cosine means anything
+                out.extra["incomparable"] = (f"{dictionary_key} decodes into {spaces[dictionary_key]}, "
+                                             f"{other} into {spaces[other]}")
+                shown = {"compared": False, "reason": out.extra["incomparable"]}
+            else:
+                report, began = progress_log(context), []  # one step per block of this dictionary's rows
+
+                def progress(done: int, total: int) -> None:
+                    if not began:
+                        report.start(total)
+                        began.append(True)
+                    report.update(done, tokens=0)
+
+                try:
+                    ids_F, cosines_F = feature_matching.closest_features(
+                        sae.W_dec.detach(), other_sae.W_dec.detach(), same=other == dictionary_key,
+                        device=cfg.features.device, progress=progress)
+                except ValueError as exc:
+                    raise FeatureInputError(f"{MATCHES.name}[{other}]: {exc}") from exc
+                report.close()
+                table = feature_matching.matches_table(ids_F, cosines_F)
+                feature_matching.write_matches(table, out.path(MATCHES_FILE))
+                out.describe_table(MATCHES_FILE, rows=table.num_rows)
+                out.extra.update(mean_cosine=float(cosines_F.mean()), above_0_9=float((cosines_F > 0.9).mean()))
+                shown = {"compared": True, "mean_best_cosine": float(cosines_F.mean()),
+                         "share_above_0_9": float((cosines_F > 0.9).mean())}
+        return result(out.manifest, store, shown)
+
+    return [feature_samples, feature_examples, context_gather, context_windows, site_json, feature_matches]
+
+
+def build_feature_site(cfg: RunConfig) -> list[dg.AssetsDefinition]:
+    """The feature_site asset over every served dictionary (and neuronpedia_export of the one it
+    opens on, with features.neuronpedia_export)."""
+    served = served_feature_partitions(cfg)
+    keys = list(served)
+    first = keys[0]
+
+    def names(identity: AssetIdentity, key: str) -> str:
+        return served_identity(identity, key, None if key == first else dictionary_slug(key)).name
+
+    all_of = dg.AllPartitionMapping()
+    deps = [*(dg.AssetDep(names(SITE_JSON, key), partition_mapping=all_of) for key in keys),
+            dg.AssetDep(sae_dictionary, partition_mapping=dg.SpecificPartitionsPartitionMapping(keys)),
+            dg.AssetDep("sae_metrics", partition_mapping=all_of),  # the frontier: every point
+            dg.AssetDep(feature_map, partition_mapping=dg.SpecificPartitionsPartitionMapping(keys))]
+    if len(keys) > 1:  # each served dictionary's matches in every other served one
+        deps += [dg.AssetDep(names(FEATURE_MATCHES, key), partition_mapping=dg.SpecificPartitionsPartitionMapping(
+            [k for k in keys if k != key])) for key in keys]
+
     @FEATURE_SITE.asset(
-        group_name="features",
-        deps=[dg.AssetDep(site_json, partition_mapping=dg.AllPartitionMapping()), dictionary[0],
-              dg.AssetDep("sae_metrics", partition_mapping=dg.AllPartitionMapping()),  # the frontier: every point
-              dg.AssetDep(feature_map, partition_mapping=dg.SpecificPartitionsPartitionMapping([dictionary_key]))],
-        description="The static feature browser: index.html, app.js, style.css, a chunked index (list pages, "
-        "sorted orders, token search), one script per feature with its lineage, the dictionary's overview page "
-        "(density histogram, dead and dense counts, L0, loss recovered, training curves, the sweep's frontier), "
-        "the feature map (feature_map's layout coloured by density) "
-        "and what changed since the previous build, and why; open index.html from disk or serve the directory "
-        "from any static host.",
+        group_name="features", deps=deps,
+        description="The static feature browser of every served dictionary (features.dictionary, then "
+        "features.dictionaries), one page each behind a dictionary picker: index.html, app.js, style.css, a "
+        "chunked index (list pages, sorted orders, token search), one script per feature with its lineage and "
+        "its closest feature in each other served dictionary, the dictionary's overview page (density "
+        "histogram, dead and dense counts, L0, loss recovered, training curves, the sweep's frontier), the "
+        "feature map (feature_map's layout coloured by density) and what changed since the previous build, "
+        "and why; open index.html from disk or serve the directory from any static host.",
     )
     def feature_site(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
         store, cfg = storage.store(), settings.load()
-        parts, upstream = read_upstream(store, "site_json", feature_range_keys(context.instance))
-        overview, overview_upstream = overview_builder(store, cfg, dictionary_key)
-        upstream.update(overview_upstream)
-        layout, map_upstream = read_feature_map(store, dictionary_key)
-        upstream.update(map_upstream)
+        upstream, dictionaries = {}, []
+        for key, ranges_def in served.items():
+            site_json_name = names(SITE_JSON, key)
+            parts, versions = read_upstream(store, site_json_name, feature_range_keys(context.instance, ranges_def))
+            overview, overview_upstream = overview_builder(store, cfg, key)
+            layout, map_upstream = read_feature_map(store, key)
+            matches = {}
+            for other in keys if len(keys) > 1 else ():
+                if other != key:
+                    matches[other], match_versions = read_matches(store, names(FEATURE_MATCHES, key), other)
+                    upstream.update(match_versions)
+            upstream.update(versions, **overview_upstream, **map_upstream)
+            trained = store.require("sae_dictionary", key)
+            dictionaries.append(ServedDictionary(
+                key=key, site_json=site_json_name, parts=parts, overview=overview, feature_map=layout,
+                matches=matches, hook=trained.extra.get("hook", ""), target_hook=trained.extra.get("target_hook", "")))
         previous = store.manifest("feature_site", None)  # the last build: what changed since
         with FEATURE_SITE.writer(store, cfg, None, upstream=upstream) as out:
-            n_features = write_site(out, store, parts, dictionary=dictionary_key, overview=overview, previous=previous,
-                                    feature_map=layout)
+            n_features = write_site(out, store, dictionaries, previous=previous)
         index = out.manifest.files["index.html"]
-        return result(out.manifest, store, {"features": n_features, "open": dg.MetadataValue.path(
-            store.describe() + "/" + index.key)}, content_version=True)
+        return result(out.manifest, store, {"features": n_features, "dictionaries": len(dictionaries),
+                                            "open": dg.MetadataValue.path(store.describe() + "/" + index.key)},
+                      content_version=True)
 
-    assets = [feature_samples, feature_examples, context_gather, context_windows, site_json, feature_site]
-    if neuronpedia:
+    assets = [feature_site]
+    if cfg.features.neuronpedia_export:
         @NEURONPEDIA_EXPORT.asset(
             group_name="features",
-            deps=[dg.AssetDep(site_json, partition_mapping=dg.AllPartitionMapping())],
+            deps=[dg.AssetDep(SITE_JSON.name, partition_mapping=all_of)],
             description="The features in Neuronpedia's bulk-import layout (as SAEDashboard's exporter writes "
             "it): release/model/sourceset/source .jsonl and, per feature range, gzipped JSONL of features and "
             "activations; the store's names are flat, manifest extra `layout` maps each to its import path.",
         )
         def neuronpedia_export(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
             store = storage.store()
-            parts, upstream = read_upstream(store, "site_json", feature_range_keys(context.instance))
+            parts, upstream = read_upstream(store, SITE_JSON.name, feature_range_keys(context.instance))
             with NEURONPEDIA_EXPORT.writer(store, settings.load(), None, upstream=upstream) as out:
                 n_features = write_neuronpedia_export(out, store, parts, settings.load())
             return result(out.manifest, store, {"features": n_features})
 
         assets.append(neuronpedia_export)
     return assets
+
+
+def read_matches(store, matches_asset: str, other: str):
+    """((ids_F, cosines_F) or None when the two decode into different hooks, {'<asset>[<other>]':
+    version}) of one feature_matches partition."""
+    from sae_assets.core.features import matches as feature_matching
+
+    manifest = store.require(matches_asset, other)
+    versions = {f"{matches_asset}[{other}]": manifest.data_version}
+    if "incomparable" in manifest.extra:
+        return None, versions
+    return feature_matching.read_matches(store.fetch(manifest, MATCHES_FILE), where=f"{matches_asset}[{other}]"), versions
 
 
 def overview_builder(store, cfg: RunConfig, dictionary: str):
@@ -450,15 +576,15 @@ def site_data_file(feature: int) -> str:
     return f"feature-{feature:06d}.json"
 
 
-def _check_gathers_current(gathers, frange: str, examples) -> None:
+def _check_gathers_current(gathers, examples_asset: str, frange: str, examples) -> None:
     """Each shard's pass 1 must have used this very feature_examples partition."""
     want = examples.data_version
     for gather in gathers:
-        used = gather.upstream.get(f"feature_examples[{frange}]")
+        used = gather.upstream.get(f"{examples_asset}[{frange}]")
         if used != want:
             raise FeatureInputError(
-                f"context_gather[{gather.partition}] was built from feature_examples[{frange}] version {used}, "
-                f"but that partition is now {want}: rematerialize context_gather[{gather.partition}]")
+                f"{gather.asset}[{gather.partition}] was built from {examples_asset}[{frange}] version {used}, "
+                f"but that partition is now {want}: rematerialize {gather.asset}[{gather.partition}]")
 
 
 def _density_markdown(counts, n_tokens: int) -> str:

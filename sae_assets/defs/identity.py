@@ -20,6 +20,7 @@ other. Tests: tests/test_identity.py.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,6 +93,10 @@ class AssetIdentity:
     partition_config: Callable[[RunConfig, str | None], dict[str, Any]] | None = None
     """The part of the config a partition carries (a sweep point): in the manifest's hash, not
     in the code version, so adding a partition leaves the others' versions alone."""
+    dictionary: str | None = None
+    """For one of the feature assets of a further served dictionary (features.dictionaries): its
+    sweep point. The keys are read from `cfg.browsing(dictionary)`, so `feature_dictionary` is that
+    point's; None: the config as it is (the dictionary the browser opens on)."""
 
     def __post_init__(self) -> None:
         if self.name in DECLARED:
@@ -108,7 +113,21 @@ class AssetIdentity:
             _DEFAULTS.value_at(self.device)
         DECLARED[self.name] = self
 
+    def for_dictionary(self, key: str, slug: str) -> AssetIdentity:
+        """This identity for the feature assets of served dictionary `key`: the same version and
+        keys, named `<name>__<slug>`, its keys read with the browser on `key`. Declared once;
+        asking again returns the declaration."""
+        name = f"{self.name}__{slug}"
+        if name in DECLARED:
+            declared = DECLARED[name]
+            if declared.dictionary != key:
+                raise ValueError(f"asset {name!r} is declared for dictionary {declared.dictionary!r}, not {key!r}")
+            return declared
+        return dataclasses.replace(self, name=name, dictionary=key)
+
     def config_values(self, cfg: RunConfig) -> dict[str, Any]:
+        if self.dictionary is not None:
+            cfg = cfg.browsing(self.dictionary)
         values = {key: cfg.value_at(key) for key in self.keys}
         for key in self.hashed_unless_default:
             if values[key] == _DEFAULTS.value_at(key):

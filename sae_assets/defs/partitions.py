@@ -1,10 +1,13 @@
 """Partition definitions and the one mapping between partition keys and their numbers.
 
 Shards (`shard-0000`, ...), shuffle buckets (`bucket-0000`, ...), dictionaries (one per sweep
-point, `relu-w1024-l1_5`) and feature ranges of the browsed dictionary (`features-00000-00255`,
+point, `relu-w1024-l1_5`) and feature ranges of each served dictionary (`features-00000-00255`,
 inclusive bounds) are dynamic partitions: `sync_partitions` makes them match the config, so
 growing the corpus adds partitions without touching the old ones. SHARD_FEATURES crosses
-shards with feature ranges (keys like `features-00000-00255|shard-0000`). Training step ranges
+shards with feature ranges (keys like `features-00000-00255|shard-0000`). The dictionary the
+browser opens on has FEATURE_RANGES / SHARD_FEATURES; each further one (features.dictionaries)
+its own pair, `feature_ranges__<slug>` (`feature_partitions`), so that serving another sweep
+point adds its own partitions and leaves every other dictionary's as they are. Training step ranges
 (`steps-000001-000100`, inclusive, 1-based) partition parameter_shifts when attribution.capture is on.
 """
 
@@ -20,6 +23,30 @@ DICTIONARIES = dg.DynamicPartitionsDefinition(name="dictionaries")
 FEATURE_RANGES = dg.DynamicPartitionsDefinition(name="feature_ranges")
 """Consecutive ranges of features.range_width features of the dictionary the browser serves."""
 SHARD_FEATURES = dg.MultiPartitionsDefinition({"shard": SHARDS, "features": FEATURE_RANGES})
+_FURTHER_RANGES: dict[str, tuple[dg.DynamicPartitionsDefinition, dg.MultiPartitionsDefinition]] = {}
+
+
+def feature_partitions(slug: str | None) -> tuple[dg.DynamicPartitionsDefinition, dg.MultiPartitionsDefinition]:
+    """(feature ranges, shard x feature ranges) of a served dictionary: FEATURE_RANGES and
+    SHARD_FEATURES for the one the browser opens on (slug None), else `feature_ranges__<slug>`
+    (`config.dictionary_slug`) and its product with SHARDS, made once per slug."""
+    if slug is None:
+        return FEATURE_RANGES, SHARD_FEATURES
+    if slug not in _FURTHER_RANGES:
+        ranges = dg.DynamicPartitionsDefinition(name=f"{FEATURE_RANGES.name}__{slug}")
+        _FURTHER_RANGES[slug] = ranges, dg.MultiPartitionsDefinition({"shard": SHARDS, "features": ranges})
+    return _FURTHER_RANGES[slug]
+
+
+def served_feature_partitions(config: RunConfig) -> dict[str, dg.DynamicPartitionsDefinition]:
+    """{served sweep point key: its feature-range partitions definition}, the opened one first."""
+    from sae_assets.core.config import dictionary_slug
+
+    first = config.feature_dictionary.key
+    return {p.key: feature_partitions(None if p.key == first else dictionary_slug(p.key))[0]
+            for p in config.browsed_dictionaries}
+
+
 _SIZE_KEYS = {"shards": "corpus.num_shards / corpus.documents_per_shard", "buckets": "shuffle.num_buckets",
               "dictionaries": "sae.sweep", "feature_ranges": "features.range_width",
               "step_ranges": "attribution.steps_per_range"}
@@ -73,8 +100,13 @@ def feature_range_keys_for(width: int, range_width: int) -> list[str]:
     return [feature_range_key(lo, min(lo + range_width, width)) for lo in range(0, width, range_width)]
 
 
-def feature_range_keys(instance: dg.DagsterInstance) -> list[str]:
-    return sorted(instance.get_dynamic_partitions(FEATURE_RANGES.name), key=feature_range_bounds)
+def feature_range_keys(instance: dg.DagsterInstance, ranges: dg.DynamicPartitionsDefinition = FEATURE_RANGES) -> list[str]:
+    """The feature ranges of one served dictionary (`ranges`: its definition), in feature order."""
+    return sorted(instance.get_dynamic_partitions(ranges.name), key=feature_range_bounds)
+
+
+def _is_feature_ranges(name: str) -> bool:
+    return name == FEATURE_RANGES.name or name.startswith(f"{FEATURE_RANGES.name}__")
 
 
 def shard_keys(instance: dg.DagsterInstance) -> list[str]:
@@ -101,13 +133,16 @@ def partition_keys(partitions_def: dg.PartitionsDefinition | None, instance: dg.
     if partitions_def is None:
         return [None]
     if isinstance(partitions_def, dg.DynamicPartitionsDefinition):
+        if _is_feature_ranges(partitions_def.name):
+            return feature_range_keys(instance, partitions_def)
         listing = {SHARDS.name: shard_keys, BUCKETS.name: bucket_keys,
-                   FEATURE_RANGES.name: feature_range_keys,
                    STEP_RANGES.name: step_range_keys}.get(partitions_def.name)
         return listing(instance) if listing else sorted(instance.get_dynamic_partitions(partitions_def.name))
-    if partitions_def is SHARD_FEATURES:  # feature range by feature range, shards in order
+    if isinstance(partitions_def, dg.MultiPartitionsDefinition) and partitions_def.partition_dimension_names == [
+            "features", "shard"]:  # a shard x feature-range product: range by range, shards in order
+        ranges = partitions_def.get_partitions_def_for_dimension("features")
         return [dg.MultiPartitionKey({"shard": s, "features": f})
-                for f in feature_range_keys(instance) for s in shard_keys(instance)]
+                for f in feature_range_keys(instance, ranges) for s in shard_keys(instance)]
     return list(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
 
 
@@ -139,8 +174,9 @@ def config_partitions(config: RunConfig, *, num_shards: int | None = None) -> di
     wanted = {
         BUCKETS.name: [bucket_key(i) for i in range(config.shuffle.num_buckets)],
         DICTIONARIES.name: [p.key for p in config.sae.sweep],
-        FEATURE_RANGES.name: feature_range_keys_for(config.feature_dictionary.width, config.features.range_width),
         STEP_RANGES.name: step_range_keys_for(config),
+        **{ranges.name: feature_range_keys_for(config.sae.point(key).width, config.features.range_width)
+           for key, ranges in served_feature_partitions(config).items()},
     }
     if num_shards is not None:
         wanted = {SHARDS.name: [shard_key(i) for i in range(num_shards)], **wanted}
@@ -148,6 +184,7 @@ def config_partitions(config: RunConfig, *, num_shards: int | None = None) -> di
         if problem:  # a growing corpus's shard count is known only now
             raise ConfigError(f"config key 'features.range_width' {problem}")
     for kind, keys in wanted.items():
+        kind = "feature_ranges" if _is_feature_ranges(kind) else kind
         if len(keys) > MAX_PARTITIONS_PER_ASSET:
             raise ConfigError(f"the config implies {len(keys):,} {kind} partitions, over Dagster's recommended "
                               f"{MAX_PARTITIONS_PER_ASSET:,} per asset (see {_SIZE_KEYS.get(kind, 'the config')})")
@@ -156,7 +193,8 @@ def config_partitions(config: RunConfig, *, num_shards: int | None = None) -> di
 
 def sync_partitions(instance: dg.DagsterInstance, config: RunConfig, *, num_shards: int | None = None) -> dict[str, list[str]]:
     """Make the shard, bucket, dictionary and feature-range partitions match the config; returns
-    the keys added. `num_shards` defaults to corpus.shard_count (which lists a growing corpus)."""
+    the keys added. The feature ranges of a dictionary no longer served are left (its assets
+    leave the graph; serving it again finds its partitions). `num_shards` defaults to corpus.shard_count (which lists a growing corpus)."""
     from sae_assets.core.corpus import documents as corpus
 
     if num_shards is None:

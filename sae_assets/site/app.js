@@ -13,13 +13,21 @@
 //   by-<order>-<n>.js       the same rows sorted by density or max (high first): page n of that order
 //   search-<b>.js           [[key, first posting row, count], ...] for the search keys hashed to bucket b
 //   tokens-<n>.js           posting rows n*chunk..: each key's features, keys in sorted order
-//   feature-<id>.js         SAE_SITE.feature({...one feature document...}), id zero-padded to 6 digits
+//   feature-<id>.js         SAE_SITE.feature({...one feature document...}, lineage, closest), id zero-padded
+//                           to 6 digits; closest: [[dictionary position, feature, cosine], ...], the
+//                           feature's closest feature in each other served dictionary
+//   site-dictionaries.js    window.SAE_SITE_DICTIONARIES = [{key, page, features, hook, target_hook}, ...]:
+//                           the served dictionaries, for the picker. The first's files are named as
+//                           above and its page is index.html; each other's carry the prefix META.prefix
+//                           (`<slug>__`), and its page `<slug>__index.html` loads its own site-meta.
 // A search key is a top token trimmed of ASCII whitespace and lower-cased; its bucket is FNV-1a
 // of its UTF-16 code units, as in site_index.py. Every string from the corpus reaches the page
 // through textContent or createTextNode, never innerHTML: tokens are text, whatever they contain.
 (function () {
   "use strict";
   var META = window.SAE_SITE_META;
+  var DICTIONARIES = window.SAE_SITE_DICTIONARIES || [];
+  var PREFIX = (META && META.prefix) || "";  // this dictionary's data files' prefix
   var pendingFeature = {}, features = {};
   var chunks = {}, loadedOrder = [], waiting = {};  // loaded chunks by name; callbacks waiting for a script
   var page = 0, generation = 0, searchTimer = null;  // a list render drops its result if a newer one began
@@ -41,7 +49,7 @@
     if (Object.prototype.hasOwnProperty.call(chunks, name)) return done(chunks[name]);
     if (waiting[name]) return waiting[name].push([done, fail]);
     waiting[name] = [[done, fail]];
-    loadScript(name + ".js", function () {
+    loadScript(PREFIX + name + ".js", function () {
       var callbacks = waiting[name] || [];
       delete waiting[name];
       callbacks.forEach(function (c) { c[1](name + ".js"); });
@@ -64,8 +72,9 @@
       delete waiting[name];
       callbacks.forEach(function (c) { c[0](data); });
     },
-    feature: function (doc, lineage) {  // lineage: the range's provenance (core/features/changes.py)
+    feature: function (doc, lineage, closest) {  // lineage: the range's provenance (core/features/changes.py)
       if (lineage) doc.lineage = lineage;
+      if (closest) doc.closest = closest;
       features[doc.feature] = doc;
       var done = pendingFeature[doc.feature];
       delete pendingFeature[doc.feature];
@@ -160,7 +169,7 @@
   function loadFeature(id, done) {
     if (features[id]) return done(features[id]);
     pendingFeature[id] = done;
-    loadScript("feature-" + pad(id) + ".js", function () { delete pendingFeature[id]; showError("no data for feature " + id); });
+    loadScript(PREFIX + "feature-" + pad(id) + ".js", function () { delete pendingFeature[id]; showError("no data for feature " + id); });
   }
 
   function showError(message) {
@@ -277,6 +286,35 @@
     return section;
   }
 
+  // The closest feature of each other served dictionary (feature_matches: the highest cosine
+  // between decoder rows, exact), linking to that dictionary's page of it.
+  function closestPanel(doc) {
+    var rows = (doc.closest || []).filter(function (c) { return DICTIONARIES[c[0]]; }).map(function (c) {
+      var other = DICTIONARIES[c[0]];
+      return [el("span", {"class": "dictionary-key", text: String(other.key)}),
+              el("a", {href: other.page + "#feature=" + Number(c[1]), text: String(c[1])}), fmt(c[2])];
+    });
+    if (!rows.length) return null;
+    return numberTable("closest", "Closest feature in each other dictionary (decoder cosine)",
+                       ["dictionary", "feature", "cosine"], rows);
+  }
+
+  function picker() {  // the dictionary picker: each served dictionary's page
+    if (DICTIONARIES.length < 2) return;
+    var select = document.getElementById("dictionary-picker");
+    DICTIONARIES.forEach(function (d) {
+      var option = el("option", {text: d.key + " \u00b7 " + d.features + " features"});
+      option.value = d.page;
+      option.selected = d.key === META.dictionary;
+      select.appendChild(option);
+    });
+    select.addEventListener("change", function () {  // the same view there, except a feature id of this one
+      var keep = /^#(overview|changes|map)$/.test(location.hash) ? location.hash : "";
+      location.href = select.value + keep;
+    });
+    document.getElementById("picker").hidden = false;
+  }
+
   function lineageLine(l) {  // where this page comes from: dictionary version, data shards, when
     var short = function (v) { return v ? String(v).slice(0, 12) : "\u2013"; };
     return el("div", {"class": "lineage", id: "lineage"}, [
@@ -301,6 +339,8 @@
     view.appendChild(el("div", {"class": "columns"}, [logitTable("Promoted tokens", doc.logits.top),
                                                       logitTable("Suppressed tokens", doc.logits.bottom)]));
     view.appendChild(weightPanels(doc));
+    var closest = closestPanel(doc);
+    if (closest) view.appendChild(closest);
     var top = el("section", {id: "top-examples"}, [el("h3", {text: "Top activations"})]);
     doc.top.forEach(function (e) { top.appendChild(exampleRow(e, doc.max)); });
     view.appendChild(top);
@@ -357,5 +397,6 @@
   });
   window.addEventListener("hashchange", route);
   tooltip();
+  picker();
   route();
 })();

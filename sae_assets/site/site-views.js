@@ -191,7 +191,7 @@
         waiting.push(function () { render(view, data); });
         if (waiting.length > 1) return;
         var script = document.createElement("script");
-        script.src = file;
+        script.src = ((window.SAE_SITE_META || {}).prefix || "") + file;  // a further dictionary's page: its own files
         script.onerror = function () {
           waiting = [];
           view.textContent = file + " is missing: rematerialize the feature_site asset.";

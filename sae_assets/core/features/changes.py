@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from sae_assets.core.partition_budget import FEATURE_RANGE_PREFIX
 
 _FEATURE_FILE = re.compile(r"feature-(\d+)\.json$")
-_KEY = re.compile(r"^(?P<asset>[a-z_]+)(?:\[(?P<partition>.*)\])?$")
+_KEY = re.compile(r"^(?P<asset>[A-Za-z0-9_]+)(?:\[(?P<partition>.*)\])?$")
 
 
 def feature_hashes(files: Mapping[str, object]) -> dict[int, str]:
@@ -47,13 +47,19 @@ def split_key(key: str) -> tuple[str, str | None]:
     return match.group("asset"), match.group("partition")
 
 
+def base_asset(asset: str) -> str:
+    """The asset a name stands for whatever dictionary it serves: `feature_samples__topk_w1024_k32`
+    (a further served dictionary's, features.dictionaries) -> `feature_samples`."""
+    return asset.split("__", 1)[0]
+
+
 def shards_of(keys: Iterable[str]) -> list[str]:
     """The shard partitions named by feature_samples cells 'feature_samples[features-…|shard-…]'
     (the cell's dimension that is not a feature range) or by per-shard assets, sorted, unique."""
     shards = set()
     for key in keys:
         asset, partition = split_key(key)
-        if partition and asset in ("feature_samples", "cached_activations", "context_gather", "token_shards"):
+        if partition and base_asset(asset) in ("feature_samples", "cached_activations", "context_gather", "token_shards"):
             shards.update(p for p in partition.split("|") if not p.startswith(FEATURE_RANGE_PREFIX))
     return sorted(shards)
 
@@ -90,7 +96,7 @@ def change_reasons(old: Mapping, new: Mapping, *, examples_upstream: tuple[Mappi
     for key in sorted(set(old_up) | set(new_up)):
         if old_up.get(key) == new_up.get(key):
             continue
-        asset, _ = split_key(key)
+        asset = base_asset(split_key(key)[0])
         if asset == "feature_examples":
             reasons.extend(_examples_reasons(examples_upstream) if examples_upstream else ["the examples changed"])
         elif asset in _REASONS:

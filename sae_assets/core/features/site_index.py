@@ -135,8 +135,10 @@ class SiteIndex:
         for n, lo in enumerate(range(0, len(positions), self.chunk_rows)):
             yield chunk_script(f"{prefix}-{n}", [self._row(int(p)) for p in positions[lo:lo + self.chunk_rows]])
 
-    def finish(self, *, dictionary: str, n_tokens: int, hist_edges: Sequence[float]) -> Iterator[tuple[str, str]]:
-        """Yield the last feature-order chunk, the sorted orders, the token search and site-meta.js."""
+    def finish(self, *, dictionary: str, n_tokens: int, hist_edges: Sequence[float],
+               prefix: str = "") -> Iterator[tuple[str, str]]:
+        """Yield the last feature-order chunk, the sorted orders, the token search and site-meta.js.
+        `prefix`: what the page prepends to every data file it loads (a further served dictionary's)."""
         if self._pending:
             yield self._flush()
         ids = np.frombuffer(self._ids, dtype=np.int64) if self._ids else np.zeros(0, np.int64)
@@ -149,7 +151,8 @@ class SiteIndex:
         meta = {"dictionary": dictionary, "n_tokens": int(n_tokens), "hist_edges": list(hist_edges),
                 "features": len(self._ids), "live": live, "chunk": self.chunk_rows,
                 "chunks": math.ceil(len(self._ids) / self.chunk_rows), "orders": list(ORDERS),
-                "search_buckets": buckets, "token_rows": token_rows, "search_keys": len(self._postings)}
+                "search_buckets": buckets, "token_rows": token_rows, "search_keys": len(self._postings),
+                "prefix": prefix}
         yield "site-meta.js", f"window.SAE_SITE_META = {script_json(meta)};\n"
 
     def _search_files(self):
