@@ -29,8 +29,10 @@ TINY = {
     "sae": {"sweep": SWEEP, "train_tokens": 12800, "batch_size": 128, "resample_steps": [0.5],
             "rewarm_steps": 5, "lr_warmup_steps": 5, "checkpoint_every": 25, "eval_sequences": 8,
             "dead_after_tokens": 3000, "max_dead_fraction": 1.0, "min_loss_recovered": -100.0},
+    "features": {"dictionaries": []},
 }
-"""The tiny run config: two shards, a one-layer model of width 32, two SAEs of width 64."""
+"""The tiny run config: two shards, a one-layer model of width 32, two SAEs of width 64; the
+browser serves the first (tests of several served dictionaries set features.dictionaries)."""
 
 FEATURES = {"range_width": 24, "top_k": 4, "random_examples": 3, "activation_levels": 2, "examples_per_level": 2,
             "batch_size": 100, "window_before": 5, "window_after": 2, "neuronpedia_export": True}

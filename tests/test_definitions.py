@@ -21,7 +21,8 @@ def test_definitions_hold_every_asset_with_group_description_and_code_version():
             "shuffle_plan", "shuffle_scatter", "shuffled_shards", "sae_dictionary", "sae_metrics"} <= keys
     for asset in graph_assets(load_config()):
         for key in asset.keys:
-            assert asset.group_names_by_key[key] in GROUPS
+            group = asset.group_names_by_key[key]  # a further served dictionary's: features__<slug>
+            assert group in GROUPS or group == "features__topk_w1024_k32", group
             assert asset.descriptions_by_key.get(key), f"{key} has no description"
             assert asset.code_versions_by_key.get(key), f"{key} has no code_version"
             base, _, digest = asset.code_versions_by_key[key].partition("+cfg.")
@@ -52,7 +53,17 @@ def test_lineage_follows_the_design():
     # The overview page: this dictionary's training curve, every sweep point's metrics (the frontier);
     # the feature map: a layout of each dictionary's decoder alone, read by the site, not recomputed
     assert parents["feature_map"] == {"sae_dictionary"}
-    assert parents["feature_site"] == {"site_json", "sae_dictionary", "sae_metrics", "feature_map"}
+    # Matches read the other sweep point's dictionary (cell B) and this one's through its scoring
+    assert parents["feature_matches"] == {"sae_dictionary", "sae_metrics"}
+    assert parents["feature_site"] == {"site_json", "site_json__topk_w1024_k32", "feature_matches",
+                                       "feature_matches__topk_w1024_k32", "sae_dictionary", "sae_metrics", "feature_map"}
+    # The second sweep point's feature assets are wired as the first's, each to its own copies
+    for name, wanted in parents.items():
+        if name.endswith("__topk_w1024_k32"):
+            base = {p if p in ("cached_activations", "token_shards", "tokenizer", "sae_dictionary", "sae_metrics",
+                               "language_model") else f"{p}__topk_w1024_k32"
+                    for p in parents[name.split("__")[0]]}
+            assert wanted == base, name
 
 
 def code_versions(overrides: dict) -> dict[str, str]:
@@ -64,15 +75,21 @@ def test_a_config_value_changes_the_code_version_of_exactly_the_assets_that_read
     changed = {"features": {"top_k": 7}}
     after = code_versions(changed)
     differ = {name for name in base if base[name] != after[name]}
-    assert differ == {"feature_samples", "feature_examples"}  # the rest follow by their inputs' data versions
+    # (each served dictionary's copies alike); the rest follow by their inputs' data versions
+    assert differ == {"feature_samples", "feature_examples", "feature_samples__topk_w1024_k32",
+                      "feature_examples__topk_w1024_k32"}
     after = code_versions({"features": {"window_before": 3}})
-    assert {name for name in base if base[name] != after[name]} == {"context_gather", "context_windows"}
+    assert {name for name in base if base[name] != after[name]} == {
+        "context_gather", "context_windows", "context_gather__topk_w1024_k32", "context_windows__topk_w1024_k32"}
     after = code_versions({"shuffle": {"seed": 3}})
     assert {name for name in base if base[name] != after[name]} == {"shuffle_plan", "shuffle_scatter", "shuffled_shards"}
-    # A new sweep point is a new partition, not a change to the existing ones.
+    # A new sweep point is a new partition (and, served, new assets), not a change to the existing ones.
     sweep = [{"architecture": "relu", "width": 1024, "sparsity": 5}, {"architecture": "topk", "width": 1024, "sparsity": 32},
              {"architecture": "topk", "width": 2048, "sparsity": 64}]
-    assert code_versions({"sae": {"sweep": sweep}}) == base
+    grown = code_versions({"sae": {"sweep": sweep}})
+    assert {name: grown[name] for name in base} == base
+    assert set(grown) - set(base) == {f"{name}__topk_w2048_k64" for name in (
+        "feature_samples", "feature_examples", "context_gather", "context_windows", "site_json", "feature_matches")}
 
 
 def test_local_instance_config_limits_the_model_pool(tmp_path):

@@ -255,8 +255,12 @@ def test_dictionary_picker_and_closest_feature_links(site, driver):
     picker.select_by_index(1)  # the same view, on the other dictionary's page
     WebDriverWait(driver, 20).until(lambda d: d.current_url.endswith(entries[1]["page"] + "#overview"))
     WebDriverWait(driver, 20).until(lambda d: entries[1]["key"] in d.find_element(By.ID, "subtitle").text)
+    WebDriverWait(driver, 20).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-overview") == "ready")
     ARTIFACTS.mkdir(exist_ok=True)
     driver.save_screenshot(str(ARTIFACTS / "dictionary_picker.png"))
+    # The frontier names every point; a served one links to its own overview.
+    [link] = driver.find_elements(By.CSS_SELECTOR, ".frontier-table a")
+    assert link.text == entries[0]["key"] and link.get_attribute("href").endswith("/index.html#overview")
 
     prefix = entries[1]["page"][: -len("index.html")]
     feature = next(f for f in range(64)

@@ -28,7 +28,22 @@ def test_every_config_key_shapes_some_asset_or_is_named_as_shaping_none():
 def test_every_asset_of_the_graph_has_one_identity_and_derives_its_code_version_from_it():
     cfg = load_config(overrides={"features": {"neuronpedia_export": True}})
     assets = definitions.graph_assets(cfg)
-    assert {a.key.to_user_string() for a in assets} == set(DECLARED)
+    names = {a.key.to_user_string() for a in assets}
+    assert {name for name in names if "__" not in name} == set(DECLARED)
+    # The packaged config serves both sweep points: the second's feature assets are copies of the
+    # declared ones, named for it, reading their keys with the browser on it.
+    served = {name for name in names if "__" in name}
+    assert {name.split("__")[0] for name in served} == {"feature_samples", "feature_examples", "context_gather",
+                                                         "context_windows", "site_json", "feature_matches"}
+    assert {name.split("__")[1] for name in served} == {"topk_w1024_k32"}
+    second = cfg.sae.sweep[1]
+    for name in served:
+        ident = identity_of(next(a for a in assets if a.key.to_user_string() == name))
+        assert ident.dictionary == second.key
+        base = DECLARED[name.split("__")[0]]
+        assert ident.code_version(cfg) == base.code_version(cfg.browsing(second.key))
+        if "feature_dictionary" in base.keys:
+            assert ident.code_version(cfg) != base.code_version(cfg)
     for asset in assets:
         ident = identity_of(asset)
         assert asset.code_versions_by_key[asset.key] == ident.code_version(cfg)

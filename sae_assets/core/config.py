@@ -365,8 +365,8 @@ class FeaturesConfig:
 
     dictionary: str = ""
     """The sae.sweep point (sae_dictionary partition key) the browser opens on; empty = the first."""
-    dictionaries: Literal["all"] | tuple[str, ...] = ()
-    """Further sweep points the same site serves ('all': every one), each with its own feature
+    dictionaries: Literal["all"] | tuple[str, ...] = "all"
+    """Further sweep points the same site serves ('all': every one; []: none), each with its own feature
     assets (named `<asset>__<key slug>`), a place in the site's dictionary picker, and on each
     feature page the closest feature of every other served dictionary (feature_matches)."""
     range_width: int = 256

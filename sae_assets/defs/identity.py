@@ -33,6 +33,9 @@ from sae_assets.core.config import RunConfig, config_hash
 
 DECLARED: dict[str, AssetIdentity] = {}
 """Every declared identity by asset name, in declaration order (filled as asset modules load)."""
+SERVED: dict[str, AssetIdentity] = {}
+"""The identities of further served dictionaries' feature assets (`for_dictionary`), by asset
+name: made as a config's graph is built, kept apart from DECLARED, which every config shares."""
 
 _DEFAULTS = RunConfig()
 """The packaged defaults, against which declared keys are checked to exist."""
@@ -99,6 +102,9 @@ class AssetIdentity:
     point's; None: the config as it is (the dictionary the browser opens on)."""
 
     def __post_init__(self) -> None:
+        if self.dictionary is not None:  # made by for_dictionary from a checked declaration
+            SERVED[self.name] = self
+            return
         if self.name in DECLARED:
             raise ValueError(f"asset {self.name!r} declares its identity twice")
         for key in self.keys:
@@ -118,11 +124,11 @@ class AssetIdentity:
         keys, named `<name>__<slug>`, its keys read with the browser on `key`. Declared once;
         asking again returns the declaration."""
         name = f"{self.name}__{slug}"
-        if name in DECLARED:
-            declared = DECLARED[name]
-            if declared.dictionary != key:
-                raise ValueError(f"asset {name!r} is declared for dictionary {declared.dictionary!r}, not {key!r}")
-            return declared
+        if name in SERVED:
+            made = SERVED[name]
+            if made.dictionary != key:
+                raise ValueError(f"asset {name!r} serves dictionary {made.dictionary!r}, not {key!r}")
+            return made
         return dataclasses.replace(self, name=name, dictionary=key)
 
     def config_values(self, cfg: RunConfig) -> dict[str, Any]:
@@ -191,9 +197,10 @@ def keep_fresh() -> dg.AutomationCondition:
 
 def identity_of(asset: dg.AssetsDefinition) -> AssetIdentity:
     name = asset.key.to_user_string()
-    if name not in DECLARED:
+    found = DECLARED.get(name) or SERVED.get(name)
+    if found is None:
         raise ValueError(f"asset {name} declares no AssetIdentity (sae_assets/defs/identity.py)")
-    return DECLARED[name]
+    return found
 
 
 def with_config_versions(assets: list[dg.AssetsDefinition], cfg: RunConfig) -> list[dg.AssetsDefinition]:
@@ -203,5 +210,6 @@ def with_config_versions(assets: list[dg.AssetsDefinition], cfg: RunConfig) -> l
 
 
 def device_assets() -> dict[str, str]:
-    """{asset name: config key of its device} for every declared asset that runs torch on a device."""
-    return {name: ident.device for name, ident in DECLARED.items() if ident.device}
+    """{asset name: config key of its device} for every declared asset that runs torch on a
+    device, and for each served dictionary's copy of one made so far (the graph built first)."""
+    return {name: ident.device for name, ident in {**DECLARED, **SERVED}.items() if ident.device}

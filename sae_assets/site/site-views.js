@@ -135,8 +135,12 @@
       el("th", {text: "sweep point"}), el("th", {text: "L0"}), el("th", {text: "loss recovered (zero)"}),
       el("th", {text: "loss recovered (mean)"})])])]);
     var body = el("tbody");
+    var pages = {};  // the served dictionaries' pages (site-dictionaries.js): their points link there
+    (window.SAE_SITE_DICTIONARIES || []).forEach(function (s) { pages[s.key] = s.page; });
     d.frontier.forEach(function (p) {
-      body.appendChild(el("tr", {"class": p.current ? "current" : ""}, [el("td", {text: p.point}), el("td", {"class": "num", text: fmt(p.l0)}),
+      var name = !p.current && Object.prototype.hasOwnProperty.call(pages, p.point)
+        ? el("a", {href: pages[p.point] + "#overview", text: p.point}) : p.point;
+      body.appendChild(el("tr", {"class": p.current ? "current" : ""}, [el("td", {}, [name]), el("td", {"class": "num", text: fmt(p.l0)}),
         el("td", {"class": "num", text: fmt(p.loss_recovered)}), el("td", {"class": "num", text: fmt(p.loss_recovered_vs_mean)})]));
     });
     table.appendChild(body);
