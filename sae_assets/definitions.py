@@ -13,7 +13,7 @@ import dagster as dg
 
 from resources import ArtifactStorage, RunSettings
 from sae_assets import deploy_settings
-from sae_assets.core.config import RunConfig, dictionary_slug, load_config
+from sae_assets.core.config import RunConfig, load_config
 from sae_assets.defs import (
     activation_assets,
     attribution_assets,
@@ -57,9 +57,8 @@ def graph_assets(config: RunConfig) -> list[dg.AssetsDefinition]:
     (features.dictionary, then features.dictionaries) and the one site over them, each with the
     code version its identity declaration derives from the config (defs/identity.py)."""
     assets = list(ALL_ASSETS)
-    for position, point in enumerate(config.browsed_dictionaries):
-        slug = None if position == 0 else dictionary_slug(point.key)
-        assets += feature_assets.build_feature_assets(point.key, slug=slug)
+    for point in config.browsed_dictionaries:
+        assets += feature_assets.build_feature_assets(point.key, slug=config.served_slug(point.key))
     assets += feature_assets.build_feature_site(config)
     return identity.with_config_versions(assets, config)
 

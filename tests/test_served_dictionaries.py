@@ -16,7 +16,7 @@ from support import FEATURES, SWEEP, TINY, stale_cells, write_run_config
 from resources.manifest import CorruptArtifactError
 from sae_assets.core.config import ConfigError, dictionary_slug, load_config
 from sae_assets.defs.dictionary_assets import load_dictionary
-from sae_assets.defs.feature_assets import FeatureInputError, read_matches
+from sae_assets.defs.feature_assets import FeatureInputError, matches_for_pages, pages_dictionary_version, read_matches
 from sae_assets.defs.partitions import feature_partitions, feature_range_keys, sync_partitions
 from sae_assets.defs.site_files import feature_script_arguments
 from sae_assets.definitions import build_resources, graph_assets
@@ -82,7 +82,8 @@ def test_site_pages_picker_and_exact_closest_features(served):
     entries = script_value((site / "site-dictionaries.js").read_text(), "window.SAE_SITE_DICTIONARIES = ")
     assert [(e["key"], e["page"], e["features"]) for e in entries] == [
         (FIRST, "index.html", 64), (SECOND, "topk_w64_k4__index.html", 64)]
-    assert manifest.extra["dictionaries"] == [FIRST, SECOND]
+    assert manifest.extra["dictionaries"] == [FIRST, SECOND] and manifest.extra["matches_left_out"] == {}
+    assert [e["failed_checks"] for e in entries] == [[], []]
     assert 'src="topk_w64_k4__site-meta.js"' in (site / "topk_w64_k4__index.html").read_text()
     meta = script_value((site / "topk_w64_k4__site-meta.js").read_text(), "window.SAE_SITE_META = ")
     assert (meta["dictionary"], meta["prefix"], meta["features"]) == (SECOND, "topk_w64_k4__", 64)
@@ -102,15 +103,18 @@ def test_site_pages_picker_and_exact_closest_features(served):
                                                           False)[1][0] == pytest.approx(cosines[feature], abs=1e-5)
 
 
-def test_matches_against_itself_skip_the_feature_and_files_are_checked(served):
+def test_matches_cells_and_files_are_checked(served):
     _, _, _, _, store = served
-    W = load_dictionary(store, SECOND)[0].W_dec.detach().numpy()
-    (ids, cosines), versions = read_matches(store, "feature_matches__topk_w64_k4", SECOND)
-    want_ids, want_cosines = brute_closest(W, W, same=True)
-    assert not (ids == np.arange(64)).any()
+    decoders = {key: load_dictionary(store, key)[0].W_dec.detach().numpy() for key in (FIRST, SECOND)}
+    (ids, cosines), versions = read_matches(store, "feature_matches__topk_w64_k4", FIRST)
+    want_ids, want_cosines = brute_closest(decoders[SECOND], decoders[FIRST], same=False)
     np.testing.assert_allclose(cosines, want_cosines, atol=1e-5)
     assert (ids == want_ids).mean() > 0.95
-    assert list(versions) == [f"feature_matches__topk_w64_k4[{SECOND}]"]
+    assert list(versions) == [f"feature_matches__topk_w64_k4[{FIRST}]"]
+    # The dictionary itself is not compared again: its nearest features are site_json's.
+    itself = store.require("feature_matches", FIRST)
+    assert "itself" in itself.extra["not_compared"] and itself.files["matches.parquet"].rows == 0
+    assert read_matches(store, "feature_matches", FIRST)[0] is None
     # A truncated or overwritten file: the error names the partition.
     manifest = store.require("feature_matches", SECOND)
     path = store.fetch(manifest, "matches.parquet")
@@ -125,6 +129,40 @@ def test_matches_against_itself_skip_the_feature_and_files_are_checked(served):
         path.write_bytes(good)
 
 
+class EditedStore:
+    """The store, with one manifest replaced by an edited copy."""
+
+    def __init__(self, store, asset: str, partition: str, edit):
+        self.store, self.which = store, (asset, partition)
+        original = store.require(asset, partition)
+        self.edited = type(original).from_json(original.to_json(), where="test")
+        edit(self.edited)
+
+    def require(self, asset, partition):
+        return self.edited if (asset, partition) == self.which else self.store.require(asset, partition)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def test_matches_of_another_dictionary_version_are_left_out_of_the_pages(served):
+    _, _, _, _, store = served
+    shown = {key: store.require("sae_dictionary", key).data_version for key in (FIRST, SECOND)}
+    found, versions, why = matches_for_pages(store, "feature_matches", FIRST, SECOND, shown)
+    assert why is None and found[0].shape == (64,) and versions
+    # SECOND retrained and its pages redone, the matches not yet: left out, saying why.
+    retrained = {**shown, SECOND: "f" * 24}
+    assert matches_for_pages(store, "feature_matches", FIRST, SECOND, retrained) == (
+        None, {}, f"built from another version of sae_dictionary[{SECOND}]")
+    # Pages of one dictionary built from two versions of it are refused, by partition.
+    parts = [store.require("site_json", r) for r in ("features-00000-00023", "features-00024-00047")]
+    edited = type(parts[1]).from_json(parts[1].to_json(), where="test")
+    edited.upstream[f"sae_dictionary[{FIRST}]"] = "0" * 24
+    assert pages_dictionary_version(parts, "site_json", FIRST) == shown[FIRST]
+    with pytest.raises(FeatureInputError, match=r"site_json partitions were built from different versions.*features-00024"):
+        pages_dictionary_version([parts[0], edited], "site_json", FIRST)
+
+
 def test_served_dictionaries_config_errors():
     with pytest.raises(ConfigError, match=r"features.dictionaries\[1\]"):
         load_config(overrides={"sae": {"sweep": SWEEP}, "features": {"dictionaries": [SECOND, "relu-w99-l1_1"]}})
@@ -136,26 +174,26 @@ def test_served_dictionaries_config_errors():
     assert len(dictionary_slug(long_a)) <= 40 and dictionary_slug(long_a) != dictionary_slug(long_b)
 
 
-def test_stale_metrics_of_a_retrained_dictionary_are_refused(served):
-    """A dictionary retrained after its scoring: its features wait for sae_metrics, by name."""
+def test_a_retrained_dictionary_waits_for_its_metrics_and_only_the_opened_one_needs_passing_checks(served):
     from sae_assets.defs.feature_assets import browsed_dictionary
 
     _, _, config_path, _, store = served
     config = load_config(config_path)
-    metrics = store.require("sae_metrics", SECOND)
-    stale = type(metrics).from_json(metrics.to_json(), where="test")
-    stale.upstream[f"sae_dictionary[{SECOND}]"] = "0" * 24
 
-    class Store:  # the store, with the metrics' record of the dictionary it scored changed
-        def require(self, asset, partition):
-            return stale if (asset, partition) == ("sae_metrics", SECOND) else store.require(asset, partition)
-
-        def __getattr__(self, name):
-            return getattr(store, name)
+    def rescored_elsewhere(manifest):
+        manifest.upstream[f"sae_dictionary[{SECOND}]"] = "0" * 24
 
     with pytest.raises(FeatureInputError, match=r"sae_metrics\[topk-w64-k4\] scored sae_dictionary\[topk-w64-k4\]"):
-        browsed_dictionary(Store(), config.browsing(SECOND), "cpu")
+        browsed_dictionary(EditedStore(store, "sae_metrics", SECOND, rescored_elsewhere), config.browsing(SECOND), "cpu")
     assert browsed_dictionary(store, config.browsing(SECOND), "cpu")[0].width == 64
+
+    def failed(manifest):
+        manifest.extra["checks"] = {**manifest.extra["checks"], "dead_fraction_below_threshold": False}
+
+    failing = EditedStore(store, "sae_metrics", SECOND, failed)
+    with pytest.raises(FeatureInputError, match=r"failed its sae_metrics check\(s\) \['dead_fraction_below_threshold'\]"):
+        browsed_dictionary(failing, config.browsing(SECOND), "cpu")  # the site would open on it
+    assert browsed_dictionary(failing, config.browsing(SECOND), "cpu", opened=False)[0].width == 64  # served
 
 
 def test_adding_a_sweep_point_runs_only_its_cells(served):

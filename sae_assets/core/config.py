@@ -361,7 +361,7 @@ class SaeConfig:
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    """The feature browser: example tables, context windows and the static site of one dictionary."""
+    """The feature browser: example tables, context windows and one static site over the served dictionaries."""
 
     dictionary: str = ""
     """The sae.sweep point (sae_dictionary partition key) the browser opens on; empty = the first."""
@@ -395,7 +395,8 @@ class FeaturesConfig:
     neuronpedia_export: bool = False
     """Also write feature JSON in Neuronpedia's upload layout (feature_site/neuronpedia/)."""
     require_passing_checks: bool = True
-    """Refuse a dictionary whose sae_metrics checks failed."""
+    """Refuse to open the site on (features.dictionary) a dictionary whose sae_metrics checks
+    failed; a further served one that failed is served, its failed checks named in the picker."""
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -624,6 +625,11 @@ class RunConfig:
                   else list(self.features.dictionaries))
         first = self.feature_dictionary.key
         return (self.feature_dictionary, *(self.sae.point(key) for key in dict.fromkeys(listed) if key != first))
+
+    def served_slug(self, key: str) -> str | None:
+        """How a served dictionary's assets, partitions and site files are named apart: None for
+        the one the site opens on (plain names), else its `dictionary_slug`."""
+        return None if key == self.feature_dictionary.key else dictionary_slug(key)
 
     def browsing(self, key: str) -> RunConfig:
         """This config with the browser on sweep point `key`: what the feature assets of `key`

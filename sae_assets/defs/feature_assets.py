@@ -5,12 +5,13 @@
     context_gather [shard]                   pass 1: each range's windows in the shard, encoded there
     context_windows [feature range]          pass 2: every shard's windows of the range, checked
     site_json [feature range]                one JSON document per feature + index rows
-    feature_site                             the static browser (HTML/CSS/JS) with all the data, the
-                                             dictionary's overview page and its feature map (the
-                                             feature_map asset, sae_assets/defs/map_assets.py)
     feature_matches [dictionary]             per sweep point B, each feature's closest feature in B
                                              (the highest decoder cosine, exact)
+    feature_site                             one static browser (HTML/CSS/JS) over every served
+                                             dictionary: a page each with its overview and feature
+                                             map (the feature_map asset, map_assets.py), a picker
     neuronpedia_export                       (features.neuronpedia_export) Neuronpedia bulk-import files
+                                             of the dictionary the site opens on
 
 The site serves `features.dictionary` (a sae.sweep key; the site opens on it) and each of
 `features.dictionaries`. `build_feature_assets(key)` makes one dictionary's assets, wiring their
@@ -19,8 +20,8 @@ point leaves them fresh; the opened dictionary's keep the plain names, each furt
 in `__<slug>` (`config.dictionary_slug`), with feature-range partitions of its own
 (`partitions.feature_partitions`): serving another sweep point adds its assets and partitions
 and touches no other dictionary's. `build_feature_site(config)` makes the one site over them
-all, with a dictionary picker. A dictionary whose metric checks failed is refused
-(features.require_passing_checks).
+all, with a dictionary picker. The dictionary the site opens on is refused when its metric
+checks failed (features.require_passing_checks); a further one is served, marked in the picker.
 """
 
 import json
@@ -45,7 +46,6 @@ from sae_assets.defs.corpus_assets import (
     token_shards,
     tokenizer,
 )
-from sae_assets.core.config import dictionary_slug
 from sae_assets.defs.dictionary_assets import load_dictionary, sae_dictionary
 from sae_assets.defs.identity import AssetIdentity
 from sae_assets.defs.map_assets import feature_map, read_feature_map
@@ -76,8 +76,9 @@ class FeatureInputError(ValueError):
 
 # --- shared by the assets ---------------------------------------------------------------------
 
-def browsed_dictionary(store, cfg: RunConfig, device: str):
-    """(SAE, manifest, upstream versions) of features.dictionary, refusing one that failed its checks."""
+def browsed_dictionary(store, cfg: RunConfig, device: str, *, opened: bool = True):
+    """(SAE, manifest, upstream versions) of features.dictionary (`cfg` browsing the served
+    dictionary); the one the site opens on (`opened`) is refused when it failed its checks."""
     key = cfg.feature_dictionary.key
     metrics = store.require("sae_metrics", key)
     sae, manifest = load_dictionary(store, key, device=device)
@@ -87,7 +88,7 @@ def browsed_dictionary(store, cfg: RunConfig, device: str):
             f"sae_metrics[{key}] scored sae_dictionary[{key}] version {scored}, but the dictionary is now "
             f"{manifest.data_version}: rematerialize sae_metrics[{key}] before its features")
     failed = sorted(name for name, ok in metrics.extra.get("checks", {}).items() if not ok)
-    if failed and cfg.features.require_passing_checks:
+    if failed and cfg.features.require_passing_checks and opened:
         raise FeatureInputError(
             f"sae_dictionary[{key}] failed its sae_metrics check(s) {failed}: the browser refuses it. Pick "
             "another features.dictionary, or set features.require_passing_checks: false to browse it anyway")
@@ -163,9 +164,12 @@ def build_feature_assets(dictionary_key: str, *, slug: str | None = None) -> lis
     def load_config(settings: RunSettings) -> RunConfig:
         return settings.load().browsing(dictionary_key)
 
+    def served_dictionary(store, cfg: RunConfig):  # a further served one is served whatever its checks say
+        return browsed_dictionary(store, cfg, cfg.features.device, opened=slug is None)
+
     def range_inputs(store, cfg: RunConfig, frange: str):
         """(SAE, lo, hi, feature_examples manifest, upstream versions) of a feature-range partition."""
-        sae, _, upstream = browsed_dictionary(store, cfg, cfg.features.device)
+        sae, _, upstream = served_dictionary(store, cfg)
         lo, hi = range_of(frange, sae, dictionary_key)
         [examples], versions = read_upstream(store, EXAMPLES.name, [frange])
         return sae, lo, hi, examples, {**upstream, **versions}
@@ -187,7 +191,7 @@ def build_feature_assets(dictionary_key: str, *, slug: str | None = None) -> lis
 
         cfg, store = load_config(settings), storage.store()
         shard, frange = (context.partition_key.keys_by_dimension[d] for d in ("shard", "features"))
-        sae, sae_manifest, upstream = browsed_dictionary(store, cfg, cfg.features.device)
+        sae, sae_manifest, upstream = served_dictionary(store, cfg)
         lo, hi = range_of(frange, sae, dictionary_key)
         [acts], versions = read_upstream(store, "cached_activations", [shard])
         excluded, tokenizer_version = excluded_token_ids(store, cfg)
@@ -265,7 +269,7 @@ def build_feature_assets(dictionary_key: str, *, slug: str | None = None) -> lis
 
         cfg, store = load_config(settings), storage.store()
         ranges = feature_range_keys(context.instance, ranges_def)
-        sae, sae_manifest, dictionary_versions = browsed_dictionary(store, cfg, cfg.features.device)
+        sae, sae_manifest, dictionary_versions = served_dictionary(store, cfg)
         bounds = {frange: range_of(frange, sae, dictionary_key) for frange in ranges}
         examples, upstream = read_upstream(store, EXAMPLES.name, ranges)
         upstream.update(dictionary_versions)
@@ -394,30 +398,39 @@ def build_feature_assets(dictionary_key: str, *, slug: str | None = None) -> lis
         group_name=group, partitions_def=DICTIONARIES,
         # Cell B reads sae_dictionary[B] (the same key: identity) and this dictionary through its
         # scored partition sae_metrics[<this>] (browsed_dictionary checks that it scored the
-        # dictionary as it is now), so retraining B marks only column B stale, and adding a sweep
-        # point adds a cell and leaves the others fresh.
+        # dictionary as it is now), so retraining B marks stale column B here (and B's own matches
+        # once rescored), and adding a sweep point adds a cell and leaves the others fresh.
         deps=[sae_dictionary, dictionary[1]],
         description="For every feature of this dictionary, the closest feature of sweep point <partition> "
         "by decoder direction: the highest cosine between unit decoder rows, exact (blockwise, every pair "
-        "compared), with its value; against itself, the closest other feature. Points that decode into "
-        "another hook (a transcoder's target) are not compared. The site links each feature page to its "
-        "match in every other served dictionary.",
+        "compared), with its value. Not compared: the dictionary itself (its closest other features are "
+        "site_json's nearest features) and points that decode into another hook (a transcoder's target). "
+        "The site links each feature page to its match in every other served dictionary.",
     )
     def feature_matches(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
+        import numpy as np
+
         from sae_assets.core.features import matches as feature_matching
 
         cfg, store = load_config(settings), storage.store()
         other = context.partition_key
-        sae, _, upstream = browsed_dictionary(store, cfg, cfg.features.device)
+        sae, _, upstream = served_dictionary(store, cfg)
         other_sae, other_manifest = load_dictionary(store, other, device=cfg.features.device)
         upstream[f"sae_dictionary[{other}]"] = other_manifest.data_version
         spaces = {key: cfg.point_hooks(cfg.sae.point(key))[1] for key in (dictionary_key, other)}
         with MATCHES.writer(store, cfg, other, upstream=upstream) as out:
             out.extra.update(dictionary=dictionary_key, other=other, features=sae.width)
-            if spaces[dictionary_key] != spaces[other]:  # decoder rows of different hooks: no cosine means anything
-                out.extra["incomparable"] = (f"{dictionary_key} decodes into {spaces[dictionary_key]}, "
+            if other == dictionary_key:  # F^2 x D again for what the nearest-features panel shows
+                out.extra["not_compared"] = "the dictionary itself: site_json's nearest features hold its closest"
+            elif spaces[dictionary_key] != spaces[other]:  # decoder rows of different hooks: no cosine means anything
+                out.extra["not_compared"] = (f"{dictionary_key} decodes into {spaces[dictionary_key]}, "
                                              f"{other} into {spaces[other]}")
-                shown = {"compared": False, "reason": out.extra["incomparable"]}
+            if "not_compared" in out.extra:  # an empty table: a partition holds at least one file
+                feature_matching.write_matches(feature_matching.matches_table(np.zeros(0, np.int64),
+                                                                              np.zeros(0, np.float32)),
+                                               out.path(MATCHES_FILE))
+                out.describe_table(MATCHES_FILE, rows=0)
+                shown = {"compared": False, "reason": out.extra["not_compared"]}
             else:
                 report, began = progress_log(context), []  # one step per block of this dictionary's rows
 
@@ -429,8 +442,7 @@ def build_feature_assets(dictionary_key: str, *, slug: str | None = None) -> lis
 
                 try:
                     ids_F, cosines_F = feature_matching.closest_features(
-                        sae.W_dec.detach(), other_sae.W_dec.detach(), same=other == dictionary_key,
-                        device=cfg.features.device, progress=progress)
+                        sae.W_dec.detach(), other_sae.W_dec.detach(), device=cfg.features.device, progress=progress)
                 except ValueError as exc:
                     raise FeatureInputError(f"{MATCHES.name}[{other}]: {exc}") from exc
                 report.close()
@@ -450,10 +462,9 @@ def build_feature_site(cfg: RunConfig) -> list[dg.AssetsDefinition]:
     opens on, with features.neuronpedia_export)."""
     served = served_feature_partitions(cfg)
     keys = list(served)
-    first = keys[0]
 
     def names(identity: AssetIdentity, key: str) -> str:
-        return served_identity(identity, key, None if key == first else dictionary_slug(key)).name
+        return served_identity(identity, key, cfg.served_slug(key)).name
 
     all_of = dg.AllPartitionMapping()
     deps = [*(dg.AssetDep(names(SITE_JSON, key), partition_mapping=all_of) for key in keys),
@@ -476,25 +487,35 @@ def build_feature_site(cfg: RunConfig) -> list[dg.AssetsDefinition]:
     )
     def feature_site(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
         store, cfg = storage.store(), settings.load()
-        upstream, dictionaries = {}, []
+        upstream, pages, shown_version = {}, {}, {}
         for key, ranges_def in served.items():
-            site_json_name = names(SITE_JSON, key)
-            parts, versions = read_upstream(store, site_json_name, feature_range_keys(context.instance, ranges_def))
-            overview, overview_upstream = overview_builder(store, cfg, key)
+            pages[key], versions = read_upstream(store, names(SITE_JSON, key), feature_range_keys(context.instance,
+                                                                                                 ranges_def))
+            shown_version[key] = pages_dictionary_version(pages[key], names(SITE_JSON, key), key)
+            upstream.update(versions)
+        dictionaries, left_out = [], {}
+        for key in keys:
+            overview, overview_upstream, facts = overview_builder(store, cfg, key)
             layout, map_upstream = read_feature_map(store, key)
+            upstream.update(overview_upstream, **map_upstream)
             matches = {}
-            for other in keys if len(keys) > 1 else ():
-                if other != key:
-                    matches[other], match_versions = read_matches(store, names(FEATURE_MATCHES, key), other)
+            for other in (k for k in keys if k != key):
+                found, match_versions, why = matches_for_pages(store, names(FEATURE_MATCHES, key), key, other,
+                                                               shown_version)
+                if why is None:
+                    matches[other] = found
                     upstream.update(match_versions)
-            upstream.update(versions, **overview_upstream, **map_upstream)
-            trained = store.require("sae_dictionary", key)
-            dictionaries.append(ServedDictionary(
-                key=key, site_json=site_json_name, parts=parts, overview=overview, feature_map=layout,
-                matches=matches, hook=trained.extra.get("hook", ""), target_hook=trained.extra.get("target_hook", "")))
+                else:
+                    left_out[f"{names(FEATURE_MATCHES, key)}[{other}]"] = why
+            dictionaries.append(ServedDictionary(key=key, slug=cfg.served_slug(key), site_json=names(SITE_JSON, key),
+                                                 parts=pages[key], overview=overview, feature_map=layout,
+                                                 matches=matches, **facts))
+        for cell, why in left_out.items():
+            context.log.info(f"feature_site: {cell} left out ({why}); the next build after it is redone shows it")
         previous = store.manifest("feature_site", None)  # the last build: what changed since
         with FEATURE_SITE.writer(store, cfg, None, upstream=upstream) as out:
             n_features = write_site(out, store, dictionaries, previous=previous)
+            out.extra["matches_left_out"] = left_out
         index = out.manifest.files["index.html"]
         return result(out.manifest, store, {"features": n_features, "dictionaries": len(dictionaries),
                                             "open": dg.MetadataValue.path(store.describe() + "/" + index.key)},
@@ -520,22 +541,49 @@ def build_feature_site(cfg: RunConfig) -> list[dg.AssetsDefinition]:
     return assets
 
 
-def read_matches(store, matches_asset: str, other: str):
-    """((ids_F, cosines_F) or None when the two decode into different hooks, {'<asset>[<other>]':
-    version}) of one feature_matches partition."""
+def matches_for_pages(store, matches_asset: str, key: str, other: str, shown: dict[str, str | None]):
+    """(matches or None, versions, None) of `key`'s feature_matches cell `other` (read_matches),
+    or (None, {}, why) when the cell was built from a version of either dictionary other than
+    the one its pages show (`shown`: {key: sae_dictionary version of its site_json}): after one
+    side is retrained its matches and pages are redone at different times, and matches of
+    another version are left out rather than shown beside the wrong pages."""
+    manifest = store.require(matches_asset, other)
+    built = {k: manifest.upstream.get(f"sae_dictionary[{k}]") for k in (key, other)}
+    stale = [k for k in (key, other) if built[k] != shown.get(k)]
+    if stale:
+        return None, {}, "built from another version of " + ", ".join(f"sae_dictionary[{k}]" for k in stale)
+    found, versions = read_matches(store, matches_asset, other, manifest=manifest)
+    return found, versions, None
+
+
+def read_matches(store, matches_asset: str, other: str, *, manifest=None):
+    """((ids_F, cosines_F), or None where the cell compared nothing (`not_compared`: the
+    dictionary itself, or another hook's decoder), {'<asset>[<other>]': version}) of one
+    feature_matches partition (`manifest`: the one already read)."""
     from sae_assets.core.features import matches as feature_matching
 
-    manifest = store.require(matches_asset, other)
+    manifest = manifest or store.require(matches_asset, other)
     versions = {f"{matches_asset}[{other}]": manifest.data_version}
-    if "incomparable" in manifest.extra:
+    if "not_compared" in manifest.extra:
         return None, versions
     return feature_matching.read_matches(store.fetch(manifest, MATCHES_FILE), where=f"{matches_asset}[{other}]"), versions
 
 
+def pages_dictionary_version(parts, site_json: str, key: str) -> str | None:
+    """The sae_dictionary[key] version every site_json partition of a dictionary was built from;
+    refuses partitions built from different versions (a partial rerun after a retrain)."""
+    by_partition = {m.partition: m.upstream.get(f"sae_dictionary[{key}]") for m in parts}
+    if len(set(by_partition.values())) > 1:
+        raise FeatureInputError(f"{site_json} partitions were built from different versions of sae_dictionary[{key}] "
+                                f"({by_partition}): rematerialize the {site_json} partitions of the older ones")
+    return next(iter(by_partition.values()), None)
+
+
 def overview_builder(store, cfg: RunConfig, dictionary: str):
-    """(overview(density_F, n_tokens) -> the overview document, upstream versions): this
-    dictionary's metrics and training curve and every sweep point's metrics that exist (the
-    frontier shows the points measured so far; each one's version is part of the site's lineage)."""
+    """(overview(density_F, n_tokens) -> the overview document, upstream versions, facts for the
+    picker: its hooks and failed checks): this dictionary's metrics and training curve and every
+    sweep point's metrics that exist (the frontier shows the points measured so far; each one's
+    version is part of the site's lineage)."""
     import polars as pl
 
     from sae_assets.core.features.overview import dictionary_overview
@@ -546,7 +594,7 @@ def overview_builder(store, cfg: RunConfig, dictionary: str):
         metrics_by_point[point.key] = manifest.extra.get("metrics") if manifest is not None else None
         if manifest is not None:
             upstream[f"sae_metrics[{point.key}]"] = manifest.data_version
-    curve, hooks = [], {}
+    curve, hooks = [], {"hook": "", "target_hook": ""}
     trained = store.manifest("sae_dictionary", dictionary)
     if trained is not None:
         hooks = {"hook": trained.extra.get("hook", ""), "target_hook": trained.extra.get("target_hook", "")}
@@ -559,7 +607,9 @@ def overview_builder(store, cfg: RunConfig, dictionary: str):
                                    metrics=metrics_by_point.get(dictionary), curve=curve,
                                    metrics_by_point=metrics_by_point, **hooks)
 
-    return overview, upstream
+    scored = store.manifest("sae_metrics", dictionary)
+    failed = sorted(name for name, ok in (scored.extra.get("checks", {}) if scored else {}).items() if not ok)
+    return overview, upstream, {**hooks, "failed_checks": failed}
 
 
 def gathered_windows_file(feature_range: str) -> str:

@@ -21,7 +21,7 @@ BUCKETS = dg.DynamicPartitionsDefinition(name="buckets")
 DICTIONARIES = dg.DynamicPartitionsDefinition(name="dictionaries")
 """One partition per sae.sweep point, keyed by DictionaryPoint.key (e.g. relu-w1024-l1_5)."""
 FEATURE_RANGES = dg.DynamicPartitionsDefinition(name="feature_ranges")
-"""Consecutive ranges of features.range_width features of the dictionary the browser serves."""
+"""Consecutive ranges of features.range_width features of the dictionary the site opens on."""
 SHARD_FEATURES = dg.MultiPartitionsDefinition({"shard": SHARDS, "features": FEATURE_RANGES})
 _FURTHER_RANGES: dict[str, tuple[dg.DynamicPartitionsDefinition, dg.MultiPartitionsDefinition]] = {}
 
@@ -40,11 +40,7 @@ def feature_partitions(slug: str | None) -> tuple[dg.DynamicPartitionsDefinition
 
 def served_feature_partitions(config: RunConfig) -> dict[str, dg.DynamicPartitionsDefinition]:
     """{served sweep point key: its feature-range partitions definition}, the opened one first."""
-    from sae_assets.core.config import dictionary_slug
-
-    first = config.feature_dictionary.key
-    return {p.key: feature_partitions(None if p.key == first else dictionary_slug(p.key))[0]
-            for p in config.browsed_dictionaries}
+    return {p.key: feature_partitions(config.served_slug(p.key))[0] for p in config.browsed_dictionaries}
 
 
 _SIZE_KEYS = {"shards": "corpus.num_shards / corpus.documents_per_shard", "buckets": "shuffle.num_buckets",
@@ -194,7 +190,8 @@ def config_partitions(config: RunConfig, *, num_shards: int | None = None) -> di
 def sync_partitions(instance: dg.DagsterInstance, config: RunConfig, *, num_shards: int | None = None) -> dict[str, list[str]]:
     """Make the shard, bucket, dictionary and feature-range partitions match the config; returns
     the keys added. The feature ranges of a dictionary no longer served are left (its assets
-    leave the graph; serving it again finds its partitions). `num_shards` defaults to corpus.shard_count (which lists a growing corpus)."""
+    leave the graph; serving it again finds its partitions). `num_shards` defaults to
+    corpus.shard_count (which lists a growing corpus)."""
     from sae_assets.core.corpus import documents as corpus
 
     if num_shards is None:

@@ -50,6 +50,8 @@ class ServedDictionary(NamedTuple):
 
     key: str
     """Its sweep point key."""
+    slug: str | None
+    """How its files are named apart (RunConfig.served_slug): None for the one index.html opens."""
     site_json: str
     """The name of its site_json asset."""
     parts: list
@@ -60,14 +62,14 @@ class ServedDictionary(NamedTuple):
     """{other served key: (ids_F, cosines_F), or None where the two decode into different hooks}."""
     hook: str = ""
     target_hook: str = ""
+    failed_checks: list[str] = []
+    """Its failed sae_metrics checks (a further served dictionary is served anyway; the picker says so)."""
 
 
-def site_prefix(position: int, key: str) -> str:
-    """The file-name prefix of the served dictionary at `position`: none for the first (the
-    one index.html opens), `<slug>__` for the others."""
-    from sae_assets.core.config import dictionary_slug
-
-    return "" if position == 0 else f"{dictionary_slug(key)}__"
+def site_prefix(slug: str | None) -> str:
+    """The file-name prefix of a served dictionary: none for the one index.html opens (slug
+    None), `<slug>__` for the others."""
+    return "" if slug is None else f"{slug}__"
 
 
 def match_rows(matches: list[tuple[int, np.ndarray, np.ndarray]], feature: int) -> list[list]:
@@ -126,8 +128,11 @@ def write_site_files(path: Callable[[str], Path], ranges: Iterable[SiteRange], *
 
     static = package_files.files("sae_assets") / "site"
     if prefix:  # the same page, reading this dictionary's meta (and through its prefix, its data)
-        page = (static / "index.html").read_text().replace('src="site-meta.js"', f'src="{prefix}site-meta.js"')
-        path(f"{prefix}index.html").write_text(page)
+        page = (static / "index.html").read_text()
+        if page.count('src="site-meta.js"') != 1:
+            raise ValueError("sae_assets/site/index.html must load site-meta.js once (a served dictionary's page "
+                             "loads its own in its place)")
+        path(f"{prefix}index.html").write_text(page.replace('src="site-meta.js"', f'src="{prefix}site-meta.js"'))
     else:
         for name in STATIC_FILES:
             path(name).write_bytes((static / name).read_bytes())
@@ -193,8 +198,8 @@ def write_site(out, store, dictionaries: list[ServedDictionary], *, previous=Non
     out.extra["changes_basis"] = basis
     positions = {d.key: position for position, d in enumerate(dictionaries)}
     entries, n_features = [], 0
-    for position, served in enumerate(dictionaries):
-        prefix = site_prefix(position, served.key)
+    for served in dictionaries:
+        prefix = site_prefix(served.slug)
         lineage_file = prefix + LINEAGE_FILE
         earlier = (json.loads(store.read_bytes(previous, lineage_file))
                    if previous is not None and lineage_file in previous.files else None)
@@ -212,7 +217,7 @@ def write_site(out, store, dictionaries: list[ServedDictionary], *, previous=Non
         count = write_site_files(out.path, ranges(), dictionary=served.key, overview=served.overview, changes=changes,
                                  feature_map=served.feature_map, prefix=prefix, matches=sorted(matches, key=lambda m: m[0]))
         entries.append({"key": served.key, "page": f"{prefix}index.html", "features": count,
-                        "hook": served.hook, "target_hook": served.target_hook})
+                        "hook": served.hook, "target_hook": served.target_hook, "failed_checks": served.failed_checks})
         n_features += count
     write_dictionaries(out.path, entries)
     out.extra.update(features=n_features, dictionary=dictionaries[0].key, dictionaries=[d.key for d in dictionaries])

@@ -303,11 +303,15 @@
     if (DICTIONARIES.length < 2) return;
     var select = document.getElementById("dictionary-picker");
     DICTIONARIES.forEach(function (d) {
-      var option = el("option", {text: d.key + " \u00b7 " + d.features + " features"});
+      var failed = (d.failed_checks || []).length ? " \u00b7 failed " + d.failed_checks.join(", ") : "";
+      var option = el("option", {text: d.key + " \u00b7 " + d.features + " features" + failed});
       option.value = d.page;
       option.selected = d.key === META.dictionary;
       select.appendChild(option);
     });
+    // A page restored by Back keeps the select's last choice: show this page's own again.
+    window.addEventListener("pageshow", function () { select.value = DICTIONARIES.filter(function (d) {
+      return d.key === META.dictionary; }).map(function (d) { return d.page; })[0] || select.value; });
     select.addEventListener("change", function () {  // the same view there, except a feature id of this one
       var keep = /^#(overview|changes|map)$/.test(location.hash) ? location.hash : "";
       location.href = select.value + keep;
