@@ -10,6 +10,7 @@ daemon's keep_fresh sensor evaluates.
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 import dagster as dg
@@ -34,6 +35,7 @@ def demo(tmp_path_factory):
     config_path = write_run_config(directory, config, storage)
     home = directory / "dagster_home"
     home.mkdir()
+    gc.collect()  # what earlier test modules left (their ephemeral instances' temporary directories) is not the demo's
     with dg.DagsterInstance.local_temp(str(home)) as instance, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = materialize_stale(instance, config_path, cursor_path=directory / "cursor", log=lambda *_: None)
