@@ -55,10 +55,9 @@ from sae_assets.core.features.merge import merge_feature_samples
 from sae_assets.core.features.sampling import sample_activation_table
 from sae_assets.core.partition_budget import MAX_PARTITIONS_PER_ASSET, plan_partitions, smallest_range_width
 from sae_assets.defs import site_files
-from sae_assets.defs.feature_assets import (COFIRING_FILE, SHOWN_FILE, WINDOWS_FILE, gathered_cofiring_file,
-                                            gathered_windows_file, site_data_file,
+from sae_assets.defs.feature_assets import (COFIRING_FILE, MATCHES_FILE, SHOWN_FILE, WINDOWS_FILE,
+                                            gathered_cofiring_file, gathered_windows_file, site_data_file,
                                             write_samples)
-
 from sae_assets.defs.map_assets import LAYOUT_FILE
 
 VOCAB, EOS = 4096, 0  # the bench's vocabulary; token 0 ends documents (1 token in 4096, ids are uniform)
