@@ -17,6 +17,7 @@ from resources.manifest import CorruptArtifactError
 from sae_assets.core.config import ConfigError, dictionary_slug, load_config
 from sae_assets.defs.dictionary_assets import load_dictionary
 from sae_assets.defs.feature_assets import FeatureInputError, matches_for_pages, pages_dictionary_version, read_matches
+from sae_assets.defs.map_assets import read_feature_map
 from sae_assets.defs.partitions import feature_partitions, feature_range_keys, sync_partitions
 from sae_assets.defs.site_files import feature_script_arguments
 from sae_assets.definitions import build_resources, graph_assets
@@ -82,7 +83,7 @@ def test_site_pages_picker_and_exact_closest_features(served):
     entries = script_value((site / "site-dictionaries.js").read_text(), "window.SAE_SITE_DICTIONARIES = ")
     assert [(e["key"], e["page"], e["features"]) for e in entries] == [
         (FIRST, "index.html", 64), (SECOND, "topk_w64_k4__index.html", 64)]
-    assert manifest.extra["dictionaries"] == [FIRST, SECOND] and manifest.extra["matches_left_out"] == {}
+    assert manifest.extra["dictionaries"] == [FIRST, SECOND] and manifest.extra["left_out"] == {}
     assert [e["failed_checks"] for e in entries] == [[], []]
     assert 'src="topk_w64_k4__site-meta.js"' in (site / "topk_w64_k4__index.html").read_text()
     meta = script_value((site / "topk_w64_k4__site-meta.js").read_text(), "window.SAE_SITE_META = ")
@@ -154,6 +155,10 @@ def test_matches_of_another_dictionary_version_are_left_out_of_the_pages(served)
     retrained = {**shown, SECOND: "f" * 24}
     assert matches_for_pages(store, "feature_matches", FIRST, SECOND, retrained) == (
         None, {}, f"built from another version of sae_dictionary[{SECOND}]")
+    # So is a feature map of another version.
+    assert read_feature_map(store, SECOND, shown_version=retrained[SECOND]) == (None, {})
+    layout, map_versions = read_feature_map(store, SECOND, shown_version=shown[SECOND])
+    assert layout is not None and list(map_versions) == [f"feature_map[{SECOND}]"]
     # Pages of one dictionary built from two versions of it are refused, by partition.
     parts = [store.require("site_json", r) for r in ("features-00000-00023", "features-00024-00047")]
     edited = type(parts[1]).from_json(parts[1].to_json(), where="test")

@@ -496,7 +496,9 @@ def build_feature_site(cfg: RunConfig) -> list[dg.AssetsDefinition]:
         dictionaries, left_out = [], {}
         for key in keys:
             overview, overview_upstream, facts = overview_builder(store, cfg, key)
-            layout, map_upstream = read_feature_map(store, key)
+            layout, map_upstream = read_feature_map(store, key, shown_version=shown_version[key])
+            if layout is None:  # #map says the site has no map until both are redone
+                left_out[f"feature_map[{key}]"] = f"built from another version of sae_dictionary[{key}]"
             upstream.update(overview_upstream, **map_upstream)
             matches = {}
             for other in (k for k in keys if k != key):
@@ -515,7 +517,7 @@ def build_feature_site(cfg: RunConfig) -> list[dg.AssetsDefinition]:
         previous = store.manifest("feature_site", None)  # the last build: what changed since
         with FEATURE_SITE.writer(store, cfg, None, upstream=upstream) as out:
             n_features = write_site(out, store, dictionaries, previous=previous)
-            out.extra["matches_left_out"] = left_out
+            out.extra["left_out"] = left_out
         index = out.manifest.files["index.html"]
         return result(out.manifest, store, {"features": n_features, "dictionaries": len(dictionaries),
                                             "open": dg.MetadataValue.path(store.describe() + "/" + index.key)},

@@ -57,10 +57,14 @@ def feature_map(context: dg.AssetExecutionContext, settings: RunSettings, storag
                                         "layout_seconds": dg.MetadataValue.float(seconds)})
 
 
-def read_feature_map(store, dictionary: str):
-    """(the FeatureLayout of feature_map[dictionary], {'feature_map[<dictionary>]': its version})."""
+def read_feature_map(store, dictionary: str, *, shown_version: str | None = None):
+    """(the FeatureLayout of feature_map[dictionary], {'feature_map[<dictionary>]': its version});
+    with `shown_version` (the sae_dictionary version the site's pages show), a map built from
+    another version gives (None, {}): after a retrain the map is redone apart from the pages."""
     from sae_assets.core.features.feature_map import read_layout
 
     manifest = store.require("feature_map", dictionary)
+    if shown_version is not None and manifest.upstream.get(f"sae_dictionary[{dictionary}]") != shown_version:
+        return None, {}
     layout = read_layout(store.fetch(manifest, LAYOUT_FILE), manifest.extra["method"], where=f"feature_map[{dictionary}]")
     return layout, {f"feature_map[{dictionary}]": manifest.data_version}
