@@ -258,9 +258,13 @@ def test_dictionary_picker_and_closest_feature_links(site, driver):
     WebDriverWait(driver, 20).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-overview") == "ready")
     ARTIFACTS.mkdir(exist_ok=True)
     driver.save_screenshot(str(ARTIFACTS / "dictionary_picker.png"))
-    # The frontier names every point; a served one links to its own overview.
+    # The frontier names every point; a served one links to its own overview. So does the table
+    # of how much of this dictionary the other one found.
     [link] = driver.find_elements(By.CSS_SELECTOR, ".frontier-table a")
     assert link.text == entries[0]["key"] and link.get_attribute("href").endswith("/index.html#overview")
+    [row] = driver.find_elements(By.CSS_SELECTOR, "#agreement tr")[1:]
+    cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[0] == entries[0]["key"] and len(cells) == 5 and all(c.endswith("%") for c in cells[2:])
 
     prefix = entries[1]["page"][: -len("index.html")]
     feature = next(f for f in range(64)

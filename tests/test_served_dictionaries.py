@@ -93,6 +93,14 @@ def test_site_pages_picker_and_exact_closest_features(served):
         other_position = 1 - position
         other = (FIRST, SECOND)[other_position]
         ids, cosines = brute_closest(decoders[key], decoders[other], same=False)
+        # The overview: how much of this dictionary the other found.
+        text = (site / f"{prefix}dictionary-overview.js").read_text()
+        assert text.startswith("SAE_OVERVIEW.data(") and text.endswith(");\n")
+        [agreement] = json.loads(text[len("SAE_OVERVIEW.data("):-len(");\n")])["agreement"]
+        assert agreement["position"] == other_position
+        assert agreement["mean"] == pytest.approx(cosines.mean(), abs=1e-4)
+        assert agreement["share_at_least"] == {f"{c:g}": pytest.approx((cosines >= c).mean(), abs=1e-4)
+                                               for c in (0.9, 0.7, 0.5)}
         for feature in range(64):
             doc, lineage, closest = feature_script_arguments((site / f"{prefix}feature-{feature:06d}.js").read_text())
             assert doc["feature"] == feature and lineage["dictionary"] == key

@@ -72,6 +72,19 @@ def site_prefix(slug: str | None) -> str:
     return "" if slug is None else f"{slug}__"
 
 
+AGREEMENT_COSINES = (0.9, 0.7, 0.5)
+"""The cosines at which the overview counts the features that have a close match in another dictionary."""
+
+
+def match_agreement(matches: list[tuple[int, np.ndarray, np.ndarray]]) -> list[dict]:
+    """Per other served dictionary (its position): the mean closest-feature cosine and the share of
+    this dictionary's features whose closest feature there is at least each AGREEMENT_COSINES
+    value: how much of one dictionary another one has found (for the overview page)."""
+    return [{"position": position, "mean": round(float(cosines_F.mean()), 4),
+             "share_at_least": {f"{c:g}": round(float((cosines_F >= c).mean()), 4) for c in AGREEMENT_COSINES}}
+            for position, _, cosines_F in matches if len(cosines_F)]
+
+
 def match_rows(matches: list[tuple[int, np.ndarray, np.ndarray]], feature: int) -> list[list]:
     """A feature's closest features: [[position of the other dictionary, its feature, cosine], ...]."""
     return [[position, int(ids_F[feature]), round(float(cosines_F[feature]), 4)] for position, ids_F, cosines_F in matches]
@@ -153,8 +166,10 @@ def write_site_files(path: Callable[[str], Path], ranges: Iterable[SiteRange], *
     for name, text in index.finish(dictionary=dictionary, n_tokens=n_tokens, hist_edges=edges, prefix=prefix):
         path(prefix + name).write_text(text)
     if overview is not None:
-        path(prefix + OVERVIEW_FILE).write_text(
-            f"SAE_OVERVIEW.data({script_json(overview(index.densities(), n_tokens))});\n")
+        document = overview(index.densities(), n_tokens)
+        if matches:
+            document["agreement"] = match_agreement(matches)
+        path(prefix + OVERVIEW_FILE).write_text(f"SAE_OVERVIEW.data({script_json(document)});\n")
     if changes is not None:
         path(prefix + CHANGES_FILE).write_text(f"SAE_CHANGES.data({script_json(changes)});\n")
     if feature_map is not None:

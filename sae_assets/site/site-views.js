@@ -109,6 +109,21 @@
 
   function stat(label, value) { return el("span", {}, [label + " ", el("b", {text: value})]); }
 
+  // How much of this dictionary each other served one has found: per dictionary, the mean of each
+  // feature's closest-feature cosine there, and the share of features whose closest reaches 0.9, 0.7, 0.5.
+  function agreement(rows) {
+    var served = window.SAE_SITE_DICTIONARIES || [], cuts = Object.keys(rows[0].share_at_least);
+    var head = ["dictionary", "mean closest cosine"].concat(cuts.map(function (c) { return "share \u2265 " + c; }));
+    var table = el("table", {"class": "panel agreement"}, [el("tr", {}, head.map(function (h) { return el("th", {text: h}); }))]);
+    rows.forEach(function (r) {
+      var other = served[r.position] || {key: "dictionary " + r.position, page: ""};
+      var name = other.page ? el("a", {href: other.page + "#overview", text: String(other.key)}) : String(other.key);
+      table.appendChild(el("tr", {}, [el("td", {}, [name]), el("td", {"class": "num", text: fmt(r.mean)})].concat(
+        cuts.map(function (c) { return el("td", {"class": "num", text: (100 * r.share_at_least[c]).toFixed(1) + "%"}); }))));
+    });
+    return el("section", {id: "agreement"}, [el("h3", {text: "Closest features in the other dictionaries"}), table]);
+  }
+
   function render(view) {
     var d = data, m = d.metrics || {}, h = d.density;
     view.textContent = "";
@@ -129,6 +144,7 @@
     view.appendChild(el("h3", {text: "Training"}));
     view.appendChild(el("div", {"class": "curves"}, [lineChart(d.curve, "loss", "loss", "loss"),
       lineChart(d.curve, "l0", "L0", "l0"), lineChart(d.curve, "dead_fraction", "dead fraction", "dead")]));
+    if (d.agreement && d.agreement.length) view.appendChild(agreement(d.agreement));
     view.appendChild(el("h3", {text: "The sweep's frontier"}));
     view.appendChild(frontierChart(d.frontier));
     var table = el("table", {"class": "panel frontier-table"}, [el("thead", {}, [el("tr", {}, [
