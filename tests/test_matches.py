@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sae_assets.core.features.matches import closest_features, matches_table, read_matches, write_matches
+from sae_assets.core.features.matches import (closest_features, matches_table, read_matches, why_not_compared,
+                                               write_matches)
 
 F_A, F_B, D, BLOCK = 37, 53, 8, 5
 
@@ -180,3 +181,11 @@ def test_cuda_gives_the_cpu_matches():
     A, B = random_rows(F_A, 22), random_rows(F_B, 23)
     ids, cosines = closest_features(A, B, block=BLOCK, device="cuda")
     assert_matches_brute_force(ids, cosines, dense_cosines(A, B))
+
+
+def test_why_a_cell_compares_nothing():
+    decodes_into = {"a": "blocks.0.hook_resid_post", "b": "blocks.0.hook_resid_post", "t": "blocks.0.hook_mlp_out"}
+    assert why_not_compared("a", "b", decodes_into) is None
+    assert "itself" in why_not_compared("a", "a", decodes_into)
+    assert why_not_compared("a", "t", decodes_into) == "a decodes into blocks.0.hook_resid_post, t into blocks.0.hook_mlp_out"
+    assert matches_table().num_rows == 0

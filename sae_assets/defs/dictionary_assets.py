@@ -147,13 +147,14 @@ def sae_dictionary(context: dg.AssetExecutionContext, settings: RunSettings, sto
     })
 
 
-def load_dictionary(store, key: str, device: str = "cpu"):
-    """The sae_dictionary partition `key` as our SAE module, with its manifest."""
+def load_dictionary(store, key: str, device: str = "cpu", *, manifest=None):
+    """The sae_dictionary partition `key` as our SAE module, with its manifest (`manifest`: the
+    version already read, so that what is loaded is what the caller recorded)."""
     from safetensors.torch import load_file
 
     from sae_assets.core.sae import io as sae_io
 
-    manifest = store.require("sae_dictionary", key)
+    manifest = manifest or store.require("sae_dictionary", key)
     cfg_json = json.loads(store.read_bytes(manifest, sae_io.CFG_FILE))
 
     tensors = load_file(str(store.fetch(manifest, sae_io.WEIGHTS_FILE)), device=device)

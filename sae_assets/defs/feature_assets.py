@@ -408,50 +408,40 @@ def build_feature_assets(dictionary_key: str, *, slug: str | None = None) -> lis
         "The site links each feature page to its match in every other served dictionary.",
     )
     def feature_matches(context: dg.AssetExecutionContext, settings: RunSettings, storage: ArtifactStorage):
-        import numpy as np
-
         from sae_assets.core.features import matches as feature_matching
 
         cfg, store = load_config(settings), storage.store()
         other = context.partition_key
         sae, _, upstream = served_dictionary(store, cfg)
-        other_sae, other_manifest = load_dictionary(store, other, device=cfg.features.device)
+        skipped = feature_matching.why_not_compared(dictionary_key, other, {
+            key: cfg.point_hooks(cfg.sae.point(key))[1] for key in (dictionary_key, other)})
+        other_manifest = store.require("sae_dictionary", other)
         upstream[f"sae_dictionary[{other}]"] = other_manifest.data_version
-        spaces = {key: cfg.point_hooks(cfg.sae.point(key))[1] for key in (dictionary_key, other)}
+        table, shown = feature_matching.matches_table(), {"compared": False, "reason": skipped}
+        if skipped is None:  # the other dictionary is loaded only to be compared
+            other_sae, _ = load_dictionary(store, other, device=cfg.features.device, manifest=other_manifest)
+            report = progress_log(context)  # one step per block of this dictionary's rows
+
+            def progress(done: int, total: int) -> None:
+                if done == 1:
+                    report.start(total)
+                report.update(done, tokens=0)
+
+            try:
+                ids_F, cosines_F = feature_matching.closest_features(
+                    sae.W_dec.detach(), other_sae.W_dec.detach(), device=cfg.features.device, progress=progress)
+            except ValueError as exc:
+                raise FeatureInputError(f"{MATCHES.name}[{other}]: {exc}") from exc
+            report.close()
+            table = feature_matching.matches_table(ids_F, cosines_F)
+            shown = {"compared": True, "mean_best_cosine": float(cosines_F.mean()),
+                     "share_above_0_9": float((cosines_F > 0.9).mean())}
         with MATCHES.writer(store, cfg, other, upstream=upstream) as out:
             out.extra.update(dictionary=dictionary_key, other=other, features=sae.width)
-            if other == dictionary_key:  # F^2 x D again for what the nearest-features panel shows
-                out.extra["not_compared"] = "the dictionary itself: site_json's nearest features hold its closest"
-            elif spaces[dictionary_key] != spaces[other]:  # decoder rows of different hooks: no cosine means anything
-                out.extra["not_compared"] = (f"{dictionary_key} decodes into {spaces[dictionary_key]}, "
-                                             f"{other} into {spaces[other]}")
-            if "not_compared" in out.extra:  # an empty table: a partition holds at least one file
-                feature_matching.write_matches(feature_matching.matches_table(np.zeros(0, np.int64),
-                                                                              np.zeros(0, np.float32)),
-                                               out.path(MATCHES_FILE))
-                out.describe_table(MATCHES_FILE, rows=0)
-                shown = {"compared": False, "reason": out.extra["not_compared"]}
-            else:
-                report, began = progress_log(context), []  # one step per block of this dictionary's rows
-
-                def progress(done: int, total: int) -> None:
-                    if not began:
-                        report.start(total)
-                        began.append(True)
-                    report.update(done, tokens=0)
-
-                try:
-                    ids_F, cosines_F = feature_matching.closest_features(
-                        sae.W_dec.detach(), other_sae.W_dec.detach(), device=cfg.features.device, progress=progress)
-                except ValueError as exc:
-                    raise FeatureInputError(f"{MATCHES.name}[{other}]: {exc}") from exc
-                report.close()
-                table = feature_matching.matches_table(ids_F, cosines_F)
-                feature_matching.write_matches(table, out.path(MATCHES_FILE))
-                out.describe_table(MATCHES_FILE, rows=table.num_rows)
-                out.extra.update(mean_cosine=float(cosines_F.mean()), above_0_9=float((cosines_F > 0.9).mean()))
-                shown = {"compared": True, "mean_best_cosine": float(cosines_F.mean()),
-                         "share_above_0_9": float((cosines_F > 0.9).mean())}
+            if skipped is not None:  # its table is empty: a partition holds at least one file
+                out.extra["not_compared"] = skipped
+            feature_matching.write_matches(table, out.path(MATCHES_FILE))
+            out.describe_table(MATCHES_FILE, rows=table.num_rows)
         return result(out.manifest, store, shown)
 
     return [feature_samples, feature_examples, context_gather, context_windows, site_json, feature_matches]
@@ -494,8 +484,9 @@ def build_feature_site(cfg: RunConfig) -> list[dg.AssetsDefinition]:
             shown_version[key] = pages_dictionary_version(pages[key], names(SITE_JSON, key), key)
             upstream.update(versions)
         dictionaries, left_out = [], {}
+        scored = {point.key: store.manifest("sae_metrics", point.key) for point in cfg.sae.sweep}  # read once
         for key in keys:
-            overview, overview_upstream, facts = overview_builder(store, cfg, key)
+            overview, overview_upstream, facts = overview_builder(store, cfg, key, scored)
             layout, map_upstream = read_feature_map(store, key, shown_version=shown_version[key])
             if layout is None:  # #map says the site has no map until both are redone
                 left_out[f"feature_map[{key}]"] = f"built from another version of sae_dictionary[{key}]"
@@ -581,21 +572,21 @@ def pages_dictionary_version(parts, site_json: str, key: str) -> str | None:
     return next(iter(by_partition.values()), None)
 
 
-def overview_builder(store, cfg: RunConfig, dictionary: str):
+def overview_builder(store, cfg: RunConfig, dictionary: str, scored: dict):
     """(overview(density_F, n_tokens) -> the overview document, upstream versions, facts for the
     picker: its hooks and failed checks): this dictionary's metrics and training curve and every
-    sweep point's metrics that exist (the frontier shows the points measured so far; each one's
-    version is part of the site's lineage)."""
+    sweep point's metrics that exist (`scored`: {point: its sae_metrics manifest or None}, read
+    once per site; the frontier shows the points measured so far, each one's version part of the
+    site's lineage)."""
     import polars as pl
 
     from sae_assets.core.features.overview import dictionary_overview
 
     upstream, metrics_by_point = {}, {}
-    for point in cfg.sae.sweep:
-        manifest = store.manifest("sae_metrics", point.key)
-        metrics_by_point[point.key] = manifest.extra.get("metrics") if manifest is not None else None
+    for point, manifest in scored.items():
+        metrics_by_point[point] = manifest.extra.get("metrics") if manifest is not None else None
         if manifest is not None:
-            upstream[f"sae_metrics[{point.key}]"] = manifest.data_version
+            upstream[f"sae_metrics[{point}]"] = manifest.data_version
     curve, hooks = [], {"hook": "", "target_hook": ""}
     trained = store.manifest("sae_dictionary", dictionary)
     if trained is not None:
@@ -609,8 +600,8 @@ def overview_builder(store, cfg: RunConfig, dictionary: str):
                                    metrics=metrics_by_point.get(dictionary), curve=curve,
                                    metrics_by_point=metrics_by_point, **hooks)
 
-    scored = store.manifest("sae_metrics", dictionary)
-    failed = sorted(name for name, ok in (scored.extra.get("checks", {}) if scored else {}).items() if not ok)
+    own = scored.get(dictionary)
+    failed = sorted(name for name, ok in (own.extra.get("checks", {}) if own else {}).items() if not ok)
     return overview, upstream, {**hooks, "failed_checks": failed}
 
 

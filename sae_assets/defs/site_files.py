@@ -72,24 +72,6 @@ def site_prefix(slug: str | None) -> str:
     return "" if slug is None else f"{slug}__"
 
 
-AGREEMENT_COSINES = (0.9, 0.7, 0.5)
-"""The cosines at which the overview counts the features that have a close match in another dictionary."""
-
-
-def match_agreement(matches: list[tuple[int, np.ndarray, np.ndarray]]) -> list[dict]:
-    """Per other served dictionary (its position): the mean closest-feature cosine and the share of
-    this dictionary's features whose closest feature there is at least each AGREEMENT_COSINES
-    value: how much of one dictionary another one has found (for the overview page)."""
-    return [{"position": position, "mean": round(float(cosines_F.mean()), 4),
-             "share_at_least": {f"{c:g}": round(float((cosines_F >= c).mean()), 4) for c in AGREEMENT_COSINES}}
-            for position, _, cosines_F in matches if len(cosines_F)]
-
-
-def match_rows(matches: list[tuple[int, np.ndarray, np.ndarray]], feature: int) -> list[list]:
-    """A feature's closest features: [[position of the other dictionary, its feature, cosine], ...]."""
-    return [[position, int(ids_F[feature]), round(float(cosines_F[feature]), 4)] for position, ids_F, cosines_F in matches]
-
-
 def script_json(value) -> str:
     """JSON text safe to embed in a JavaScript file or <script> element (see site_index.script_json)."""
     from sae_assets.core.features.site_index import script_json as encode
@@ -137,6 +119,7 @@ def write_site_files(path: Callable[[str], Path], ranges: Iterable[SiteRange], *
     `prefix`: a further served dictionary's (`site_prefix`): its data files and its page
     `<prefix>index.html`, the static files left to the first. `matches`: (position of another
     served dictionary, ids_F, cosines_F) for each, the third argument of every feature script."""
+    from sae_assets.core.features.matches import agreement, feature_closest
     from sae_assets.core.features.site_index import SiteIndex, escape_script_text
 
     static = package_files.files("sae_assets") / "site"
@@ -157,7 +140,7 @@ def write_site_files(path: Callable[[str], Path], ranges: Iterable[SiteRange], *
             lineage = lineage or ", null"
         for feature, text in part.documents:
             # The stored document is JSON already: escaping it is enough, no parse and re-dump.
-            closest = f", {script_json(match_rows(matches, feature))}" if matches else ""
+            closest = f", {script_json(feature_closest(matches, feature))}" if matches else ""
             path(prefix + feature_script_name(feature)).write_text(
                 f"SAE_SITE.feature({escape_script_text(text)}{lineage}{closest});\n")
         for row in part.rows:
@@ -168,7 +151,7 @@ def write_site_files(path: Callable[[str], Path], ranges: Iterable[SiteRange], *
     if overview is not None:
         document = overview(index.densities(), n_tokens)
         if matches:
-            document["agreement"] = match_agreement(matches)
+            document["agreement"] = agreement(matches)
         path(prefix + OVERVIEW_FILE).write_text(f"SAE_OVERVIEW.data({script_json(document)});\n")
     if changes is not None:
         path(prefix + CHANGES_FILE).write_text(f"SAE_CHANGES.data({script_json(changes)});\n")

@@ -122,9 +122,38 @@ def _check(W_dec_AD: torch.Tensor, W_dec_BD: torch.Tensor, *, same: bool, block:
                                  f"{start + int(bad[0])}")
 
 
-def matches_table(ids: np.ndarray, cosines: np.ndarray) -> pa.Table:
-    """The matches as stored (MATCHES_SCHEMA): feature 0..F_A-1, its match in B, their cosine."""
-    ids, cosines = np.asarray(ids, dtype=np.int64), np.asarray(cosines, dtype=np.float32)
+def why_not_compared(dictionary: str, other: str, decodes_into: dict[str, str]) -> str | None:
+    """Why the cell (dictionary, other) compares nothing, or None: a dictionary against itself
+    (the nearest-features panel holds each feature's closest others: F^2 x D again for nothing),
+    and two dictionaries whose decoders write different hooks (`decodes_into`: key -> the hook a
+    point reconstructs; a transcoder's target), where no cosine means anything."""
+    if other == dictionary:
+        return "the dictionary itself: site_json's nearest features hold its closest"
+    if decodes_into[dictionary] != decodes_into[other]:
+        return f"{dictionary} decodes into {decodes_into[dictionary]}, {other} into {decodes_into[other]}"
+    return None
+
+
+def agreement(matches: list[tuple[int, np.ndarray, np.ndarray]],
+              cosines_at: tuple[float, ...] = (0.9, 0.7, 0.5)) -> list[dict]:
+    """Per other dictionary (its position, its ids_F, its cosines_F): the mean closest-feature
+    cosine and the share of this dictionary's features whose closest there is at least each of
+    `cosines_at`: how much of one dictionary another one has found."""
+    return [{"position": position, "mean": round(float(cosines_F.mean()), 4),
+             "share_at_least": {f"{c:g}": round(float((cosines_F >= c).mean()), 4) for c in cosines_at}}
+            for position, _, cosines_F in matches if len(cosines_F)]
+
+
+def feature_closest(matches: list[tuple[int, np.ndarray, np.ndarray]], feature: int) -> list[list]:
+    """One feature's closest features: [[position of the other dictionary, its feature, cosine], ...]."""
+    return [[position, int(ids_F[feature]), round(float(cosines_F[feature]), 4)] for position, ids_F, cosines_F in matches]
+
+
+def matches_table(ids: np.ndarray | None = None, cosines: np.ndarray | None = None) -> pa.Table:
+    """The matches as stored (MATCHES_SCHEMA): feature 0..F_A-1, its match in B, their cosine
+    (none given: the empty table of a cell that compares nothing)."""
+    ids = np.zeros(0, np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    cosines = np.zeros(0, np.float32) if cosines is None else np.asarray(cosines, dtype=np.float32)
     if ids.shape != cosines.shape or ids.ndim != 1:
         raise ValueError(f"ids {ids.shape} and cosines {cosines.shape} must be one (F_A,) vector each")
     return pa.table([np.arange(len(ids), dtype=np.int64), ids, cosines], schema=MATCHES_SCHEMA)
